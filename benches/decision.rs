@@ -1,0 +1,145 @@
+//! The decision path's cost (`Engine::decide`) as the bundle grows: with per-action slices it
+//! must stay flat from 10 to 1,000 policies (shared/DESIGN.md §8).
+//!
+//! Each bundle is generated into a temporary directory: the real `payments:transfer` shape
+//! (an autonomous permit, an approval permit, a forbid) plus filler policies spread over
+//! ~100 other actions, some forbids and approval permits among them. The principal is built
+//! once, as the verified-token cache does.
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use mandate::clock::SystemClock;
+use mandate::decision::{CheckRequest, Engine, Outcome, Resource};
+use mandate::identity::Principal;
+use mandate::policy::Bundle;
+use serde_json::{Map, Value, json};
+
+const FILLER_ACTIONS: usize = 100;
+
+fn write_bundle(dir: &Path, policies: usize) {
+    let mut schema = String::from(
+        "type Mandate = { now: Long };\n\
+         entity Agent = { owner?: String, team?: String, groups?: Set<String> };\n\
+         entity Account = { owner?: String };\n\
+         action \"payments:transfer\" appliesTo { principal: [Agent], resource: [Account], \
+         context: { amount: Long, mandate: Mandate } };\n",
+    );
+    for a in 0..FILLER_ACTIONS {
+        let _ = writeln!(
+            schema,
+            "action \"svc{a}:op\" appliesTo {{ principal: [Agent], resource: [Account], \
+             context: {{ amount: Long, mandate: Mandate }} }};"
+        );
+    }
+    let mut cedar = String::from(
+        r#"@id("payments-autonomous")
+permit (principal is Agent, action == Action::"payments:transfer", resource is Account)
+when { context.amount > 0 && context.amount <= 100 };
+@id("payments-approval") @approval("finance-approvers") @evidence("ticket") @grant_ttl("1h")
+permit (principal is Agent, action == Action::"payments:transfer", resource is Account)
+when { context.amount > 100 && context.amount <= 10000 };
+@id("payments-forbid-large")
+forbid (principal, action == Action::"payments:transfer", resource)
+when { context.amount > 10000 };
+"#,
+    );
+    for i in 0..policies.saturating_sub(3) {
+        let action = i % FILLER_ACTIONS;
+        let scope = format!("(principal, action == Action::\"svc{action}:op\", resource)");
+        let _ = match i % 4 {
+            0 => writeln!(
+                cedar,
+                "@id(\"f{i}\") forbid {scope} when {{ context.amount > {} }};",
+                10_000 + i
+            ),
+            1 => writeln!(
+                cedar,
+                "@id(\"f{i}\") @approval(\"team{i}\") permit {scope} when {{ context.amount > {i} }};"
+            ),
+            _ => writeln!(
+                cedar,
+                "@id(\"f{i}\") permit {scope} when {{ principal has team && principal.team == \"t{i}\" && context.amount <= {i} }};"
+            ),
+        };
+    }
+    let write = |name: &str, text: &str| {
+        if let Err(e) = std::fs::write(dir.join(name), text) {
+            eprintln!("cannot write {name}: {e}");
+            std::process::exit(1);
+        }
+    };
+    write("schema.cedarschema", &schema);
+    write("policies.cedar", &cedar);
+    write("manifest.toml", "name = \"bench\"\nrevision = \"1\"\n");
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn decide(c: &mut Criterion) {
+    let principal = match Principal::from_parts(
+        "Agent",
+        "agent-1",
+        "bench",
+        obj(json!({"owner": "bob", "team": "payments", "groups": ["payments-agents"]})),
+    ) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("principal: {e}");
+            std::process::exit(1);
+        }
+    };
+    let request = CheckRequest {
+        principal,
+        action: "payments:transfer".to_owned(),
+        action_properties: None,
+        resource: Resource {
+            kind: "Account".to_owned(),
+            id: "acct-1".to_owned(),
+            properties: obj(json!({"owner": "bob"})),
+        },
+        context: obj(json!({"amount": 50})),
+    };
+
+    let mut group = c.benchmark_group("decide");
+    for policies in [10usize, 1_000] {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("tempdir: {e}");
+                std::process::exit(1);
+            }
+        };
+        write_bundle(dir.path(), policies);
+        let bundle = match Bundle::load(dir.path()) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                eprintln!("bundle of {policies} policies:\n{e}");
+                std::process::exit(1);
+            }
+        };
+        let engine = Engine::new(bundle, Arc::new(SystemClock));
+        let d = engine.decide(&request);
+        if d.outcome != Outcome::Allow {
+            eprintln!("expected allow, got {d:?}");
+            std::process::exit(1);
+        }
+        group.bench_with_input(
+            BenchmarkId::from_parameter(format!("{policies}_policies")),
+            &request,
+            |b, req| b.iter(|| black_box(engine.decide(black_box(req)))),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decide);
+criterion_main!(benches);

@@ -1,0 +1,324 @@
+//! Load benchmark of the real `mandate serve` process on loopback, against a floor measured
+//! in the same run (these machines are shared and noisy, so only ratios mean much):
+//!
+//! 1. start-up: spawn to the first `200` from `/readyz` (target < 200 ms);
+//! 2. single-connection round trip of `POST /v1/check` (cached token) versus a bare hyper
+//!    server answering a fixed JSON body over the same kind of connection (target <= 1.5x);
+//! 3. resident memory after 10,000 checks from 1,000 distinct tokens (target < 30 MiB).
+//!
+//! Run: `cargo bench --bench roundtrip`. Bounded: about 30 s, loopback only.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a benchmark: a failed setup must stop it loudly"
+)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const ROUND_TRIPS: usize = 5_000;
+const MEMORY_CHECKS: usize = 10_000;
+const DISTINCT_TOKENS: usize = 1_000;
+
+/// A keep-alive HTTP/1.1 client on one connection: writes a request, reads exactly one
+/// response (by Content-Length). Hand-rolled so both servers see the identical client.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        Self {
+            stream,
+            buf: Vec::with_capacity(8192),
+        }
+    }
+
+    /// Send `request` and return (status, body).
+    fn call(&mut self, request: &[u8]) -> (u16, Vec<u8>) {
+        self.stream.write_all(request).expect("write");
+        self.buf.clear();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = self.stream.read(&mut chunk).expect("read");
+            assert!(n > 0, "connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while self.buf.len() < end + 4 + len {
+                    let n = self.stream.read(&mut chunk).expect("read body");
+                    assert!(n > 0, "connection closed mid-body");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                return (status, self.buf[end + 4..end + 4 + len].to_vec());
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn check_request(token: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The floor: hyper with nothing behind it, answering a decision-sized JSON body.
+fn start_bare_hyper() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        let body = Bytes::from_static(br#"{"decision":"allow","decision_id":"0192f5f0-0000-7000-8000-000000000000","policy_version":"1+0000000000000000","policy_ids":["payments-autonomous"],"reasons":[{"code":"permitted","policy_id":"payments-autonomous","message":"permitted by `payments-autonomous`"}]}"#);
+                        let mut resp = hyper::Response::new(Full::new(body));
+                        resp.headers_mut().insert("content-type", "application/json".parse().expect("hv"));
+                        Ok::<_, Infallible>(resp)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    rx.recv().expect("bare server address")
+}
+
+struct Mandate {
+    child: Child,
+    addr: SocketAddr,
+    ready_after: Duration,
+}
+
+fn start_mandate(repo: &std::path::Path) -> Mandate {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .current_dir(repo)
+        .arg("serve")
+        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn mandate");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr: SocketAddr = loop {
+        let line = lines
+            .next()
+            .expect("mandate exited before listening")
+            .expect("line");
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("address");
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let ready_after = loop {
+        if let Ok(mut c) = TcpStream::connect(addr) {
+            let _ = c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                break started.elapsed();
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "mandate never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    Mandate {
+        child,
+        addr,
+        ready_after,
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn measure(addr: SocketAddr, request: &[u8], expect: &[u8]) -> Vec<Duration> {
+    let mut conn = Conn::new(addr);
+    for _ in 0..500 {
+        let (status, body) = conn.call(request);
+        assert_eq!(status, 200);
+        assert!(
+            find(&body, expect).is_some(),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let mut samples = Vec::with_capacity(ROUND_TRIPS);
+    for _ in 0..ROUND_TRIPS {
+        let t = Instant::now();
+        let _ = conn.call(request);
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    samples
+}
+
+fn main() {
+    // `cargo test --all-targets` runs benches once in test mode: keep that quick.
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        println!("roundtrip: skipped in test mode (run `cargo bench --bench roundtrip`)");
+        return;
+    }
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let key = std::fs::read(repo.join("config/dev/signing-key.pem")).expect("dev key");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let mint = |sub: &str| {
+        mandate::identity::dev::mint(
+            &key,
+            "dev-1",
+            "https://dev.mandate.invalid",
+            "mandate",
+            sub,
+            Default::default(),
+            Duration::from_secs(3600),
+            now,
+        )
+        .expect("mint")
+    };
+    let body = r#"{"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":50}}"#;
+
+    let bare = start_bare_hyper();
+    let mut m = start_mandate(&repo);
+    let token = mint("agent-1");
+    let check = check_request(&token, body);
+
+    // Interleave the two measurements so drift on a shared machine hits both alike.
+    let mut bare_p50 = Vec::new();
+    let mut mandate_p50 = Vec::new();
+    let mut mandate_p99 = Vec::new();
+    for _ in 0..3 {
+        let b = measure(bare, &check, b"\"allow\"");
+        let s = measure(m.addr, &check, b"\"allow\"");
+        bare_p50.push(percentile(&b, 0.5));
+        mandate_p50.push(percentile(&s, 0.5));
+        mandate_p99.push(percentile(&s, 0.99));
+    }
+    bare_p50.sort();
+    mandate_p50.sort();
+    mandate_p99.sort();
+    let (bare_med, mandate_med) = (bare_p50[1], mandate_p50[1]);
+    let ratio = mandate_med.as_secs_f64() / bare_med.as_secs_f64();
+
+    // Memory: 10,000 checks from 1,000 distinct tokens (each verified once, then cached).
+    let tokens: Vec<Vec<u8>> = (0..DISTINCT_TOKENS)
+        .map(|i| check_request(&mint(&format!("agent-{i}")), body))
+        .collect();
+    let mut conn = Conn::new(m.addr);
+    let t = Instant::now();
+    for i in 0..MEMORY_CHECKS {
+        let (status, _) = conn.call(&tokens[i % DISTINCT_TOKENS]);
+        assert_eq!(status, 200);
+    }
+    let spread_elapsed = t.elapsed();
+    let pid = m.child.id();
+    let rss = rss_kib(pid, "VmRSS:");
+    let hwm = rss_kib(pid, "VmHWM:");
+    let _ = m.child.kill();
+    let _ = m.child.wait();
+
+    println!(
+        "mandate roundtrip benchmark (loopback, one keep-alive connection, {ROUND_TRIPS} requests x 3 rounds)"
+    );
+    println!(
+        "  ready after start          {:>10.1} ms   (target < 200 ms)",
+        m.ready_after.as_secs_f64() * 1e3
+    );
+    println!(
+        "  bare hyper p50             {:>10.1} us",
+        bare_med.as_secs_f64() * 1e6
+    );
+    println!(
+        "  mandate /v1/check p50      {:>10.1} us",
+        mandate_med.as_secs_f64() * 1e6
+    );
+    println!(
+        "  mandate /v1/check p99      {:>10.1} us",
+        mandate_p99[1].as_secs_f64() * 1e6
+    );
+    println!(
+        "  ratio mandate / bare       {:>10.2}      (target <= 1.5)",
+        ratio
+    );
+    println!(
+        "  {MEMORY_CHECKS} checks, {DISTINCT_TOKENS} tokens {:>7.0} ms   ({:.0} checks/s, first use of each token verifies ES256)",
+        spread_elapsed.as_secs_f64() * 1e3,
+        MEMORY_CHECKS as f64 / spread_elapsed.as_secs_f64()
+    );
+    println!(
+        "  resident memory after      {:>10.1} MiB  (target < 30 MiB; peak {:.1} MiB)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    let ok = m.ready_after < Duration::from_millis(200) && ratio <= 1.5 && rss < 30 * 1024;
+    println!(
+        "  result                     {}",
+        if ok { "PASS" } else { "FAIL" }
+    );
+}

@@ -1,0 +1,31 @@
+//! Admin endpoints: liveness and readiness.
+
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use super::{AppState, Body, json_response};
+
+/// Liveness: the process answers.
+pub fn healthz() -> Response<Body> {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+/// Readiness: a policy bundle is active and every trusted issuer has usable keys
+/// (SECURITY K-03: an issuer whose keys never loaded keeps the sidecar not ready).
+pub fn readyz(state: &AppState) -> Response<Body> {
+    let bundle = state.engine.bundle();
+    let keys = state.verifier.ready();
+    let status = if keys {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        status,
+        &json!({
+            "ready": keys,
+            "policy": {"name": bundle.name(), "version": &*bundle.version(), "policies": bundle.policy_count()},
+            "issuers_ready": keys,
+        }),
+    )
+}

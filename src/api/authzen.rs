@@ -1,0 +1,309 @@
+//! OpenID AuthZEN Authorization API 1.0 (shared/authzen/authorization-api-1_0.md): access
+//! evaluation, boxcarred evaluations with all three `evaluations_semantic` values, and PDP
+//! metadata discovery.
+//!
+//! Mapping onto the core: `subject` is the Cedar principal (`type::"id"`, `properties` as
+//! attributes); `action.name` is `Action::"name"` and `action.properties` reach policies as
+//! `context.mandate.action`; `resource` is the resource entity; `context` the context.
+//! Unknown request members are ignored, as the specification requires. An escalation is a
+//! denial (`decision: false`) with `context.reason = "approval_required"` and
+//! `context.access_request` (shared/authzen/access-request-approval-profile-1_0.md).
+
+use hyper::body::Incoming;
+use hyper::header::HOST;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::body::{self, EntityRef, WrongTypeStatus};
+use super::caller::{Caller, authenticate, subject_principal};
+use super::{ApiError, AppState, Body, ConnInfo, json_response};
+use crate::decision::{CheckRequest, Decision, Outcome, Resource};
+
+/// How long a requestable denial stays valid for submission (Teleport's default pending
+/// request TTL); the approval workflow binds to the evaluation id within this window.
+pub const ACCESS_REQUEST_TTL_SECS: i64 = 3600;
+
+pub async fn evaluation(
+    state: &AppState,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (caller, map) = match authenticate_and_read(state, conn, req).await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    match evaluate_one(state, &caller, &map, "") {
+        Ok(d) => json_response(StatusCode::OK, &decision_json(&d)),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn evaluations(
+    state: &AppState,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (caller, map) = match authenticate_and_read(state, conn, req).await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    match evaluations_inner(state, &caller, &map) {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn authenticate_and_read(
+    state: &AppState,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Result<(Caller, Map<String, Value>), ApiError> {
+    let caller = authenticate(state, conn, req.headers()).await?;
+    let map = body::read_json_object(req, &state.server, WrongTypeStatus::BadRequest).await?;
+    Ok((caller, map))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Semantic {
+    ExecuteAll,
+    DenyOnFirstDeny,
+    PermitOnFirstPermit,
+}
+
+fn evaluations_inner(
+    state: &AppState,
+    caller: &Caller,
+    map: &Map<String, Value>,
+) -> Result<Value, ApiError> {
+    let items = match map.get("evaluations") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) if a.is_empty() => None,
+        Some(Value::Array(a)) => Some(a),
+        Some(other) => {
+            return Err(ApiError::field(
+                "evaluations",
+                format!("must be an array, not {}", body::kind(other)),
+            ));
+        }
+    };
+    // Without an `evaluations` array the endpoint answers like the single evaluation API.
+    let Some(items) = items else {
+        return evaluate_one(state, caller, map, "").map(|d| decision_json(&d));
+    };
+    let semantic = match body::opt_object(map, "", "options")?
+        .and_then(|o| o.get("evaluations_semantic"))
+    {
+        None | Some(Value::Null) => Semantic::ExecuteAll,
+        Some(Value::String(s)) => match s.as_str() {
+            "execute_all" => Semantic::ExecuteAll,
+            "deny_on_first_deny" => Semantic::DenyOnFirstDeny,
+            "permit_on_first_permit" => Semantic::PermitOnFirstPermit,
+            other => {
+                return Err(ApiError::field(
+                    "options.evaluations_semantic",
+                    format!(
+                        "`{other}` is not one of execute_all, deny_on_first_deny, permit_on_first_permit"
+                    ),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(ApiError::field(
+                "options.evaluations_semantic",
+                format!("must be a string, not {}", body::kind(other)),
+            ));
+        }
+    };
+    // Top-level members are defaults; an item's own member replaces the default whole
+    // (no merging of properties, as the specification says).
+    let mut results = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let prefix = format!("evaluations[{i}]");
+        let outcome = match item {
+            Value::Object(own) => {
+                let mut merged = Map::new();
+                for key in ["subject", "action", "resource", "context"] {
+                    if let Some(v) = own.get(key).or_else(|| map.get(key)) {
+                        merged.insert(key.to_owned(), v.clone());
+                    }
+                }
+                evaluate_one(state, caller, &merged, &prefix)
+            }
+            other => Err(ApiError::field(
+                prefix.clone(),
+                format!("must be an object, not {}", body::kind(other)),
+            )),
+        };
+        // Per-item failures are denials carrying the error (fail closed), not a failed batch.
+        let (allowed, value) = match outcome {
+            Ok(d) => (d.outcome == Outcome::Allow, decision_json(&d)),
+            Err(e) => (false, item_error(&e)),
+        };
+        results.push(value);
+        let stop = match semantic {
+            Semantic::ExecuteAll => false,
+            Semantic::DenyOnFirstDeny => !allowed,
+            Semantic::PermitOnFirstPermit => allowed,
+        };
+        if stop {
+            break;
+        }
+    }
+    Ok(json!({ "evaluations": results }))
+}
+
+fn item_error(e: &ApiError) -> Value {
+    let mut error = json!({
+        "status": e.status.as_u16(),
+        "code": e.code,
+        "message": e.message,
+    });
+    if let (Some(field), Some(obj)) = (&e.field, error.as_object_mut()) {
+        obj.insert("field".into(), Value::String(field.clone()));
+    }
+    json!({"decision": false, "context": {"error": error}})
+}
+
+fn prefixed(prefix: &str, mut e: ApiError) -> ApiError {
+    if !prefix.is_empty() {
+        e.field = Some(match e.field {
+            Some(f) => format!("{prefix}.{f}"),
+            None => prefix.to_owned(),
+        });
+    }
+    e
+}
+
+/// Parse and decide one evaluation (`subject`, `action`, `resource`, `context`).
+fn evaluate_one(
+    state: &AppState,
+    caller: &Caller,
+    map: &Map<String, Value>,
+    prefix: &str,
+) -> Result<Decision, ApiError> {
+    let p = |e| prefixed(prefix, e);
+    let subject: EntityRef = body::entity_ref(map, "subject", false).map_err(p)?;
+    let action = body::object(map, "", "action").map_err(p)?;
+    let action_name = body::string(action, "action", "name")
+        .map_err(p)?
+        .to_owned();
+    let action_properties = body::opt_object(action, "action", "properties")
+        .map_err(p)?
+        .cloned();
+    let resource = body::entity_ref(map, "resource", false).map_err(p)?;
+    let context = body::context(map).map_err(p)?;
+    let principal = subject_principal(caller, Some(&subject), "subject").map_err(p)?;
+    Ok(state.engine.decide(&CheckRequest {
+        principal,
+        action: action_name,
+        action_properties,
+        resource: Resource {
+            kind: resource.kind,
+            id: resource.id,
+            properties: resource.properties,
+        },
+        context,
+    }))
+}
+
+fn rfc3339(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// The AuthZEN Decision for one core decision.
+fn decision_json(d: &Decision) -> Value {
+    let mut context = json!({
+        "id": d.id.to_string(),
+        "policy_version": &*d.policy_version,
+    });
+    let Some(ctx) = context.as_object_mut() else {
+        return json!({"decision": false});
+    };
+    if !d.policy_ids.is_empty() {
+        ctx.insert("policy_ids".into(), json!(d.policy_ids));
+    }
+    match d.outcome {
+        Outcome::Allow => {}
+        Outcome::Deny => {
+            if let Some(r) = d.reasons.first() {
+                ctx.insert("reason".into(), Value::String(r.code.to_owned()));
+                ctx.insert("reason_admin".into(), json!({"en": r.message}));
+            }
+        }
+        Outcome::Escalate => {
+            let evaluated_at =
+                d.id.get_timestamp()
+                    .map(|ts| ts.to_unix().0 as i64)
+                    .unwrap_or(0);
+            ctx.insert("evaluation_id".into(), Value::String(d.id.to_string()));
+            ctx.insert("evaluated_at".into(), Value::String(rfc3339(evaluated_at)));
+            ctx.insert("reason".into(), Value::String("approval_required".into()));
+            if let Some(a) = &d.approval {
+                let description = format!(
+                    "{} approval{} from {} required{}",
+                    a.quorum,
+                    if a.quorum == 1 { "" } else { "s" },
+                    a.groups.join(" or "),
+                    if a.evidence.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", with evidence: {}", a.evidence.join(", "))
+                    }
+                );
+                ctx.insert(
+                    "access_request".into(),
+                    json!({
+                        "template": a.policy_id,
+                        "expires_at": rfc3339(evaluated_at + ACCESS_REQUEST_TTL_SECS),
+                        "display": {"title": "Approval required", "description": description},
+                    }),
+                );
+                if let Ok(v) = serde_json::to_value(a) {
+                    ctx.insert("approval".into(), v);
+                }
+            }
+        }
+    }
+    json!({"decision": d.outcome == Outcome::Allow, "context": context})
+}
+
+/// `GET /.well-known/authzen-configuration`: PDP metadata. The base URL is
+/// `server.public_url` when configured, else the scheme of this connection and its `Host`.
+pub fn discovery(state: &AppState, conn: &ConnInfo, req: &Request<Incoming>) -> Response<Body> {
+    if req.uri().path() != "/.well-known/authzen-configuration" {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no PDP metadata at `{}` (no tenants are configured)",
+                req.uri().path()
+            ),
+        )
+        .into_response();
+    }
+    let base = match &state.server.public_url {
+        Some(u) => u.clone(),
+        None => {
+            let host = req
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                .unwrap_or("localhost");
+            format!("{}://{host}", if conn.tls { "https" } else { "http" })
+        }
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "policy_decision_point": base,
+            "access_evaluation_endpoint": format!("{base}/access/v1/evaluation"),
+            "access_evaluations_endpoint": format!("{base}/access/v1/evaluations"),
+        }),
+    )
+}

@@ -1,0 +1,159 @@
+//! HTTP adapters: wire types stop here. Requests become core types ([`CheckRequest`]) and
+//! decisions become JSON; errors map to HTTP statuses in exactly one place
+//! ([`ApiError::into_response`]).
+//!
+//! Status discipline (shared/DESIGN.md §3): a deny is a `200` with the decision in the body;
+//! 4xx are for malformed requests and failed caller authentication, always with a JSON body
+//! that names what was wrong. Nothing here can turn an error into an allow: every path that
+//! fails returns early with an error status or a deny decision.
+
+pub mod admin;
+pub mod authzen;
+pub mod body;
+pub mod caller;
+pub mod http;
+pub mod server;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::config::{EnforcementPoint, ServerConfig};
+use crate::decision::Engine;
+use crate::identity::Verifier;
+
+pub type Body = Full<Bytes>;
+
+/// Everything a request handler needs, built once at start-up and shared.
+#[derive(Debug)]
+pub struct AppState {
+    pub engine: Engine,
+    pub verifier: Verifier,
+    pub enforcement_points: Vec<EnforcementPoint>,
+    pub server: ServerConfig,
+}
+
+/// What the transport knows about the peer, for caller authentication.
+#[derive(Debug, Clone, Default)]
+pub struct ConnInfo {
+    /// True when the connection is TLS (discovery then publishes `https` URLs).
+    pub tls: bool,
+    /// URI SANs of a verified client certificate (mTLS).
+    pub client_uri_sans: Vec<String>,
+}
+
+/// A request refused before any decision was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Stable snake_case code (`invalid_request`, `token_expired`, `subject_mismatch`, ...).
+    pub code: &'static str,
+    pub message: String,
+    /// The request field at fault, when there is one (`resource.type`).
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// A 400 naming the field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut body = serde_json::json!({
+            "error": self.code,
+            "message": self.message,
+        });
+        if let (Some(field), Some(obj)) = (self.field, body.as_object_mut()) {
+            obj.insert("field".into(), field.into());
+        }
+        let mut resp = json_response(self.status, &body);
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// Serialize `value` as a JSON response. Serialization of our own types cannot fail; if it
+/// ever did, the client gets a 500 with no decision in it, never an allow.
+pub fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let (status, bytes) = match serde_json::to_vec(value) {
+        Ok(b) => (status, b),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            br#"{"error":"internal","message":"response serialization failed"}"#.to_vec(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Route one request. `X-Request-ID` is echoed on every response (AuthZEN §transport).
+pub async fn route(
+    state: Arc<AppState>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let request_id = req.headers().get("x-request-id").cloned();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut resp = match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => admin::healthz(),
+        (&Method::GET, "/readyz") => admin::readyz(&state),
+        (&Method::POST, "/v1/check") => http::check(&state, &conn, req).await,
+        (&Method::POST, "/access/v1/evaluation") => authzen::evaluation(&state, &conn, req).await,
+        (&Method::POST, "/access/v1/evaluations") => authzen::evaluations(&state, &conn, req).await,
+        (&Method::GET, p) if p.starts_with("/.well-known/authzen-configuration") => {
+            authzen::discovery(&state, &conn, &req)
+        }
+        (
+            _,
+            "/healthz"
+            | "/readyz"
+            | "/v1/check"
+            | "/access/v1/evaluation"
+            | "/access/v1/evaluations"
+            | "/.well-known/authzen-configuration",
+        ) => ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("`{method}` is not allowed on `{path}`"),
+        )
+        .into_response(),
+        _ => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no endpoint at `{path}`"),
+        )
+        .into_response(),
+    };
+    if let Some(id) = request_id {
+        resp.headers_mut().insert("x-request-id", id);
+    }
+    resp
+}

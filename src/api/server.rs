@@ -1,0 +1,241 @@
+//! Listeners and connections: TCP (optionally TLS / mTLS with rustls) and a Unix socket, each
+//! served by hyper with the abuse limits of shared/SECURITY.md §3.7 set explicitly, and a
+//! graceful shutdown that lets in-flight checks finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use super::{AppState, ConnInfo, route};
+use crate::config::TlsConfig;
+
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for in-flight requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read `{path}`: {message}")]
+    Read { path: String, message: String },
+    #[error("invalid TLS settings: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid client CA `{path}`: {message}")]
+    ClientCa { path: String, message: String },
+}
+
+fn read_err(path: &Path, e: impl std::fmt::Display) -> TlsSetupError {
+    TlsSetupError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Build the TLS acceptor; with `client_ca`, clients must present a certificate it signed.
+pub fn tls_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsSetupError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
+        .map_err(|e| read_err(&cfg.cert, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| read_err(&cfg.cert, e))?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| read_err(&cfg.key, e))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &cfg.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| read_err(ca, e))? {
+                roots.add(cert.map_err(|e| read_err(ca, e))?).map_err(|e| {
+                    TlsSetupError::ClientCa {
+                        path: ca.display().to_string(),
+                        message: e.to_string(),
+                    }
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsSetupError::ClientCa {
+                path: ca.display().to_string(),
+                message: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// URI SANs of a client certificate (SPIFFE IDs for workloads).
+fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // hyper's header timeout is silently off without a timer (SECURITY H-01).
+        .header_read_timeout(state.server.header_read_timeout)
+        .max_headers(64)
+        .max_buf_size(64 * 1024)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(100)
+        .max_header_list_size(16 * 1024)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Accept connections until `shutdown` resolves, then wait (bounded) for in-flight requests.
+pub async fn serve(
+    listener: Listener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder(&state));
+    let slots = Arc::new(Semaphore::new(state.server.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        // Past max_connections, stop accepting: new clients wait in the kernel backlog
+        // instead of costing memory here (SECURITY H-07).
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            a = accept(&listener) => a,
+            () = &mut shutdown => break,
+        };
+        let io = match accepted {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                // Out of file descriptors and similar: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match (io, tls) {
+                (Accepted::Tcp(stream), Some(acceptor)) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let sans = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(uri_sans)
+                        .unwrap_or_default();
+                    let conn = ConnInfo {
+                        tls: true,
+                        client_uri_sans: sans,
+                    };
+                    serve_io(stream, conn, state, &builder, watcher).await;
+                }
+                (Accepted::Tcp(stream), None) => {
+                    let _ = stream.set_nodelay(true);
+                    serve_io(stream, ConnInfo::default(), state, &builder, watcher).await;
+                }
+                (Accepted::Unix(stream), _) => {
+                    serve_io(stream, ConnInfo::default(), state, &builder, watcher).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight connections did not finish within the shutdown grace period");
+    }
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<Accepted> {
+    match listener {
+        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+        Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+    }
+}
+
+async fn serve_io<S>(
+    stream: S,
+    conn: ConnInfo,
+    state: Arc<AppState>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(route(state, conn, req).await) }
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,193 @@
+//! Wiring: from a validated [`Config`] to running listeners. `start` returns a handle with
+//! the bound addresses and a shutdown switch, so tests run the real server on port 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::AppState;
+use crate::api::server::{self, Listener};
+use crate::config::Config;
+use crate::decision::Engine;
+use crate::identity::{CacheSettings, Verifier};
+use crate::policy::{Bundle, BundleError};
+
+/// Install aws-lc-rs as the process's rustls provider, and check jsonwebtoken found its
+/// backend. A second TLS backend in the build (ring, OpenSSL) would make rustls panic at run
+/// time (shared/DESIGN.md §8), so fail at start instead.
+pub fn install_crypto() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    anyhow::ensure!(
+        rustls::crypto::CryptoProvider::get_default().is_some(),
+        "no rustls crypto provider is installed"
+    );
+    anyhow::ensure!(
+        jsonwebtoken::crypto::CryptoProvider::try_get_default().is_some(),
+        "jsonwebtoken has no crypto backend (exactly one of its backends must be enabled)"
+    );
+    Ok(())
+}
+
+/// Load the bundle and the issuers' keys, and build the shared state.
+pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
+    install_crypto()?;
+    let clock = crate::clock::system();
+    let bundle = Bundle::load(&config.policy.bundle).map_err(|e| {
+        anyhow::anyhow!(
+            "policy bundle `{}` is invalid:\n{e}",
+            config.policy.bundle.display()
+        )
+    })?;
+    let engine = Engine::new(Arc::new(bundle), clock.clone());
+    let verifier = Verifier::new(
+        config.issuers.clone(),
+        CacheSettings {
+            max_entries: config.identity.token_cache_size,
+        },
+        clock,
+    )
+    .context("trusted issuers")?;
+    verifier.start().await;
+    Ok(Arc::new(AppState {
+        engine,
+        verifier,
+        enforcement_points: config.enforcement_points.clone(),
+        server: config.server.clone(),
+    }))
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound TCP address (port 0 resolved), when TCP is configured.
+    pub local_addr: Option<SocketAddr>,
+    pub state: Arc<AppState>,
+    bundle_dir: PathBuf,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Load the configured bundle again and make it active. A bundle that fails to load or
+    /// validate is refused and the active one stays (last known good); in-flight checks
+    /// finish on the bundle they started with.
+    pub fn reload(&self) -> Result<Arc<str>, BundleError> {
+        let bundle = Bundle::load(&self.bundle_dir)?;
+        let version = bundle.version();
+        self.state.engine.swap(Arc::new(bundle));
+        Ok(version)
+    }
+
+    /// Stop accepting, let in-flight requests finish, and wait for the listeners to close.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Build the state, bind every configured listener, and serve in background tasks.
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    let state = build_state(config).await?;
+    let tls = match &config.server.tls {
+        Some(t) => Some(server::tls_acceptor(t).context("server.tls")?),
+        None => None,
+    };
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut local_addr = None;
+    if let Some(addr) = config.server.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on `{addr}`"))?;
+        local_addr = Some(listener.local_addr()?);
+        tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
+        tasks.push(tokio::spawn(server::serve(
+            Listener::Tcp(listener),
+            tls.clone(),
+            state.clone(),
+            wait_stop(stopped.clone()),
+        )));
+    }
+    if let Some(path) = &config.server.unix_socket {
+        // A stale socket file from a previous run would make bind fail.
+        if path.exists() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on `{}`", path.display()))?;
+        tracing::info!(path = %path.display(), "listening on unix socket");
+        tasks.push(tokio::spawn(server::serve(
+            Listener::Unix(listener),
+            None,
+            state.clone(),
+            wait_stop(stopped.clone()),
+        )));
+    }
+    let bundle = state.engine.bundle();
+    tracing::info!(
+        bundle = bundle.name(),
+        version = &*bundle.version(),
+        policies = bundle.policy_count(),
+        ready = state.verifier.ready(),
+        "mandate started"
+    );
+    Ok(Running {
+        local_addr,
+        state,
+        bundle_dir: config.policy.bundle.clone(),
+        stop,
+        tasks,
+    })
+}
+
+async fn wait_stop(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// `mandate serve`: run until SIGINT or SIGTERM; SIGHUP reloads the policy bundle.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let running = start(&config).await?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            _ = hup.recv() => match running.reload() {
+                Ok(version) => tracing::info!(version = &*version, "policy bundle reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    active = &*running.state.engine.bundle().version(),
+                    "policy bundle refused; the active bundle stays"
+                ),
+            },
+        }
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+}

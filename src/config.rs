@@ -1,0 +1,1114 @@
+//! Configuration: a TOML file plus `MANDATE_SECTION__KEY` environment overrides, parsed whole.
+//!
+//! Every bad value is collected with its key path (`issuers[0].algorithms`) and all of them are
+//! reported together before start-up fails, so an operator fixes a file in one pass. Unknown
+//! keys are errors too: a typo in a security setting must not be silently ignored.
+//! Relative paths are resolved against the directory of the configuration file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::identity::{IssuerSettings, JwksSource, Profile};
+
+/// The default configuration file, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/mandate.toml";
+/// Environment variables with this prefix override file values: `MANDATE_SERVER__LISTEN`.
+pub const ENV_PREFIX: &str = "MANDATE_";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub policy: PolicyConfig,
+    pub identity: IdentityConfig,
+    pub issuers: Vec<IssuerSettings>,
+    pub enforcement_points: Vec<EnforcementPoint>,
+    pub dev: Option<DevConfig>,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// TCP listener; `None` when only the Unix socket is wanted.
+    pub listen: Option<SocketAddr>,
+    pub unix_socket: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
+    /// The base URL published in AuthZEN discovery; derived from the request when unset.
+    pub public_url: Option<String>,
+    /// Largest accepted request body (SECURITY H-03: 64 KiB for decision APIs).
+    pub max_body_bytes: usize,
+    /// Slowloris guard (H-01): a client must finish its headers within this time.
+    pub header_read_timeout: Duration,
+    /// Slow-body guard (H-02): the whole body must arrive within this time.
+    pub body_read_timeout: Duration,
+    /// Most simultaneous connections (H-07); more wait in the kernel backlog.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub bundle: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// Verified tokens kept in the cache (bounded: SECURITY R-02).
+    pub token_cache_size: u64,
+}
+
+/// A trusted enforcement point (Envoy, a gateway, an AuthZEN PEP): it may name the subject
+/// of a check instead of presenting the subject's own token.
+#[derive(Debug, Clone)]
+pub struct EnforcementPoint {
+    pub name: String,
+    /// SHA-256 (hex) of the bearer credential the enforcement point presents.
+    pub credential_sha256: Option<[u8; 32]>,
+    /// URI SANs of client certificates (mTLS) that identify this enforcement point.
+    pub mtls_uri_sans: Vec<String>,
+    /// Verified token subjects (from any trusted issuer) that identify this enforcement point.
+    pub token_subjects: Vec<String>,
+}
+
+/// `mandate dev token`: a signing key for local trials. Present only in the example config.
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    pub signing_key: PathBuf,
+    pub kid: String,
+    /// Name of the issuer in `[[issuers]]` that trusts this key.
+    pub issuer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `mandate=debug`.
+    pub level: String,
+    pub json: bool,
+}
+
+/// One bad value, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+/// All the problems found in one configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration `{}` ({} problem{}):",
+            self.source,
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Read `path`, apply the process environment's overrides, and validate.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: path.display().to_string(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::parse(&text, path, &env)
+    }
+
+    /// Parse `text` (read from `path`) with the given environment; pure, for tests.
+    pub fn parse(text: &str, path: &Path, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let fail = |problems| ConfigError {
+            source: path.display().to_string(),
+            problems,
+        };
+        let mut table: Table = text.parse().map_err(|e: toml::de::Error| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            fail(vec![Problem {
+                key: line.map_or("(syntax)".into(), |l| format!("(line {l})")),
+                message: e.message().to_owned(),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        apply_env(&mut table, env, &mut problems);
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut r = Reader { base, problems };
+        let config = r.config(&table);
+        if r.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(r.problems))
+        }
+    }
+}
+
+/// `MANDATE_SERVER__LISTEN=127.0.0.1:0` sets `server.listen`; `MANDATE_ISSUERS__0__LEEWAY`
+/// sets `issuers[0].leeway`. A value that parses as a TOML value (number, bool, array) is
+/// taken as one; anything else is a string.
+fn apply_env(table: &mut Table, env: &[(String, String)], problems: &mut Vec<Problem>) {
+    let mut vars: Vec<&(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            problems.push(Problem {
+                key: name.clone(),
+                message: "empty key segment in environment override".into(),
+            });
+            continue;
+        }
+        let value = format!("v = {raw}")
+            .parse::<Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| Value::String(raw.clone()));
+        if let Err(message) = set_path(table, &path, value) {
+            problems.push(Problem {
+                key: name.clone(),
+                message,
+            });
+        }
+    }
+}
+
+fn set_path(table: &mut Table, path: &[String], value: Value) -> Result<(), String> {
+    let mut root = Value::Table(std::mem::take(table));
+    let result = set_in(&mut root, path, value);
+    if let Value::Table(t) = root {
+        *table = t;
+    }
+    result
+}
+
+fn set_in(node: &mut Value, path: &[String], value: Value) -> Result<(), String> {
+    let Some((seg, rest)) = path.split_first() else {
+        *node = value;
+        return Ok(());
+    };
+    match node {
+        Value::Table(t) => {
+            let child = t
+                .entry(seg.clone())
+                .or_insert_with(|| Value::Table(Table::new()));
+            set_in(child, rest, value)
+        }
+        Value::Array(a) => {
+            let i: usize = seg
+                .parse()
+                .map_err(|_| format!("`{seg}` is not an array index"))?;
+            let child = a
+                .get_mut(i)
+                .ok_or_else(|| format!("index `{i}` is past the end of the array"))?;
+            set_in(child, rest, value)
+        }
+        _ => Err(format!("`{seg}` is not inside a table")),
+    }
+}
+
+/// Reads typed values out of the TOML tree, recording every problem instead of stopping at
+/// the first.
+struct Reader {
+    base: PathBuf,
+    problems: Vec<Problem>,
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+impl Reader {
+    fn bad(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn known(&mut self, t: &Table, prefix: &str, keys: &[&str]) {
+        for k in t.keys() {
+            if !keys.contains(&k.as_str()) {
+                self.bad(
+                    join(prefix, k),
+                    format!("unknown key (expected one of: {})", keys.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn table<'a>(&mut self, t: &'a Table, prefix: &str, key: &str) -> Option<&'a Table> {
+        match t.get(key) {
+            None => None,
+            Some(Value::Table(inner)) => Some(inner),
+            Some(other) => {
+                self.bad(
+                    join(prefix, key),
+                    format!("expected a table, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, t: &Table, prefix: &str, key: &str) -> Option<String> {
+        match t.get(key) {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                self.bad(
+                    join(prefix, key),
+                    format!("expected a string, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn required_string(&mut self, t: &Table, prefix: &str, key: &str) -> String {
+        match self.string(t, prefix, key) {
+            Some(s) if !s.is_empty() => s,
+            Some(_) => {
+                self.bad(join(prefix, key), "must not be empty");
+                String::new()
+            }
+            None => {
+                if !t.contains_key(key) {
+                    self.bad(join(prefix, key), "is required");
+                }
+                String::new()
+            }
+        }
+    }
+
+    fn strings(&mut self, t: &Table, prefix: &str, key: &str) -> Vec<String> {
+        match t.get(key) {
+            None => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) => out.push(s.clone()),
+                        other => self.bad(
+                            format!("{}[{i}]", join(prefix, key)),
+                            format!("expected a string, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                out
+            }
+            Some(other) => {
+                self.bad(
+                    join(prefix, key),
+                    format!("expected an array of strings, found {}", other.type_str()),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn integer(
+        &mut self,
+        t: &Table,
+        prefix: &str,
+        key: &str,
+        default: u64,
+        range: (u64, u64),
+    ) -> u64 {
+        match t.get(key) {
+            None => default,
+            Some(Value::Integer(i))
+                if (range.0 as i128..=range.1 as i128).contains(&(*i as i128)) =>
+            {
+                *i as u64
+            }
+            Some(Value::Integer(i)) => {
+                self.bad(
+                    join(prefix, key),
+                    format!("`{i}` is out of range {}..={}", range.0, range.1),
+                );
+                default
+            }
+            Some(other) => {
+                self.bad(
+                    join(prefix, key),
+                    format!("expected an integer, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        t: &Table,
+        prefix: &str,
+        key: &str,
+        default: Duration,
+        max: Duration,
+    ) -> Duration {
+        let Some(s) = self.string(t, prefix, key) else {
+            return default;
+        };
+        match humantime::parse_duration(&s) {
+            Ok(d) if d <= max => d,
+            Ok(_) => {
+                self.bad(
+                    join(prefix, key),
+                    format!(
+                        "`{s}` is longer than the maximum {}",
+                        humantime::format_duration(max)
+                    ),
+                );
+                default
+            }
+            Err(e) => {
+                self.bad(
+                    join(prefix, key),
+                    format!("`{s}` is not a duration like `30s` or `5m` ({e})"),
+                );
+                default
+            }
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn config(&mut self, root: &Table) -> Config {
+        self.known(
+            root,
+            "",
+            &[
+                "server",
+                "policy",
+                "identity",
+                "issuers",
+                "enforcement_points",
+                "dev",
+                "log",
+            ],
+        );
+        let empty = Table::new();
+        let server_t = self.table(root, "", "server").unwrap_or(&empty);
+        let server = self.server(server_t);
+        let policy_t = self.table(root, "", "policy").unwrap_or(&empty);
+        self.known(policy_t, "policy", &["bundle"]);
+        let bundle = self
+            .string(policy_t, "policy", "bundle")
+            .unwrap_or_else(|| "policies".into());
+        let policy = PolicyConfig {
+            bundle: self.path(&bundle),
+        };
+        let identity_t = self.table(root, "", "identity").unwrap_or(&empty);
+        self.known(identity_t, "identity", &["token_cache_size"]);
+        let identity = IdentityConfig {
+            token_cache_size: self.integer(
+                identity_t,
+                "identity",
+                "token_cache_size",
+                10_000,
+                (1, 10_000_000),
+            ),
+        };
+        let issuers = self.issuers(root);
+        let enforcement_points = self.enforcement_points(root, &issuers);
+        let dev = self.table(root, "", "dev").map(|t| self.dev(t, &issuers));
+        let log_t = self.table(root, "", "log").unwrap_or(&empty);
+        self.known(log_t, "log", &["level", "format"]);
+        let level = self
+            .string(log_t, "log", "level")
+            .unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            self.bad(
+                "log.level",
+                format!("`{level}` is not a log filter like `info` or `mandate=debug`"),
+            );
+        }
+        let json = match self.string(log_t, "log", "format").as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                self.bad("log.format", format!("`{other}` is not `text` or `json`"));
+                false
+            }
+        };
+        Config {
+            server,
+            policy,
+            identity,
+            issuers,
+            enforcement_points,
+            dev,
+            log: LogConfig { level, json },
+        }
+    }
+
+    fn server(&mut self, t: &Table) -> ServerConfig {
+        let p = "server";
+        self.known(
+            t,
+            p,
+            &[
+                "listen",
+                "unix_socket",
+                "tls",
+                "public_url",
+                "max_body_bytes",
+                "header_read_timeout",
+                "body_read_timeout",
+                "max_connections",
+            ],
+        );
+        let listen = match self.string(t, p, "listen") {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 8181))),
+            Some(s) if s.is_empty() => None,
+            Some(s) => match SocketAddr::from_str(&s) {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.bad(
+                        "server.listen",
+                        format!("`{s}` is not an address like `127.0.0.1:8181`"),
+                    );
+                    None
+                }
+            },
+        };
+        let unix_socket = self
+            .string(t, p, "unix_socket")
+            .filter(|s| !s.is_empty())
+            .map(|s| self.path(&s));
+        if listen.is_none() && unix_socket.is_none() {
+            self.bad(
+                "server.listen",
+                "no listener: set `listen` or `unix_socket`",
+            );
+        }
+        let tls = self.table(t, p, "tls").map(|tt| {
+            let tp = "server.tls";
+            self.known(tt, tp, &["cert", "key", "client_ca"]);
+            let cert = self.required_string(tt, tp, "cert");
+            let key = self.required_string(tt, tp, "key");
+            let client_ca = self.string(tt, tp, "client_ca").map(|s| self.path(&s));
+            TlsConfig {
+                cert: self.path(&cert),
+                key: self.path(&key),
+                client_ca,
+            }
+        });
+        let public_url = self.string(t, p, "public_url");
+        if let Some(u) = &public_url
+            && !(u.starts_with("https://") || u.starts_with("http://"))
+        {
+            self.bad("server.public_url", format!("`{u}` is not an http(s) URL"));
+        }
+        ServerConfig {
+            listen,
+            unix_socket,
+            tls,
+            public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
+            max_body_bytes: self.integer(
+                t,
+                p,
+                "max_body_bytes",
+                64 * 1024,
+                (1024, 16 * 1024 * 1024),
+            ) as usize,
+            header_read_timeout: self.duration(
+                t,
+                p,
+                "header_read_timeout",
+                Duration::from_secs(10),
+                Duration::from_secs(300),
+            ),
+            body_read_timeout: self.duration(
+                t,
+                p,
+                "body_read_timeout",
+                Duration::from_secs(10),
+                Duration::from_secs(300),
+            ),
+            max_connections: self.integer(t, p, "max_connections", 1024, (1, 65_536)) as usize,
+        }
+    }
+
+    fn issuers(&mut self, root: &Table) -> Vec<IssuerSettings> {
+        let items = match root.get("issuers") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                self.bad(
+                    "issuers",
+                    format!(
+                        "expected an array of tables (`[[issuers]]`), found {}",
+                        other.type_str()
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out: Vec<IssuerSettings> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("issuers[{i}]");
+            let Value::Table(t) = item else {
+                self.bad(p, "expected a table");
+                continue;
+            };
+            let issuer = self.issuer(t, &p);
+            if out.iter().any(|o| o.name == issuer.name) {
+                self.bad(
+                    format!("{p}.name"),
+                    format!("`{}` is used by another issuer", issuer.name),
+                );
+            }
+            if out.iter().any(|o| o.issuer == issuer.issuer) {
+                self.bad(
+                    format!("{p}.issuer"),
+                    format!("`{}` is configured twice", issuer.issuer),
+                );
+            }
+            out.push(issuer);
+        }
+        out
+    }
+
+    fn issuer(&mut self, t: &Table, p: &str) -> IssuerSettings {
+        self.known(
+            t,
+            p,
+            &[
+                "name",
+                "issuer",
+                "profile",
+                "audiences",
+                "algorithms",
+                "jwks_file",
+                "jwks_url",
+                "jwks_refresh",
+                "jwks_min_refetch_interval",
+                "jwks_max_staleness",
+                "hmac_secret_env",
+                "leeway",
+                "max_lifetime",
+                "trust_domain",
+                "principal_type",
+                "claims",
+                "typ",
+            ],
+        );
+        let name = self.required_string(t, p, "name");
+        let issuer = self.required_string(t, p, "issuer");
+        let profile = match self.string(t, p, "profile").as_deref() {
+            None | Some("oidc") => Profile::Oidc,
+            Some("spiffe") => Profile::Spiffe,
+            Some("kubernetes") => Profile::Kubernetes,
+            Some(other) => {
+                self.bad(
+                    format!("{p}.profile"),
+                    format!("`{other}` is not one of oidc, spiffe, kubernetes"),
+                );
+                Profile::Oidc
+            }
+        };
+        let audiences = self.strings(t, p, "audiences");
+        if audiences.is_empty() {
+            self.bad(
+                format!("{p}.audiences"),
+                "at least one audience is required (tokens must be minted for this sidecar)",
+            );
+        }
+        let mut algorithms = Vec::new();
+        let alg_names = self.strings(t, p, "algorithms");
+        if alg_names.is_empty() {
+            self.bad(
+                format!("{p}.algorithms"),
+                "at least one algorithm is required, e.g. [\"ES256\"]",
+            );
+        }
+        for (j, a) in alg_names.iter().enumerate() {
+            match jsonwebtoken::Algorithm::from_str(a) {
+                Ok(alg) => {
+                    if profile == Profile::Spiffe
+                        && !matches!(
+                            alg,
+                            jsonwebtoken::Algorithm::RS256
+                                | jsonwebtoken::Algorithm::RS384
+                                | jsonwebtoken::Algorithm::RS512
+                                | jsonwebtoken::Algorithm::ES256
+                                | jsonwebtoken::Algorithm::ES384
+                                | jsonwebtoken::Algorithm::PS256
+                                | jsonwebtoken::Algorithm::PS384
+                                | jsonwebtoken::Algorithm::PS512
+                        )
+                    {
+                        self.bad(
+                            format!("{p}.algorithms[{j}]"),
+                            format!("`{a}` is not allowed for JWT-SVIDs (RS/ES/PS only)"),
+                        );
+                    }
+                    algorithms.push(alg);
+                }
+                Err(_) => self.bad(
+                    format!("{p}.algorithms[{j}]"),
+                    format!("`{a}` is not a supported algorithm (`none` never is)"),
+                ),
+            }
+        }
+        let hmac = algorithms.iter().any(|a| {
+            matches!(
+                a,
+                jsonwebtoken::Algorithm::HS256
+                    | jsonwebtoken::Algorithm::HS384
+                    | jsonwebtoken::Algorithm::HS512
+            )
+        });
+        let hmac_secret = match self.string(t, p, "hmac_secret_env") {
+            None => None,
+            Some(var) => match std::env::var(&var) {
+                Ok(s) if s.len() >= 32 => Some(s.into_bytes()),
+                Ok(_) => {
+                    self.bad(
+                        format!("{p}.hmac_secret_env"),
+                        format!("the secret in `{var}` is shorter than 32 bytes"),
+                    );
+                    None
+                }
+                Err(_) => {
+                    self.bad(
+                        format!("{p}.hmac_secret_env"),
+                        format!("environment variable `{var}` is not set"),
+                    );
+                    None
+                }
+            },
+        };
+        if hmac && hmac_secret.is_none() && !t.contains_key("hmac_secret_env") {
+            self.bad(
+                format!("{p}.algorithms"),
+                "HS* algorithms need `hmac_secret_env`",
+            );
+        }
+        let jwks_file = self.string(t, p, "jwks_file");
+        let jwks_url = self.string(t, p, "jwks_url");
+        let jwks = match (jwks_file, jwks_url) {
+            (Some(_), Some(_)) => {
+                self.bad(
+                    format!("{p}.jwks_url"),
+                    "set either `jwks_file` or `jwks_url`, not both",
+                );
+                None
+            }
+            (Some(f), None) => Some(JwksSource::File(self.path(&f))),
+            (None, Some(url)) => {
+                if !jwks_url_allowed(&url) {
+                    self.bad(
+                        format!("{p}.jwks_url"),
+                        format!("`{url}` must be https (plain http only on a loopback host)"),
+                    );
+                }
+                Some(JwksSource::Url {
+                    url,
+                    refresh: self.duration(
+                        t,
+                        p,
+                        "jwks_refresh",
+                        Duration::from_secs(300),
+                        Duration::from_secs(3600),
+                    ),
+                    min_refetch_interval: self.duration(
+                        t,
+                        p,
+                        "jwks_min_refetch_interval",
+                        Duration::from_secs(30),
+                        Duration::from_secs(3600),
+                    ),
+                    max_staleness: self.duration(
+                        t,
+                        p,
+                        "jwks_max_staleness",
+                        Duration::from_secs(24 * 3600),
+                        Duration::from_secs(7 * 24 * 3600),
+                    ),
+                })
+            }
+            (None, None) => {
+                if algorithms.iter().any(|a| !is_hmac(*a)) {
+                    self.bad(
+                        format!("{p}.jwks_file"),
+                        "asymmetric algorithms need `jwks_file` or `jwks_url`",
+                    );
+                }
+                None
+            }
+        };
+        let trust_domain = self.string(t, p, "trust_domain");
+        if profile == Profile::Spiffe && trust_domain.is_none() {
+            self.bad(
+                format!("{p}.trust_domain"),
+                "is required for the spiffe profile",
+            );
+        }
+        let default_lifetime = match profile {
+            Profile::Oidc => Duration::from_secs(24 * 3600),
+            Profile::Spiffe | Profile::Kubernetes => Duration::from_secs(3600),
+        };
+        let mut claims = BTreeMap::new();
+        if let Some(ct) = self.table(t, p, "claims") {
+            for (attr, v) in ct {
+                match v {
+                    Value::String(c) if !c.is_empty() => {
+                        claims.insert(attr.clone(), c.clone());
+                    }
+                    other => self.bad(
+                        format!("{p}.claims.{attr}"),
+                        format!("expected a claim name, found {}", other.type_str()),
+                    ),
+                }
+            }
+        }
+        IssuerSettings {
+            name,
+            issuer,
+            profile,
+            audiences,
+            algorithms,
+            jwks,
+            hmac_secret,
+            leeway: self.duration(
+                t,
+                p,
+                "leeway",
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+            ),
+            max_lifetime: self.duration(
+                t,
+                p,
+                "max_lifetime",
+                default_lifetime,
+                Duration::from_secs(7 * 24 * 3600),
+            ),
+            trust_domain,
+            principal_type: self
+                .string(t, p, "principal_type")
+                .unwrap_or_else(|| "Agent".into()),
+            claims,
+            typ: self.strings(t, p, "typ"),
+        }
+    }
+
+    fn enforcement_points(
+        &mut self,
+        root: &Table,
+        issuers: &[IssuerSettings],
+    ) -> Vec<EnforcementPoint> {
+        let items = match root.get("enforcement_points") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                self.bad(
+                    "enforcement_points",
+                    format!(
+                        "expected an array of tables (`[[enforcement_points]]`), found {}",
+                        other.type_str()
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("enforcement_points[{i}]");
+            let Value::Table(t) = item else {
+                self.bad(p, "expected a table");
+                continue;
+            };
+            self.known(
+                t,
+                &p,
+                &[
+                    "name",
+                    "credential_sha256",
+                    "mtls_uri_sans",
+                    "token_subjects",
+                ],
+            );
+            let name = self.required_string(t, &p, "name");
+            let credential_sha256 = self.string(t, &p, "credential_sha256").and_then(|h| {
+                let mut out = [0u8; 32];
+                match hex::decode_to_slice(h.trim(), &mut out) {
+                    Ok(()) => Some(out),
+                    Err(_) => {
+                        self.bad(
+                            format!("{p}.credential_sha256"),
+                            "expected 64 hex characters (`sha256sum` of the credential)",
+                        );
+                        None
+                    }
+                }
+            });
+            let mtls_uri_sans = self.strings(t, &p, "mtls_uri_sans");
+            let token_subjects = self.strings(t, &p, "token_subjects");
+            if credential_sha256.is_none() && mtls_uri_sans.is_empty() && token_subjects.is_empty()
+            {
+                self.bad(p.clone(), "needs `credential_sha256`, `mtls_uri_sans` or `token_subjects` to authenticate it");
+            }
+            if !token_subjects.is_empty() && issuers.is_empty() {
+                self.bad(
+                    format!("{p}.token_subjects"),
+                    "no `[[issuers]]` are configured to verify their tokens",
+                );
+            }
+            out.push(EnforcementPoint {
+                name,
+                credential_sha256,
+                mtls_uri_sans,
+                token_subjects,
+            });
+        }
+        out
+    }
+
+    fn dev(&mut self, t: &Table, issuers: &[IssuerSettings]) -> DevConfig {
+        let p = "dev";
+        self.known(t, p, &["signing_key", "kid", "issuer"]);
+        let key = self.required_string(t, p, "signing_key");
+        let issuer = self.required_string(t, p, "issuer");
+        if !issuer.is_empty() && !issuers.iter().any(|i| i.name == issuer) {
+            self.bad(
+                "dev.issuer",
+                format!("no `[[issuers]]` entry is named `{issuer}`"),
+            );
+        }
+        DevConfig {
+            signing_key: self.path(&key),
+            kid: self.string(t, p, "kid").unwrap_or_else(|| "dev-1".into()),
+            issuer,
+        }
+    }
+}
+
+fn is_hmac(a: jsonwebtoken::Algorithm) -> bool {
+    matches!(
+        a,
+        jsonwebtoken::Algorithm::HS256
+            | jsonwebtoken::Algorithm::HS384
+            | jsonwebtoken::Algorithm::HS512
+    )
+}
+
+/// HTTPS only; plain HTTP is accepted for loopback hosts so tests and local issuers work
+/// (SECURITY K-11).
+pub fn jwks_url_allowed(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = if host.starts_with('[') {
+        host.split(']')
+            .next()
+            .map(|h| h.trim_start_matches('['))
+            .unwrap_or("")
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::parse(text, Path::new("/etc/mandate/mandate.toml"), &env)
+    }
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8181"
+[policy]
+bundle = "policies"
+[[issuers]]
+name = "dev"
+issuer = "https://dev.example"
+audiences = ["mandate"]
+algorithms = ["ES256"]
+jwks_file = "dev/jwks.json"
+[issuers.claims]
+owner = "owner"
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(c.server.listen, Some("127.0.0.1:8181".parse().unwrap()));
+        assert_eq!(c.server.max_body_bytes, 65536);
+        assert_eq!(c.policy.bundle, PathBuf::from("/etc/mandate/policies"));
+        assert_eq!(
+            c.issuers[0].jwks,
+            Some(JwksSource::File("/etc/mandate/dev/jwks.json".into()))
+        );
+        assert_eq!(c.issuers[0].principal_type, "Agent");
+        assert_eq!(c.issuers[0].leeway, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn empty_file_listens_on_localhost_8181() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c.server.listen, Some("127.0.0.1:8181".parse().unwrap()));
+        assert!(c.issuers.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_scalars_arrays_and_indexed_tables() {
+        let c = parse(
+            GOOD,
+            &[
+                ("MANDATE_SERVER__LISTEN", "127.0.0.1:0"),
+                ("MANDATE_SERVER__MAX_BODY_BYTES", "4096"),
+                ("MANDATE_ISSUERS__0__AUDIENCES", r#"["a","b"]"#),
+                ("MANDATE_POLICY__BUNDLE", "/srv/bundle"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(c.server.max_body_bytes, 4096);
+        assert_eq!(c.issuers[0].audiences, vec!["a", "b"]);
+        assert_eq!(c.policy.bundle, PathBuf::from("/srv/bundle"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_path() {
+        let err = parse(
+            r#"
+[server]
+listen = "nowhere"
+max_body_bytes = "big"
+colour = "blue"
+[[issuers]]
+name = "x"
+issuer = "https://x"
+algorithms = ["none", "ES256"]
+leeway = "5 fortnights"
+[log]
+format = "xml"
+"#,
+            &[("MANDATE_ISSUERS__3__LEEWAY", "1s")],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "server.listen",
+            "server.max_body_bytes",
+            "server.colour",
+            "issuers[0].audiences",
+            "issuers[0].algorithms[0]",
+            "issuers[0].leeway",
+            "issuers[0].jwks_file",
+            "log.format",
+            "MANDATE_ISSUERS__3__LEEWAY",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("server.listen: `nowhere` is not an address"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let err = parse("[server]\nlisten = \n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "(line 2)");
+    }
+
+    #[test]
+    fn leeway_above_sixty_seconds_is_refused() {
+        let err = parse(
+            &GOOD.replace("[issuers.claims]", "leeway = \"5m\"\n[issuers.claims]"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "issuers[0].leeway");
+    }
+
+    #[test]
+    fn k11_jwks_url_must_be_https_unless_loopback() {
+        assert!(jwks_url_allowed("https://issuer.example/jwks"));
+        assert!(jwks_url_allowed("http://127.0.0.1:8080/jwks"));
+        assert!(jwks_url_allowed("http://[::1]:8080/jwks"));
+        assert!(jwks_url_allowed("http://localhost/jwks"));
+        assert!(!jwks_url_allowed("http://169.254.169.254/latest"));
+        assert!(!jwks_url_allowed("http://127.0.0.1.evil.example/jwks"));
+        assert!(!jwks_url_allowed("http://localhost@evil.example/jwks"));
+        assert!(!jwks_url_allowed("file:///etc/passwd"));
+    }
+
+    #[test]
+    fn enforcement_point_needs_a_credential() {
+        let err = parse("[[enforcement_points]]\nname = \"envoy\"\n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "enforcement_points[0]");
+    }
+}

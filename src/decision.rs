@@ -1,0 +1,899 @@
+//! The decision: a verified principal, an action, a resource and a context in; exactly one of
+//! allow, deny or escalate out (shared/DESIGN.md §1).
+//!
+//! Fail closed: any error on this path (a value Cedar cannot hold, a policy that errors while
+//! evaluating, an unknown action) is a `deny` with a reason, never an `allow`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use cedar_policy::{Authorizer, Context, Effect, Entities, Request, RestrictedExpression};
+use serde_json::{Map, Value};
+
+use crate::clock::Clock;
+use crate::identity::Principal;
+use crate::policy::values;
+use crate::policy::{Bundle, PolicyKind};
+
+/// The three outcomes of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Allow,
+    Deny,
+    Escalate,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Escalate => "escalate",
+        }
+    }
+}
+
+/// The resource a check is about. `properties` become the Cedar entity's attributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub kind: String,
+    pub id: String,
+    pub properties: Map<String, Value>,
+}
+
+/// One check, already parsed and authenticated by an adapter.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    /// Who asks: from a verified token, or named by a trusted enforcement point.
+    pub principal: Arc<Principal>,
+    /// The action name, e.g. `payments:transfer`; the Cedar action is `Action::"<name>"`.
+    pub action: String,
+    /// AuthZEN `action.properties`; exposed to policies as `context.mandate.action`.
+    pub action_properties: Option<Map<String, Value>>,
+    pub resource: Resource,
+    /// The caller's context object. The key `mandate` is reserved for what Mandate adds.
+    pub context: Map<String, Value>,
+}
+
+/// Why a decision came out as it did: a machine-readable code plus a human sentence.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Reason {
+    /// Stable, snake_case: `permitted`, `forbidden`, `approval_required`, `no_matching_policy`,
+    /// `recertification_due`, `policy_error`, `unknown_action`, `invalid_request`, ...
+    pub code: &'static str,
+    /// The policy that caused this reason, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_id: Option<String>,
+    pub message: String,
+}
+
+/// The fallback part of an approval requirement: who is asked when nobody answers in time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Fallback {
+    pub group: String,
+    #[serde(with = "crate::decision::duration_str")]
+    pub after: Duration,
+}
+
+/// What an escalation needs before the same request can be allowed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ApprovalRequirement {
+    /// The policy whose `@approval` annotation asked for this.
+    pub policy_id: String,
+    /// Approver groups (`@approval`, comma separated in the annotation).
+    pub groups: Vec<String>,
+    /// Distinct approvers needed (`@quorum`, default 1).
+    pub quorum: u32,
+    /// Evidence an approver must supply (`@evidence`), e.g. `ticket`.
+    pub evidence: Vec<String>,
+    /// How long the resulting grant lasts (`@grant_ttl`).
+    #[serde(with = "crate::decision::duration_str")]
+    pub grant_ttl: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    /// Set when this requirement comes from an autonomous permit past its `@recertify_by`
+    /// date: the permit degraded to an escalation to its `@owner`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recertify_by: Option<String>,
+}
+
+/// The answer to one check.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Decision {
+    /// Random, time-ordered (UUID v7): the key of the audit record.
+    pub id: uuid::Uuid,
+    pub outcome: Outcome,
+    /// `<manifest revision>+<first 16 hex of the bundle's SHA-256>`.
+    pub policy_version: Arc<str>,
+    /// The policies that determined the outcome (forbids for a deny, permits otherwise).
+    pub policy_ids: Vec<String>,
+    pub reasons: Vec<Reason>,
+    /// Present exactly when `outcome` is `Escalate`.
+    pub approval: Option<ApprovalRequirement>,
+}
+
+/// Serialize a [`Duration`] as a humantime string (`"1h"`, `"30m"`).
+pub mod duration_str {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+/// Context key Mandate fills itself (`context.mandate.now`, `context.mandate.action`).
+pub const RESERVED_CONTEXT_KEY: &str = "mandate";
+
+/// Decides checks against the current policy bundle. A reload swaps the bundle atomically:
+/// a decision loads the bundle once, so it is made by exactly one policy version, and
+/// decisions in flight finish on the bundle they started with.
+#[derive(Debug)]
+pub struct Engine {
+    bundle: ArcSwap<Bundle>,
+    clock: Arc<dyn Clock>,
+    authorizer: Authorizer,
+}
+
+impl Engine {
+    pub fn new(bundle: Arc<Bundle>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            bundle: ArcSwap::new(bundle),
+            clock,
+            authorizer: Authorizer::new(),
+        }
+    }
+
+    /// The bundle decisions are currently made with.
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle.load_full()
+    }
+
+    /// Make `bundle` the active one for every later decision.
+    pub fn swap(&self, bundle: Arc<Bundle>) {
+        self.bundle.store(bundle);
+    }
+
+    /// Decide one check. Never fails: every error is a `deny` with a reason.
+    pub fn decide(&self, req: &CheckRequest) -> Decision {
+        let bundle = self.bundle.load();
+        let version = bundle.version();
+        match self.evaluate(&bundle, req) {
+            Ok(verdict) => verdict.into_decision(version),
+            // Fail closed: whatever went wrong, the answer is deny.
+            Err(reason) => Decision {
+                id: uuid::Uuid::now_v7(),
+                outcome: Outcome::Deny,
+                policy_version: version,
+                policy_ids: reason.policy_id.iter().cloned().collect(),
+                reasons: vec![reason],
+                approval: None,
+            },
+        }
+    }
+
+    fn evaluate(&self, bundle: &Bundle, req: &CheckRequest) -> Result<Verdict, Reason> {
+        let Some(slice) = bundle.slice(&req.action) else {
+            return Err(deny(
+                "unknown_action",
+                None,
+                format!(
+                    "action `{}` is not declared in the policy schema",
+                    req.action
+                ),
+            ));
+        };
+        if req.context.contains_key(RESERVED_CONTEXT_KEY) {
+            return Err(invalid(format!(
+                "`context.{RESERVED_CONTEXT_KEY}` is reserved for what Mandate adds"
+            )));
+        }
+
+        // Context: the caller's fields plus `mandate: { now, action? }`.
+        let mut pairs = values::record_pairs("context", &req.context).map_err(invalid_value)?;
+        // One reading of the clock serves the context and the recertification dates.
+        let now = self.clock.now_unix();
+        let mut mandate = Vec::with_capacity(2);
+        mandate.push(("now".to_owned(), RestrictedExpression::new_long(now)));
+        if let Some(props) = &req.action_properties {
+            let fields = values::record_pairs("action.properties", props).map_err(invalid_value)?;
+            let record = RestrictedExpression::new_record(fields)
+                .map_err(|e| invalid(format!("`action.properties`: {e}")))?;
+            mandate.push(("action".to_owned(), record));
+        }
+        let mandate = RestrictedExpression::new_record(mandate)
+            .map_err(|e| invalid(format!("`context.{RESERVED_CONTEXT_KEY}`: {e}")))?;
+        pairs.push((RESERVED_CONTEXT_KEY.to_owned(), mandate));
+        let context = Context::from_pairs(pairs).map_err(|e| invalid(format!("`context`: {e}")))?;
+
+        // Entities: the slice's base, plus the principal and the resource. An entity the
+        // bundle knows and the request describes without attributes keeps the bundle's data
+        // (AuthZEN requests often carry identifiers only); given attributes win.
+        let base = slice.entities();
+        let principal_uid = req.principal.entity.uid();
+        let mut extra = Vec::with_capacity(2);
+        if !(req.principal.attributes.is_empty() && base.get(&principal_uid).is_some()) {
+            extra.push((*req.principal.entity).clone());
+        }
+        let r = &req.resource;
+        let resource_uid =
+            values::entity_uid("resource.type", &r.kind, &r.id).map_err(invalid_value)?;
+        let known = base.get(&resource_uid);
+        if !(r.properties.is_empty() && known.is_some()) {
+            // Hierarchy is the bundle's data: a described resource keeps its known parents.
+            let parents = known.map(|e| e.clone().into_inner().2).unwrap_or_default();
+            let entity = values::entity_from_json(
+                "resource.properties",
+                &r.kind,
+                &r.id,
+                &r.properties,
+                parents,
+            )
+            .map_err(invalid_value)?;
+            extra.push(entity);
+        }
+        let owned: Entities;
+        let entities = if extra.is_empty() {
+            base
+        } else {
+            owned = base
+                .clone()
+                .upsert_entities(extra, None)
+                .map_err(|e| invalid(format!("entities: {e}")))?;
+            &owned
+        };
+
+        // No schema here: AuthZEN callers may send properties the schema does not declare;
+        // the policies themselves were validated strictly at load.
+        let request = Request::new(
+            principal_uid,
+            slice.uid().clone(),
+            resource_uid,
+            context,
+            None,
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, slice.policies(), entities);
+
+        // Fail closed: a policy that errors may have been the forbid that mattered.
+        let diagnostics = response.diagnostics();
+        let mut errors = diagnostics.errors().peekable();
+        if errors.peek().is_some() {
+            let mut reasons: Vec<Reason> = errors
+                .map(|e| {
+                    let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = e;
+                    deny(
+                        "policy_error",
+                        Some(e.policy_id().to_string()),
+                        format!(
+                            "policy `{}` failed to evaluate: {}",
+                            e.policy_id(),
+                            e.inner()
+                        ),
+                    )
+                })
+                .collect();
+            reasons.sort_by(|a, b| a.policy_id.cmp(&b.policy_id));
+            return Ok(Verdict::Errors(reasons));
+        }
+
+        let mut verdict = Tally::default();
+        for id in diagnostics.reason() {
+            let id = id.as_ref();
+            let Some(meta) = bundle.policy_meta(id) else {
+                // Every policy of a slice has metadata; if not, refuse rather than guess.
+                return Err(deny(
+                    "policy_error",
+                    Some(id.to_owned()),
+                    format!("policy `{id}` has no metadata in this bundle"),
+                ));
+            };
+            match (meta.effect, meta.kind) {
+                (Effect::Forbid, _) | (_, PolicyKind::Forbid) => verdict.forbids.push(id),
+                (_, PolicyKind::Approval) => match &meta.approval {
+                    Some(a) => verdict.approvals.push((id, a, false)),
+                    None => verdict.forbids.push(id),
+                },
+                (_, PolicyKind::Autonomous) => match meta.recertification_due(now) {
+                    Some(a) => verdict.approvals.push((id, a, true)),
+                    None => verdict.permits.push(id),
+                },
+                // Not in the regular slices; never allows outside a declared emergency.
+                (_, PolicyKind::Breakglass) => {}
+            }
+        }
+        Ok(verdict.finish())
+    }
+}
+
+/// Satisfied policies, sorted by what they mean.
+#[derive(Default)]
+struct Tally<'a> {
+    forbids: Vec<&'a str>,
+    permits: Vec<&'a str>,
+    /// (policy id, requirement, degraded from an autonomous permit past its recertify date)
+    approvals: Vec<(&'a str, &'a ApprovalRequirement, bool)>,
+}
+
+impl Tally<'_> {
+    fn finish(mut self) -> Verdict {
+        if !self.forbids.is_empty() {
+            self.forbids.sort_unstable();
+            let reasons = self
+                .forbids
+                .iter()
+                .map(|id| {
+                    deny(
+                        "forbidden",
+                        Some((*id).to_owned()),
+                        format!("forbidden by policy `{id}`"),
+                    )
+                })
+                .collect();
+            return Verdict::Done {
+                outcome: Outcome::Deny,
+                policy_ids: self.forbids.iter().map(|s| (*s).to_owned()).collect(),
+                reasons,
+                approval: None,
+            };
+        }
+        if !self.permits.is_empty() {
+            self.permits.sort_unstable();
+            let reasons = self
+                .permits
+                .iter()
+                .map(|id| Reason {
+                    code: "permitted",
+                    policy_id: Some((*id).to_owned()),
+                    message: format!("permitted by policy `{id}`"),
+                })
+                .collect();
+            return Verdict::Done {
+                outcome: Outcome::Allow,
+                policy_ids: self.permits.iter().map(|s| (*s).to_owned()).collect(),
+                reasons,
+                approval: None,
+            };
+        }
+        if self.approvals.is_empty() {
+            return Verdict::Done {
+                outcome: Outcome::Deny,
+                policy_ids: Vec::new(),
+                reasons: vec![deny(
+                    "no_matching_policy",
+                    None,
+                    "no policy permits this request".to_owned(),
+                )],
+                approval: None,
+            };
+        }
+        self.approvals.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        // The strictest requirement wins: highest quorum; ties go to the smallest policy id.
+        let mut chosen = self.approvals[0].1;
+        for (_, a, _) in &self.approvals[1..] {
+            if a.quorum > chosen.quorum {
+                chosen = a;
+            }
+        }
+        let reasons = self
+            .approvals
+            .iter()
+            .map(|(id, a, degraded)| {
+                if *degraded {
+                    Reason {
+                        code: "recertification_due",
+                        policy_id: Some((*id).to_owned()),
+                        message: format!(
+                            "policy `{id}` was due for recertification by {}: approval by `{}` is required",
+                            a.recertify_by.as_deref().unwrap_or("?"),
+                            a.groups.join(", ")
+                        ),
+                    }
+                } else {
+                    Reason {
+                        code: "approval_required",
+                        policy_id: Some((*id).to_owned()),
+                        message: format!(
+                            "policy `{id}` requires approval by `{}`",
+                            a.groups.join(", ")
+                        ),
+                    }
+                }
+            })
+            .collect();
+        Verdict::Done {
+            outcome: Outcome::Escalate,
+            policy_ids: self
+                .approvals
+                .iter()
+                .map(|(id, _, _)| (*id).to_owned())
+                .collect(),
+            reasons,
+            approval: Some(chosen.clone()),
+        }
+    }
+}
+
+/// A decision before it gets its id and version.
+enum Verdict {
+    Done {
+        outcome: Outcome,
+        policy_ids: Vec<String>,
+        reasons: Vec<Reason>,
+        approval: Option<ApprovalRequirement>,
+    },
+    /// Policies failed to evaluate: deny, naming each.
+    Errors(Vec<Reason>),
+}
+
+impl Verdict {
+    fn into_decision(self, policy_version: Arc<str>) -> Decision {
+        let (outcome, policy_ids, reasons, approval) = match self {
+            Verdict::Done {
+                outcome,
+                policy_ids,
+                reasons,
+                approval,
+            } => (outcome, policy_ids, reasons, approval),
+            Verdict::Errors(reasons) => (
+                Outcome::Deny,
+                reasons.iter().filter_map(|r| r.policy_id.clone()).collect(),
+                reasons,
+                None,
+            ),
+        };
+        Decision {
+            id: uuid::Uuid::now_v7(),
+            outcome,
+            policy_version,
+            policy_ids,
+            reasons,
+            approval,
+        }
+    }
+}
+
+fn deny(code: &'static str, policy_id: Option<String>, message: String) -> Reason {
+    Reason {
+        code,
+        policy_id,
+        message,
+    }
+}
+
+fn invalid(message: String) -> Reason {
+    deny("invalid_request", None, message)
+}
+
+fn invalid_value(e: values::ValueError) -> Reason {
+    invalid(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const SCHEMA: &str = r#"
+        type Mandate = { now: Long, "action"?: { dry_run?: Bool } };
+        entity Agent = { owner?: String };
+        entity Account = { frozen?: Bool };
+        action "payments:transfer" appliesTo {
+          principal: [Agent], resource: [Account], context: { amount: Long, mandate: Mandate }
+        };
+        action "crm:read" appliesTo {
+          principal: [Agent], resource: [Account], context: { mandate: Mandate }
+        };
+    "#;
+
+    /// 2026-06-01T00:00:00Z
+    const JUNE_2026: i64 = 1_780_272_000;
+
+    fn bundle(policies: &str) -> Arc<Bundle> {
+        let dir = tempfile::tempdir().unwrap();
+        write_bundle(dir.path(), policies);
+        Arc::new(Bundle::load(dir.path()).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn write_bundle(dir: &Path, policies: &str) {
+        std::fs::write(dir.join("schema.cedarschema"), SCHEMA).unwrap();
+        std::fs::write(
+            dir.join("manifest.toml"),
+            "name = \"t\"\nrevision = \"1\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("p.cedar"), policies).unwrap();
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    fn request(action: &str, context: Value) -> CheckRequest {
+        let principal =
+            Principal::from_parts("Agent", "agent-1", "test", obj(json!({"owner": "bob"})))
+                .unwrap();
+        CheckRequest {
+            principal: Arc::new(principal),
+            action: action.to_owned(),
+            action_properties: None,
+            resource: Resource {
+                kind: "Account".into(),
+                id: "acct-1".into(),
+                properties: Map::new(),
+            },
+            context: obj(context),
+        }
+    }
+
+    fn transfer(amount: i64) -> CheckRequest {
+        request("payments:transfer", json!({ "amount": amount }))
+    }
+
+    const PAYMENTS: &str = r#"
+        @id("small") permit (principal, action == Action::"payments:transfer", resource)
+        when { context.amount <= 100 };
+        @id("medium") @approval("finance") @evidence("ticket") @grant_ttl("1h")
+        @fallback("leads") @fallback_after("30m")
+        permit (principal, action == Action::"payments:transfer", resource)
+        when { context.amount > 100 && context.amount <= 10000 };
+        @id("large") forbid (principal, action == Action::"payments:transfer", resource)
+        when { context.amount > 10000 };
+    "#;
+
+    fn engine(policies: &str) -> Engine {
+        Engine::new(bundle(policies), ManualClock::new(JUNE_2026))
+    }
+
+    fn codes(d: &Decision) -> Vec<&'static str> {
+        d.reasons.iter().map(|r| r.code).collect()
+    }
+
+    #[test]
+    fn autonomous_permit_allows() {
+        let d = engine(PAYMENTS).decide(&transfer(100));
+        assert_eq!(d.outcome, Outcome::Allow);
+        assert_eq!(d.policy_ids, vec!["small"]);
+        assert_eq!(codes(&d), vec!["permitted"]);
+        assert!(d.approval.is_none());
+        assert!(d.policy_version.starts_with("1+"));
+    }
+
+    #[test]
+    fn approval_permit_escalates_with_its_requirement() {
+        let d = engine(PAYMENTS).decide(&transfer(101));
+        assert_eq!(d.outcome, Outcome::Escalate);
+        assert_eq!(codes(&d), vec!["approval_required"]);
+        let a = d.approval.unwrap();
+        assert_eq!(a.policy_id, "medium");
+        assert_eq!(a.groups, vec!["finance"]);
+        assert_eq!(a.quorum, 1);
+        assert_eq!(a.evidence, vec!["ticket"]);
+        assert_eq!(a.grant_ttl, Duration::from_secs(3600));
+        assert_eq!(
+            a.fallback,
+            Some(Fallback {
+                group: "leads".into(),
+                after: Duration::from_secs(1800)
+            })
+        );
+    }
+
+    #[test]
+    fn forbid_denies() {
+        let d = engine(PAYMENTS).decide(&transfer(10_001));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(d.policy_ids, vec!["large"]);
+        assert_eq!(codes(&d), vec!["forbidden"]);
+    }
+
+    #[test]
+    fn forbid_overrides_permit_and_approval() {
+        let e = engine(
+            r#"
+            @id("p") permit (principal, action, resource);
+            @id("a") @approval("x") permit (principal, action, resource);
+            @id("f") forbid (principal, action == Action::"payments:transfer", resource)
+            when { context.amount > 5 };
+            "#,
+        );
+        assert_eq!(e.decide(&transfer(5)).outcome, Outcome::Allow);
+        let d = e.decide(&transfer(6));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(d.policy_ids, vec!["f"]);
+    }
+
+    #[test]
+    fn autonomous_permit_wins_over_approval_permit() {
+        let e = engine(
+            r#"
+            @id("a") @approval("x") permit (principal, action, resource);
+            @id("p") permit (principal, action, resource);
+            "#,
+        );
+        let d = e.decide(&transfer(1));
+        assert_eq!(d.outcome, Outcome::Allow);
+        assert_eq!(d.policy_ids, vec!["p"]);
+    }
+
+    #[test]
+    fn nothing_matching_is_default_deny() {
+        let d = engine(PAYMENTS).decide(&request("crm:read", json!({})));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(codes(&d), vec!["no_matching_policy"]);
+        assert!(d.policy_ids.is_empty());
+    }
+
+    #[test]
+    fn strictest_approval_wins_ties_to_smallest_id() {
+        let e = engine(
+            r#"
+            @id("c") @approval("c") @quorum("2") permit (principal, action, resource);
+            @id("b") @approval("b") @quorum("2") permit (principal, action, resource);
+            @id("a") @approval("a") permit (principal, action, resource);
+            "#,
+        );
+        let d = e.decide(&transfer(1));
+        assert_eq!(d.outcome, Outcome::Escalate);
+        assert_eq!(d.policy_ids, vec!["a", "b", "c"]);
+        let a = d.approval.unwrap();
+        assert_eq!((a.policy_id.as_str(), a.quorum), ("b", 2));
+    }
+
+    #[test]
+    fn recertify_date_degrades_to_owner_approval() {
+        let clock = ManualClock::new(JUNE_2026);
+        let e = Engine::new(
+            bundle(
+                r#"
+                @id("reads") @owner("crm-team") @recertify_by("2026-06-30")
+                permit (principal, action == Action::"crm:read", resource);
+                "#,
+            ),
+            clock.clone(),
+        );
+        let req = request("crm:read", json!({}));
+        assert_eq!(e.decide(&req).outcome, Outcome::Allow);
+        // Last second of the named day: still allowed.
+        clock.set(1_782_863_999);
+        assert_eq!(e.decide(&req).outcome, Outcome::Allow);
+        clock.set(1_782_864_000);
+        let d = e.decide(&req);
+        assert_eq!(d.outcome, Outcome::Escalate);
+        assert_eq!(codes(&d), vec!["recertification_due"]);
+        let a = d.approval.unwrap();
+        assert_eq!(a.groups, vec!["crm-team"]);
+        assert_eq!(a.quorum, 1);
+        assert_eq!(a.grant_ttl, crate::policy::annotations::DEFAULT_GRANT_TTL);
+        assert_eq!(a.recertify_by.as_deref(), Some("2026-06-30"));
+    }
+
+    #[test]
+    fn unknown_action_is_denied() {
+        let d = engine(PAYMENTS).decide(&request("payments:refund", json!({})));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(codes(&d), vec!["unknown_action"]);
+        assert!(d.reasons[0].message.contains("`payments:refund`"));
+    }
+
+    #[test]
+    fn policy_error_is_denied_naming_the_policy() {
+        // No `amount`: every payments policy fails to evaluate, the forbid included.
+        let d = engine(PAYMENTS).decide(&request("payments:transfer", json!({})));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert!(codes(&d).iter().all(|c| *c == "policy_error"), "{d:?}");
+        assert_eq!(d.policy_ids, vec!["large", "medium", "small"]);
+        assert!(d.reasons[0].message.contains("policy `large`"), "{d:?}");
+        assert!(d.reasons[0].message.contains("amount"), "{d:?}");
+    }
+
+    #[test]
+    fn float_in_context_is_denied_naming_the_field() {
+        let d = engine(PAYMENTS).decide(&request("payments:transfer", json!({"amount": 50.5})));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(codes(&d), vec!["invalid_request"]);
+        assert!(d.reasons[0].message.contains("`context.amount`"), "{d:?}");
+    }
+
+    #[test]
+    fn reserved_context_key_is_refused() {
+        let d = engine(PAYMENTS).decide(&request(
+            "payments:transfer",
+            json!({"amount": 1, "mandate": {"now": 0}}),
+        ));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(codes(&d), vec!["invalid_request"]);
+    }
+
+    #[test]
+    fn mandate_context_carries_now_and_action_properties() {
+        let e = engine(
+            r#"
+            @id("dry") permit (principal, action == Action::"crm:read", resource)
+            when { context.mandate has "action" && context.mandate["action"] has dry_run &&
+                   context.mandate["action"].dry_run };
+            @id("late") forbid (principal, action == Action::"crm:read", resource)
+            when { context.mandate.now >= 1780272001 };
+            "#,
+        );
+        let mut req = request("crm:read", json!({}));
+        assert_eq!(e.decide(&req).outcome, Outcome::Deny);
+        req.action_properties = Some(obj(json!({"dry_run": true})));
+        assert_eq!(e.decide(&req).outcome, Outcome::Allow);
+        req.action_properties = Some(obj(json!({"dry_run": 1.5})));
+        let d = e.decide(&req);
+        assert_eq!(codes(&d), vec!["invalid_request"]);
+        assert!(
+            d.reasons[0].message.contains("`action.properties.dry_run`"),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn resource_properties_and_bundle_entities() {
+        let dir = tempfile::tempdir().unwrap();
+        write_bundle(
+            dir.path(),
+            r#"@id("open") permit (principal, action == Action::"crm:read", resource)
+               when { !(resource has frozen && resource.frozen) };"#,
+        );
+        std::fs::write(
+            dir.path().join("entities.json"),
+            r#"[{"uid": {"type": "Account", "id": "acct-1"}, "attrs": {"frozen": true}, "parents": []}]"#,
+        )
+        .unwrap();
+        let e = Engine::new(
+            Arc::new(Bundle::load(dir.path()).unwrap()),
+            ManualClock::new(JUNE_2026),
+        );
+        let mut req = request("crm:read", json!({}));
+        // Known resource, no properties: the bundle's data (frozen) holds.
+        assert_eq!(e.decide(&req).outcome, Outcome::Deny);
+        // Properties given: they win.
+        req.resource.properties = obj(json!({"frozen": false}));
+        assert_eq!(e.decide(&req).outcome, Outcome::Allow);
+        // Unknown resource: no attributes.
+        req.resource = Resource {
+            kind: "Account".into(),
+            id: "acct-2".into(),
+            properties: Map::new(),
+        };
+        assert_eq!(e.decide(&req).outcome, Outcome::Allow);
+    }
+
+    #[test]
+    fn swap_changes_the_version_of_later_decisions() {
+        let e = engine(PAYMENTS);
+        let v1 = e.decide(&transfer(1)).policy_version;
+        let next = bundle(&format!("{PAYMENTS}\n// edited\n"));
+        e.swap(Arc::clone(&next));
+        let d = e.decide(&transfer(1));
+        assert_ne!(d.policy_version, v1);
+        assert_eq!(d.policy_version, next.version());
+        assert_eq!(e.bundle().version(), next.version());
+    }
+
+    #[test]
+    fn decision_ids_are_unique() {
+        let e = engine(PAYMENTS);
+        assert_ne!(e.decide(&transfer(1)).id, e.decide(&transfer(1)).id);
+    }
+
+    /// One generated policy: effect/kind and a threshold its condition compares the amount to.
+    #[derive(Debug, Clone)]
+    enum Gen {
+        Permit(i64),
+        Approval(i64, u32),
+        Forbid(i64),
+    }
+
+    impl Gen {
+        fn text(&self, i: usize) -> String {
+            let scope = "(principal, action == Action::\"payments:transfer\", resource)";
+            match self {
+                Gen::Permit(t) => {
+                    format!("@id(\"g{i}\") permit {scope} when {{ context.amount > {t} }};\n")
+                }
+                Gen::Approval(t, q) => format!(
+                    "@id(\"g{i}\") @approval(\"grp{i}\") @quorum(\"{q}\") permit {scope} when {{ context.amount > {t} }};\n"
+                ),
+                Gen::Forbid(t) => {
+                    format!("@id(\"g{i}\") forbid {scope} when {{ context.amount > {t} }};\n")
+                }
+            }
+        }
+        fn satisfied(&self, amount: i64) -> bool {
+            match self {
+                Gen::Permit(t) | Gen::Approval(t, _) | Gen::Forbid(t) => amount > *t,
+            }
+        }
+    }
+
+    /// The reference model of shared/DESIGN.md §1.
+    fn model(policies: &[Gen], amount: i64) -> Outcome {
+        let hit = |f: fn(&Gen) -> bool| policies.iter().any(|p| p.satisfied(amount) && f(p));
+        if hit(|p| matches!(p, Gen::Forbid(_))) {
+            Outcome::Deny
+        } else if hit(|p| matches!(p, Gen::Permit(_))) {
+            Outcome::Allow
+        } else if hit(|p| matches!(p, Gen::Approval(..))) {
+            Outcome::Escalate
+        } else {
+            Outcome::Deny
+        }
+    }
+
+    fn gen_policy() -> impl Strategy<Value = Gen> {
+        prop_oneof![
+            (0i64..20).prop_map(Gen::Permit),
+            ((0i64..20), (1u32..=10)).prop_map(|(t, q)| Gen::Approval(t, q)),
+            (0i64..20).prop_map(Gen::Forbid),
+        ]
+    }
+
+    fn render(policies: &[Gen]) -> String {
+        policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p.text(i))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// PB-01: the engine agrees with the reference model; escalate is never allow; a
+        /// satisfied forbid always denies; policy order does not matter.
+        #[test]
+        fn pb01_engine_matches_reference_model(
+            policies in proptest::collection::vec(gen_policy(), 0..6),
+            amount in 0i64..25,
+        ) {
+            let e = engine(&render(&policies));
+            let d = e.decide(&transfer(amount));
+            let want = model(&policies, amount);
+            prop_assert_eq!(d.outcome, want);
+            prop_assert_eq!(d.approval.is_some(), d.outcome == Outcome::Escalate);
+            if d.outcome == Outcome::Escalate {
+                let max_q = policies
+                    .iter()
+                    .filter_map(|p| match p {
+                        Gen::Approval(t, q) if amount > *t => Some(*q),
+                        _ => None,
+                    })
+                    .max();
+                prop_assert_eq!(d.approval.as_ref().map(|a| a.quorum), max_q);
+            }
+
+            // Same policies, reverse file order, same ids: same answer.
+            let reversed: String = policies
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, p)| p.text(i))
+                .collect();
+            let r = engine(&reversed).decide(&transfer(amount));
+            prop_assert_eq!(r.outcome, d.outcome);
+            prop_assert_eq!(&r.policy_ids, &d.policy_ids);
+
+            // Adding a satisfied forbid always yields deny.
+            let mut with_forbid = policies.clone();
+            with_forbid.push(Gen::Forbid(amount - 1));
+            let f = engine(&render(&with_forbid)).decide(&transfer(amount));
+            prop_assert_eq!(f.outcome, Outcome::Deny);
+            let forbid_id = format!("g{}", policies.len());
+            prop_assert!(f.policy_ids.contains(&forbid_id));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The `mandate` binary: command-line parsing only; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use mandate::config::{self, Config};
+use mandate::{app, cli, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mandate",
+    version,
+    about = "Runtime authorization sidecar for AI agents and workloads"
+)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH, env = "MANDATE_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Serve,
+    /// Decide one request offline against a policy bundle (exit 0 allow, 2 deny, 3 escalate).
+    Check {
+        /// Bundle directory (default: the configured `policy.bundle`).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// `Type::id`, e.g. `Agent::agent-1`.
+        #[arg(long)]
+        principal: String,
+        /// Principal attribute `key=value` (value parsed as JSON when possible); repeatable.
+        #[arg(long = "principal-attr")]
+        principal_attrs: Vec<String>,
+        #[arg(long)]
+        action: String,
+        /// `Type::id`, e.g. `Account::acct-1`.
+        #[arg(long)]
+        resource: String,
+        /// Resource attribute `key=value`; repeatable.
+        #[arg(long = "resource-attr")]
+        resource_attrs: Vec<String>,
+        /// Context as a JSON object, e.g. `{"amount":250}`.
+        #[arg(long)]
+        context: Option<String>,
+    },
+    /// Policy bundle tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Local development helpers.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Load and strictly validate a bundle.
+    Validate { dir: PathBuf },
+    /// Run the bundle's `tests/*.yaml`; exit 1 on any failure.
+    Test { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCommand {
+    /// Mint a token signed by the example configuration's dev key; prints only the token.
+    Token {
+        #[arg(long)]
+        sub: String,
+        /// Extra claim `key=value` (value parsed as JSON when possible); repeatable.
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+        /// Lifetime, e.g. `15m`.
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Serve => {
+            let cfg = match load_config(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            telemetry::init(&cfg.log);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            runtime.block_on(app::serve(cfg)).map(|()| 0)
+        }
+        Command::Check {
+            bundle,
+            principal,
+            principal_attrs,
+            action,
+            resource,
+            resource_attrs,
+            context,
+        } => {
+            let bundle = match bundle {
+                Some(b) => b,
+                None => match load_config(&args.config) {
+                    Ok(c) => c.policy.bundle,
+                    Err(code) => return code,
+                },
+            };
+            cli::check(&cli::CheckArgs {
+                bundle: &bundle,
+                principal: &principal,
+                principal_attrs: &principal_attrs,
+                action: &action,
+                resource: &resource,
+                resource_attrs: &resource_attrs,
+                context: context.as_deref(),
+            })
+        }
+        Command::Policy { command } => match command {
+            PolicyCommand::Validate { dir } => cli::policy_validate(&dir),
+            PolicyCommand::Test { dir } => cli::policy_test(&dir),
+        },
+        Command::Dev { command } => match command {
+            DevCommand::Token { sub, claims, ttl } => {
+                let cfg = match load_config(&args.config) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                cli::dev_token(&cfg, &sub, &claims, ttl)
+            }
+        },
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The `mandate` binary as users run it: `serve` (with an environment override, readiness,
+//! and a clean stop), `dev token`, `check`, `policy validate`, `policy test`, and
+//! configuration errors reported all at once.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step must stop the test loudly"
+)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::repo;
+
+fn mandate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mandate"));
+    c.current_dir(repo());
+    c
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = mandate().args(args).output().expect("mandate runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn example_bundle_validates_and_its_tests_pass() {
+    let (code, out, err) = run(&["policy", "validate", "config/policies"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("ok: bundle `example` revision `1`"),
+        "{out}"
+    );
+    let (code, out, err) = run(&["policy", "test", "config/policies"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(&["policy", "test", "tests/fixtures/authzen"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+fn copy_bundle(to: &std::path::Path) {
+    let from = repo().join("config/policies");
+    std::fs::create_dir_all(to.join("tests")).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn failing_policy_test_prints_expected_and_got_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_bundle(dir.path());
+    std::fs::write(
+        dir.path().join("tests/wrong.yaml"),
+        r#"cases:
+  - name: a big transfer is not allowed on its own
+    principal: { type: Agent, id: agent-1 }
+    action: payments:transfer
+    resource: { type: Account, id: acct-1 }
+    context: { amount: 5000 }
+    expect: allow
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = run(&["policy", "test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("a big transfer is not allowed on its own"),
+        "{out}"
+    );
+    assert!(out.contains("allow") && out.contains("escalate"), "{out}");
+}
+
+#[test]
+fn bad_annotation_is_a_load_error_naming_file_line_and_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_bundle(dir.path());
+    std::fs::write(
+        dir.path().join("zz-bad.cedar"),
+        "\n@id(\"bad-ttl\")\n@approval(\"finance-approvers\")\n@grant_ttl(\"forever\")\npermit (principal, action == Action::\"crm:read\", resource);\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(&["policy", "validate", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("zz-bad.cedar:"), "{err}");
+    assert!(err.contains("bad-ttl"), "{err}");
+    assert!(err.contains("forever"), "{err}");
+}
+
+#[test]
+fn dev_token_then_offline_check_exit_codes() {
+    let (code, token, err) = run(&["dev", "token", "--sub", "agent-1", "--claim", "owner=bob"]);
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim();
+    assert_eq!(
+        token.split('.').count(),
+        3,
+        "only the token is printed: {token}"
+    );
+    assert!(!token.contains(char::is_whitespace));
+    let check = |amount: &str| {
+        run(&[
+            "check",
+            "--principal",
+            "Agent::agent-1",
+            "--action",
+            "payments:transfer",
+            "--resource",
+            "Account::acct-1",
+            "--context",
+            &format!("{{\"amount\":{amount}}}"),
+        ])
+    };
+    let (code, out, _) = check("50");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"allow\""), "{out}");
+    let (code, out, _) = check("250");
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("finance-approvers"), "{out}");
+    let (code, _, _) = check("20000");
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn every_config_problem_is_reported_before_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"nowhere\"\ncolour = 1\n[[issuers]]\nname = \"x\"\nissuer = \"https://x\"\nalgorithms = [\"none\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    for key in [
+        "server.listen",
+        "server.colour",
+        "issuers[0].audiences",
+        "issuers[0].algorithms[0]",
+    ] {
+        assert!(err.contains(key), "missing {key}: {err}");
+    }
+}
+
+/// A bare HTTP/1.1 GET over std's TcpStream: no client library, no external tool.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn serve_starts_ready_fast_answers_and_stops_on_sigterm() {
+    let started = Instant::now();
+    let mut child = mandate()
+        .arg("serve")
+        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_LOG__FORMAT", "text")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().unwrap();
+    let mut addr = None;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("addr=").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no listening line"
+        );
+    }
+    let addr = addr.expect("listening address logged");
+    let body = loop {
+        if let Some(resp) = http_get(&addr, "/readyz")
+            && resp.starts_with("HTTP/1.1 200")
+        {
+            break resp;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(body.contains("\"ready\":true"), "{body}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,124 @@
+//! Shared test harness: the real server on 127.0.0.1 port 0, and token helpers.
+#![allow(
+    dead_code,
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test harness: a failed setup must stop the test loudly"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mandate::app::{self, Running};
+use mandate::config::Config;
+use serde_json::{Map, Value};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Parse a config as `path` would be read, with the listener forced to port 0 plus `env`.
+pub fn config_from(text: &str, path: &Path, env: &[(&str, &str)]) -> Config {
+    let mut vars: Vec<(String, String)> =
+        vec![("MANDATE_SERVER__LISTEN".into(), "127.0.0.1:0".into())];
+    vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    match Config::parse(text, path, &vars) {
+        Ok(c) => c,
+        Err(e) => panic!("test config invalid: {e}"),
+    }
+}
+
+/// The example configuration (config/mandate.toml) on port 0.
+pub fn example_config(env: &[(&str, &str)]) -> Config {
+    let path = repo().join("config/mandate.toml");
+    let text = std::fs::read_to_string(&path).expect("example config");
+    config_from(&text, &path, env)
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub running: Option<Running>,
+    pub client: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start(config: &Config) -> Self {
+        let running = app::start(config).await.expect("server starts");
+        let addr = running.local_addr.expect("tcp listener");
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client");
+        Self {
+            base: format!("http://{addr}"),
+            running: Some(running),
+            client,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POST JSON with an optional bearer token; returns (status, body as JSON).
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut req = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.body(body.to_string()).send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// A token from the example config's dev key, as `mandate dev token` mints it.
+pub fn dev_token(sub: &str, claims: Value, ttl: Duration) -> String {
+    let key = std::fs::read(repo().join("config/dev/signing-key.pem")).expect("dev key");
+    let extra: Map<String, Value> = claims.as_object().cloned().unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    mandate::identity::dev::mint(
+        &key,
+        "dev-1",
+        "https://dev.mandate.invalid",
+        "mandate",
+        sub,
+        extra,
+        ttl,
+        now,
+    )
+    .expect("mint")
+}
+
+/// Run a Python snippet (PyJWT, installed by scripts/test) and return its stdout, trimmed.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

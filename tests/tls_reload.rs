@@ -1,0 +1,207 @@
+//! TLS and mTLS listeners (an enforcement point identified by its client certificate's URI
+//! SAN), and policy reload with last-known-good fallback, against the real server.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step must stop the test loudly"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, config_from, dev_token, example_config, python, repo};
+use serde_json::{Value, json};
+
+/// Writes a CA, a server certificate for 127.0.0.1 and a client certificate whose URI SAN
+/// is a SPIFFE ID, all PEM, into argv[1].
+const MAKE_PKI: &str = r#"
+import datetime, sys, ipaddress
+from cryptography import x509
+from cryptography.x509.oid import NameOID, ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+out = sys.argv[1]
+now = datetime.datetime.now(datetime.timezone.utc)
+
+def key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+def pem_key(k, path):
+    open(path, "wb").write(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+def pem_cert(c, path):
+    open(path, "wb").write(c.public_bytes(serialization.Encoding.PEM))
+
+ca_key = key()
+ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mandate test ca")])
+ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+      .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+      .not_valid_after(now + datetime.timedelta(days=1))
+      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+      .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                   key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                   encipher_only=False, decipher_only=False), critical=True)
+      .sign(ca_key, hashes.SHA256()))
+pem_cert(ca, out + "/ca.pem")
+
+def leaf(name, sans, usage):
+    k = key()
+    c = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+         .issuer_name(ca_name).public_key(k.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .sign(ca_key, hashes.SHA256()))
+    return k, c
+
+sk, sc = leaf("localhost", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+              ExtendedKeyUsageOID.SERVER_AUTH)
+pem_key(sk, out + "/server-key.pem"); pem_cert(sc, out + "/server.pem")
+ck, cc = leaf("gateway", [x509.UniformResourceIdentifier("spiffe://example.org/ns/edge/sa/gateway")],
+              ExtendedKeyUsageOID.CLIENT_AUTH)
+pem_key(ck, out + "/client-key.pem"); pem_cert(cc, out + "/client.pem")
+"#;
+
+fn client(dir: &std::path::Path, with_identity: bool) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(10));
+    if with_identity {
+        let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
+        pem.extend(std::fs::read(dir.join("client-key.pem")).unwrap());
+        b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+#[tokio::test]
+async fn mtls_enforcement_point_is_identified_by_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    python(MAKE_PKI, &[dir.path().to_str().unwrap()]);
+    let text = format!(
+        r#"
+[server]
+[server.tls]
+cert = "server.pem"
+key = "server-key.pem"
+client_ca = "ca.pem"
+
+[policy]
+bundle = "{bundle}"
+
+[[enforcement_points]]
+name = "gateway"
+mtls_uri_sans = ["spiffe://example.org/ns/edge/sa/gateway"]
+"#,
+        bundle = repo().join("tests/fixtures/authzen").display()
+    );
+    let cfg = config_from(&text, &dir.path().join("mandate.toml"), &[]);
+    let s = TestServer::start(&cfg).await;
+    let base = s.base.replace("http://", "https://");
+    let body = json!({"subject":{"type":"user","id":"alice"},"action":{"name":"read"},"resource":{"type":"record","id":"record-1"}});
+
+    let c = client(dir.path(), true);
+    let resp = c
+        .post(format!("{base}/access/v1/evaluation"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(v["decision"], true, "{v}");
+
+    // Discovery over TLS publishes https URLs.
+    let v: Value = serde_json::from_str(
+        &c.get(format!("{base}/.well-known/authzen-configuration"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v["policy_decision_point"], base.as_str());
+
+    // Without a client certificate the handshake is refused: no decision at all.
+    let anonymous = client(dir.path(), false);
+    let r = anonymous
+        .post(format!("{base}/access/v1/evaluation"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await;
+    assert!(
+        r.is_err(),
+        "an mTLS listener must refuse clients without certificates"
+    );
+    s.shutdown().await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn reload_swaps_the_bundle_and_keeps_the_last_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    copy_dir(&repo().join("config/policies"), &bundle);
+    let bundle_s = bundle.to_str().unwrap().to_owned();
+    let cfg = example_config(&[("MANDATE_POLICY__BUNDLE", &bundle_s)]);
+    let s = TestServer::start(&cfg).await;
+    let t = dev_token("agent-1", json!({}), Duration::from_secs(300));
+    let read = json!({"action":"crm:read","resource":{"type":"CrmRecord","id":"c-1"}});
+    let (_, v) = s.post("/v1/check", Some(&t), &read).await;
+    assert_eq!(v["decision"], "allow", "{v}");
+    let v1 = v["policy_version"].as_str().unwrap().to_owned();
+
+    std::fs::write(
+        bundle.join("freeze.cedar"),
+        "@id(\"crm-freeze\")\nforbid (principal, action == Action::\"crm:read\", resource);\n",
+    )
+    .unwrap();
+    let running = s.running.as_ref().unwrap();
+    let v2 = running.reload().expect("valid bundle reloads");
+    assert_ne!(&*v2, v1.as_str());
+    let (_, v) = s.post("/v1/check", Some(&t), &read).await;
+    assert_eq!(
+        (v["decision"].clone(), v["policy_version"].clone()),
+        (json!("deny"), json!(&*v2)),
+        "{v}"
+    );
+
+    // A broken bundle is refused; decisions go on with the last good one.
+    std::fs::write(
+        bundle.join("broken.cedar"),
+        "permit (principal, action, resource) when { context.nope > };\n",
+    )
+    .unwrap();
+    let err = running.reload().unwrap_err().to_string();
+    assert!(err.contains("broken.cedar"), "{err}");
+    let (_, v) = s.post("/v1/check", Some(&t), &read).await;
+    assert_eq!(
+        (v["decision"].clone(), v["policy_version"].clone()),
+        (json!("deny"), json!(&*v2)),
+        "{v}"
+    );
+    s.shutdown().await;
+}
