@@ -137,6 +137,14 @@ fn decide(c: &mut Criterion) {
             &request,
             |b, req| b.iter(|| black_box(engine.decide(black_box(req)))),
         );
+        // The shape of most agent calls: the resource named by id, no properties.
+        let mut by_id = request.clone();
+        by_id.resource.properties = Map::new();
+        group.bench_with_input(
+            BenchmarkId::from_parameter(format!("{policies}_policies_resource_by_id")),
+            &by_id,
+            |b, req| b.iter(|| black_box(engine.decide(black_box(req)))),
+        );
     }
     group.finish();
 }

@@ -194,54 +194,92 @@ impl Engine {
         let mut pairs = values::record_pairs("context", &req.context).map_err(invalid_value)?;
         // One reading of the clock serves the context and the recertification dates.
         let now = self.clock.now_unix();
-        let mut mandate = Vec::with_capacity(2);
-        mandate.push(("now".to_owned(), RestrictedExpression::new_long(now)));
-        if let Some(props) = &req.action_properties {
-            let fields = values::record_pairs("action.properties", props).map_err(invalid_value)?;
-            let record = RestrictedExpression::new_record(fields)
-                .map_err(|e| invalid(format!("`action.properties`: {e}")))?;
-            mandate.push(("action".to_owned(), record));
+        // `context.mandate` only when a policy of this action can read it: it is a nested
+        // record Cedar evaluates on every check.
+        if slice.uses_mandate_context() {
+            let mut mandate = Vec::with_capacity(2);
+            mandate.push(("now".to_owned(), RestrictedExpression::new_long(now)));
+            if let Some(props) = &req.action_properties {
+                let fields =
+                    values::record_pairs("action.properties", props).map_err(invalid_value)?;
+                let record = RestrictedExpression::new_record(fields)
+                    .map_err(|e| invalid(format!("`action.properties`: {e}")))?;
+                mandate.push(("action".to_owned(), record));
+            }
+            let mandate = RestrictedExpression::new_record(mandate)
+                .map_err(|e| invalid(format!("`context.{RESERVED_CONTEXT_KEY}`: {e}")))?;
+            pairs.push((RESERVED_CONTEXT_KEY.to_owned(), mandate));
+        } else if let Some(props) = &req.action_properties {
+            // Still refuse action properties Cedar cannot hold, whether or not read.
+            values::record_pairs("action.properties", props).map_err(invalid_value)?;
         }
-        let mandate = RestrictedExpression::new_record(mandate)
-            .map_err(|e| invalid(format!("`context.{RESERVED_CONTEXT_KEY}`: {e}")))?;
-        pairs.push((RESERVED_CONTEXT_KEY.to_owned(), mandate));
         let context = Context::from_pairs(pairs).map_err(|e| invalid(format!("`context`: {e}")))?;
 
         // Entities: the slice's base, plus the principal and the resource. An entity the
         // bundle knows and the request describes without attributes keeps the bundle's data
-        // (AuthZEN requests often carry identifiers only); given attributes win.
+        // (AuthZEN requests often carry identifiers only); given attributes win. A resource
+        // named without properties that the bundle does not know needs no entity at all:
+        // Cedar treats a missing entity like one without attributes or parents.
         let base = slice.entities();
+        let base_empty = base.iter().next().is_none();
         let principal_uid = req.principal.entity.uid();
-        let mut extra = Vec::with_capacity(2);
-        if !(req.principal.attributes.is_empty() && base.get(&principal_uid).is_some()) {
-            extra.push((*req.principal.entity).clone());
-        }
         let r = &req.resource;
         let resource_uid =
             values::entity_uid("resource.type", &r.kind, &r.id).map_err(invalid_value)?;
-        let known = base.get(&resource_uid);
-        if !(r.properties.is_empty() && known.is_some()) {
+        let known = if base_empty {
+            None
+        } else {
+            base.get(&resource_uid)
+        };
+        let resource_entity = if r.properties.is_empty() {
+            None
+        } else if resource_uid == principal_uid {
+            // One store holds one entity per uid: a resource that is the principal itself,
+            // described with properties, would replace the verified principal's attributes
+            // with caller-supplied ones.
+            return Err(invalid(format!(
+                "`resource` names the principal `{resource_uid}` itself: it may not carry properties"
+            )));
+        } else {
             // Hierarchy is the bundle's data: a described resource keeps its known parents.
             let parents = known.map(|e| e.clone().into_inner().2).unwrap_or_default();
-            let entity = values::entity_from_json(
-                "resource.properties",
-                &r.kind,
-                &r.id,
-                &r.properties,
-                parents,
+            Some(
+                values::entity_from_json(
+                    "resource.properties",
+                    &r.kind,
+                    &r.id,
+                    &r.properties,
+                    parents,
+                )
+                .map_err(invalid_value)?,
             )
-            .map_err(invalid_value)?;
-            extra.push(entity);
-        }
+        };
         let owned: Entities;
-        let entities = if extra.is_empty() {
-            base
-        } else {
-            owned = base
-                .clone()
-                .upsert_entities(extra, None)
-                .map_err(|e| invalid(format!("entities: {e}")))?;
-            &owned
+        let entities = match (base_empty, resource_entity) {
+            // The hot path of an agent naming a resource by id: the store cached with the
+            // verified token, nothing built per request.
+            (true, None) => &*req.principal.entities,
+            (true, Some(resource)) => {
+                owned = values::store_without_hierarchy([&*req.principal.entity, &resource])
+                    .map_err(invalid_value)?;
+                &owned
+            }
+            (false, resource) => {
+                let mut extra = Vec::with_capacity(2);
+                if !(req.principal.attributes.is_empty() && base.get(&principal_uid).is_some()) {
+                    extra.push((*req.principal.entity).clone());
+                }
+                extra.extend(resource);
+                if extra.is_empty() {
+                    base
+                } else {
+                    owned = base
+                        .clone()
+                        .upsert_entities(extra, None)
+                        .map_err(|e| invalid(format!("entities: {e}")))?;
+                    &owned
+                }
+            }
         };
 
         // No schema here: AuthZEN callers may send properties the schema does not declare;
@@ -295,7 +333,14 @@ impl Engine {
                 (Effect::Forbid, _) | (_, PolicyKind::Forbid) => verdict.forbids.push(id),
                 (_, PolicyKind::Approval) => match &meta.approval {
                     Some(a) => verdict.approvals.push((id, a, false)),
-                    None => verdict.forbids.push(id),
+                    // Load guarantees a requirement; without one, refuse rather than guess.
+                    None => {
+                        return Err(deny(
+                            "policy_error",
+                            Some(id.to_owned()),
+                            format!("policy `{id}` has no approval requirement"),
+                        ));
+                    }
                 },
                 (_, PolicyKind::Autonomous) => match meta.recertification_due(now) {
                     Some(a) => verdict.approvals.push((id, a, true)),
@@ -788,6 +833,67 @@ mod tests {
     fn decision_ids_are_unique() {
         let e = engine(PAYMENTS);
         assert_ne!(e.decide(&transfer(1)).id, e.decide(&transfer(1)).id);
+    }
+
+    #[test]
+    fn resource_properties_cannot_rewrite_the_principal() {
+        let e = engine(PAYMENTS);
+        let mut req = transfer(50);
+        req.resource.kind = "Agent".into();
+        req.resource.id = req.principal.id.clone();
+        req.resource.properties = obj(json!({"groups": ["admins"]}));
+        let d = e.decide(&req);
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(codes(&d), vec!["invalid_request"]);
+    }
+
+    #[test]
+    fn engine_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Engine>();
+    }
+
+    #[test]
+    fn namespaced_actions_are_found_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("schema.cedarschema"),
+            r#"namespace Pay {
+                 entity Agent; entity Account;
+                 action "transfer" appliesTo { principal: [Agent], resource: [Account] };
+               }"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("manifest.toml"),
+            "name = \"t\"\nrevision = \"1\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("p.cedar"),
+            r#"permit (principal, action == Pay::Action::"transfer", resource);"#,
+        )
+        .unwrap();
+        let e = Engine::new(
+            Arc::new(Bundle::load(dir.path()).unwrap_or_else(|e| panic!("{e}"))),
+            ManualClock::new(JUNE_2026),
+        );
+        let mut req = request("transfer", json!({}));
+        req.principal =
+            Arc::new(Principal::from_parts("Pay::Agent", "a", "test", Map::new()).unwrap());
+        req.resource.kind = "Pay::Account".into();
+        assert_eq!(e.decide(&req).outcome, Outcome::Allow);
+
+        // The same name in two namespaces is ambiguous: refused at load.
+        std::fs::write(
+            dir.path().join("schema.cedarschema"),
+            r#"namespace A { entity E; action "x" appliesTo { principal: [E], resource: [E] }; }
+               namespace B { entity E; action "x" appliesTo { principal: [E], resource: [E] }; }"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("p.cedar"), "").unwrap();
+        let err = Bundle::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("action `x` is declared twice"), "{err}");
     }
 
     /// One generated policy: effect/kind and a threshold its condition compares the amount to.

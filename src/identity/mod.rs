@@ -60,6 +60,9 @@ pub struct Principal {
     pub multi_audience: bool,
     /// The Cedar entity, built once.
     pub entity: Arc<cedar_policy::Entity>,
+    /// An entity store holding only this principal, built once: a check whose resource
+    /// needs no entity of its own evaluates against it without building a store.
+    pub entities: Arc<cedar_policy::Entities>,
 }
 
 /// Which token profile an issuer follows; each applies its own extra checks.
@@ -156,6 +159,7 @@ impl Principal {
             owner,
             groups,
             multi_audience: false,
+            entities: Arc::new(crate::policy::values::store_of(&entity)?),
             entity: Arc::new(entity),
         })
     }

@@ -652,6 +652,10 @@ fn build_principal(
         owner,
         groups,
         multi_audience: c.aud.len() > 1,
+        entities: Arc::new(
+            crate::policy::values::store_of(&entity)
+                .map_err(|e| IdentityError::ClaimsInvalid(e.to_string()))?,
+        ),
         entity: Arc::new(entity),
     })
 }

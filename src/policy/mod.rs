@@ -112,6 +112,9 @@ pub struct ActionSlice {
     /// all a request needs besides its principal and resource. Kept per action so that copying it per
     /// request does not grow with the number of actions.
     entities: Entities,
+    /// Whether any policy of the slice mentions `mandate` (`context.mandate.now`, ...): when
+    /// none does, the decision path does not build that record.
+    uses_mandate_context: bool,
 }
 
 impl ActionSlice {
@@ -126,6 +129,9 @@ impl ActionSlice {
     }
     pub fn entities(&self) -> &Entities {
         &self.entities
+    }
+    pub fn uses_mandate_context(&self) -> bool {
+        self.uses_mandate_context
     }
 }
 
@@ -648,6 +654,7 @@ fn build_slices(
         };
         let mut policies = PolicySet::new();
         let mut breakglass = PolicySet::new();
+        let mut uses_mandate_context = false;
         for p in parsed {
             if !matches(&p.policy) {
                 continue;
@@ -655,6 +662,11 @@ fn build_slices(
             let is_breakglass = meta
                 .get(&p.id)
                 .is_some_and(|m| m.kind == PolicyKind::Breakglass);
+            // A textual test is conservative: any mention (even in a string) keeps the record.
+            uses_mandate_context |= p
+                .policy
+                .to_string()
+                .contains(crate::decision::RESERVED_CONTEXT_KEY);
             let target = if is_breakglass {
                 &mut breakglass
             } else {
@@ -684,6 +696,7 @@ fn build_slices(
                         policies,
                         breakglass,
                         entities,
+                        uses_mandate_context,
                     },
                 );
             }

@@ -6,10 +6,11 @@
 //! integer is refused: Cedar has no floats, and silently rounding an amount would change what
 //! a policy decides. Every error names the offending field path.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
-use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
+use cedar_policy::{Entities, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use serde_json::{Map, Value};
 
 /// Deepest nesting accepted in attribute values.
@@ -107,9 +108,31 @@ pub fn record_pairs(
     record_fields(path, map, 0)
 }
 
+/// Type names parsed per thread: parsing one runs Cedar's grammar (~0.4 µs), and a sidecar
+/// sees the same few types on every check. Bounded, so junk names cannot grow it.
+const TYPE_NAME_CACHE: usize = 256;
+
+thread_local! {
+    static TYPE_NAMES: RefCell<HashMap<String, EntityTypeName>> = RefCell::new(HashMap::new());
+}
+
+fn type_name(kind: &str) -> Option<EntityTypeName> {
+    if let Some(hit) = TYPE_NAMES.with(|c| c.borrow().get(kind).cloned()) {
+        return Some(hit);
+    }
+    let parsed = EntityTypeName::from_str(kind).ok()?;
+    TYPE_NAMES.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() < TYPE_NAME_CACHE {
+            c.insert(kind.to_owned(), parsed.clone());
+        }
+    });
+    Some(parsed)
+}
+
 /// `Type::"id"` from a type name (namespaces allowed, `Ns::Type`) and an id.
 pub fn entity_uid(path: &str, kind: &str, id: &str) -> Result<EntityUid, ValueError> {
-    let type_name = EntityTypeName::from_str(kind).map_err(|_| {
+    let type_name = type_name(kind).ok_or_else(|| {
         ValueError::new(
             path,
             format!("`{kind}` is not a valid Cedar entity type name"),
@@ -119,6 +142,40 @@ pub fn entity_uid(path: &str, kind: &str, id: &str) -> Result<EntityUid, ValueEr
         type_name,
         EntityId::new(id),
     ))
+}
+
+/// An entity store holding just `entity` (no parents to close over).
+pub fn store_of(entity: &Entity) -> Result<Entities, ValueError> {
+    store_without_hierarchy([entity])
+}
+
+/// A store of request entities. Cedar's public constructors always compute the transitive
+/// closure of the hierarchy, ~2 µs even for two entities, a third of a decision; for
+/// entities without parents there is nothing to close, so the core constructor is told the
+/// closure is already computed. Entities with parents take the public path.
+pub fn store_without_hierarchy<'a>(
+    entities: impl IntoIterator<Item = &'a Entity> + Clone,
+) -> Result<Entities, ValueError> {
+    let err = |e: &dyn std::fmt::Display| ValueError::new("entities", e.to_string());
+    let flat = entities.clone().into_iter().all(|e| {
+        AsRef::<cedar_policy_core::ast::Entity>::as_ref(e)
+            .ancestors()
+            .next()
+            .is_none()
+    });
+    if !flat {
+        return Entities::from_entities(entities.into_iter().cloned(), None).map_err(|e| err(&e));
+    }
+    cedar_policy_core::entities::Entities::from_entities(
+        entities
+            .into_iter()
+            .map(|e| AsRef::<cedar_policy_core::ast::Entity>::as_ref(e).clone()),
+        None::<&cedar_policy_core::entities::NoEntitiesSchema>,
+        cedar_policy_core::entities::TCComputation::AssumeAlreadyComputed,
+        cedar_policy_core::extensions::Extensions::all_available(),
+    )
+    .map(Entities::from)
+    .map_err(|e| err(&e))
 }
 
 /// Build an entity from its type, id and JSON attributes. `path` prefixes error field names
@@ -182,6 +239,39 @@ mod tests {
             v = json!({ "a": v });
         }
         assert!(record_pairs("context", &obj(json!({"deep": v}))).is_err());
+    }
+
+    #[test]
+    fn request_stores_skip_the_closure_only_without_parents() {
+        let a = entity_from_json(
+            "p",
+            "Agent",
+            "a",
+            &obj(json!({"team": "x"})),
+            HashSet::new(),
+        )
+        .unwrap();
+        let r = entity_from_json(
+            "r",
+            "Account",
+            "1",
+            &obj(json!({"owner": "a"})),
+            HashSet::new(),
+        )
+        .unwrap();
+        let store = store_without_hierarchy([&a, &r]).unwrap();
+        assert!(store.get(&a.uid()).is_some() && store.get(&r.uid()).is_some());
+        // With a hierarchy, the public constructor computes the closure: `in` holds through
+        // a grandparent even though only the parent is listed.
+        let top = entity_uid("g", "Group", "top").unwrap();
+        let mid = entity_uid("g", "Group", "mid").unwrap();
+        let g_mid = Entity::new(mid.clone(), HashMap::new(), HashSet::from([top.clone()])).unwrap();
+        let g_top = Entity::new_no_attrs(top.clone(), HashSet::new());
+        let child =
+            entity_from_json("r", "Account", "2", &Map::new(), HashSet::from([mid])).unwrap();
+        let store = store_without_hierarchy([&child, &g_mid, &g_top]).unwrap();
+        let ancestors: Vec<_> = store.ancestors(&child.uid()).unwrap().cloned().collect();
+        assert!(ancestors.contains(&top), "{ancestors:?}");
     }
 
     #[test]
