@@ -14,6 +14,10 @@
 //!   per-action slices, the policy version, and the bundle's own test cases.
 //! - [`decision`]: the engine that turns a verified principal, an action, a resource and a
 //!   context into exactly one of allow, deny or escalate, failing closed.
+//! - [`audit`]: the hash-chained JSON-lines log of every decision, and its offline verifier.
+//! - [`approval`]: human approval, the core: requests, reviews, request-bound grants, the
+//!   binding hash, and the `ApprovalStore` trait (no SQL).
+//! - [`store`]: the `ApprovalStore` backends, SQLite and PostgreSQL: the only module with SQL.
 //! - [`api`]: HTTP adapters: the native `/v1/check` API, AuthZEN 1.0, and admin endpoints.
 //! - [`app`]: wiring: builds the state from the configuration and runs the listeners until
 //!   shutdown.
@@ -21,10 +25,13 @@
 
 pub mod api;
 pub mod app;
+pub mod approval;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod identity;
 pub mod policy;
+pub mod store;
 pub mod telemetry;

@@ -1,0 +1,275 @@
+//! Approval store backends: the only module that knows SQL. SQLite is the embedded default
+//! (one file); PostgreSQL lets a fleet of sidecars share approvals and grants. Both implement
+//! [`ApprovalStore`](crate::approval::ApprovalStore) with the review rules of
+//! [`apply_review`](crate::approval::apply_review), and run the same test suite
+//! (tests/store.rs).
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::approval::{ApprovalRequest, ApprovalStore, Grant, Review, Status, StoreError, Verdict};
+use crate::decision::Fallback;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// Open the store named by `url` and bring its schema up to date: `postgres://` or
+/// `postgresql://` is PostgreSQL; `sqlite://path`, `sqlite:path` or a plain path is a SQLite
+/// file, created when missing.
+pub async fn connect(url: &str) -> Result<Arc<dyn ApprovalStore>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    }
+}
+
+/// How long a statement may wait for a connection or a lock before the store reports itself
+/// unavailable (and decisions that need it deny).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A database error, as a store error. Unique violations are the caller's to interpret; here
+/// they are a generic conflict.
+fn db_error(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
+        sqlx::Error::Database(ref db) if db.is_unique_violation() => {
+            StoreError::Conflict(db.message().to_owned())
+        }
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+fn migrate_error(e: sqlx::migrate::MigrateError) -> StoreError {
+    StoreError::Unavailable(format!("schema migration failed: {e}"))
+}
+
+fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("cannot encode json: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(column: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("column `{column}`: {e}")))
+}
+
+fn parse_uuid(column: &str, s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("column `{column}`: {e}")))
+}
+
+fn nonneg_secs(column: &str, n: i64) -> Result<Duration, StoreError> {
+    u64::try_from(n)
+        .map(Duration::from_secs)
+        .map_err(|_| StoreError::Corrupt(format!("column `{column}`: negative duration {n}")))
+}
+
+/// An `approval_requests` row with every column as text or integer, the same for both
+/// backends (PostgreSQL casts its `uuid` and `jsonb` columns to text when selecting).
+#[derive(Debug, sqlx::FromRow)]
+struct RequestRow {
+    id: String,
+    binding_hash: String,
+    principal: String,
+    action: String,
+    action_properties: Option<String>,
+    resource: String,
+    context: String,
+    policy_version: String,
+    policy_ids: String,
+    groups: String,
+    current_groups: String,
+    quorum: i64,
+    evidence: String,
+    grant_ttl_secs: i64,
+    fallback_group: Option<String>,
+    fallback_after_secs: Option<i64>,
+    status: String,
+    created_at: i64,
+    expires_at: i64,
+    fallback_at: Option<i64>,
+    fell_back_at: Option<i64>,
+    decided_at: Option<i64>,
+    version: i64,
+}
+
+impl TryFrom<RequestRow> for ApprovalRequest {
+    type Error = StoreError;
+
+    fn try_from(r: RequestRow) -> Result<Self, StoreError> {
+        let fallback = match (r.fallback_group, r.fallback_after_secs) {
+            (Some(group), Some(after)) => Some(Fallback {
+                group,
+                after: nonneg_secs("fallback_after_secs", after)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "approval request `{}`: fallback group and delay must be set together",
+                    r.id
+                )));
+            }
+        };
+        Ok(ApprovalRequest {
+            id: parse_uuid("id", &r.id)?,
+            binding_hash: r.binding_hash,
+            principal: from_json("principal", &r.principal)?,
+            action: r.action,
+            action_properties: r
+                .action_properties
+                .as_deref()
+                .map(|s| from_json("action_properties", s))
+                .transpose()?,
+            resource: from_json("resource", &r.resource)?,
+            context: from_json("context", &r.context)?,
+            policy_version: r.policy_version,
+            policy_ids: from_json("policy_ids", &r.policy_ids)?,
+            groups: from_json("groups", &r.groups)?,
+            current_groups: from_json("current_groups", &r.current_groups)?,
+            quorum: u32::try_from(r.quorum)
+                .ok()
+                .filter(|q| *q >= 1)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("column `quorum`: invalid quorum {}", r.quorum))
+                })?,
+            evidence: from_json("evidence", &r.evidence)?,
+            grant_ttl: nonneg_secs("grant_ttl_secs", r.grant_ttl_secs)?,
+            fallback,
+            status: Status::parse(&r.status).ok_or_else(|| {
+                StoreError::Corrupt(format!("column `status`: unknown status `{}`", r.status))
+            })?,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            fallback_at: r.fallback_at,
+            fell_back_at: r.fell_back_at,
+            decided_at: r.decided_at,
+            version: r.version,
+        })
+    }
+}
+
+fn requests(rows: Vec<RequestRow>) -> Result<Vec<ApprovalRequest>, StoreError> {
+    rows.into_iter().map(ApprovalRequest::try_from).collect()
+}
+
+/// An `approval_reviews` row.
+#[derive(Debug, sqlx::FromRow)]
+struct ReviewRow {
+    request_id: String,
+    approver_id: String,
+    approver_issuer: String,
+    verdict: String,
+    rationale: String,
+    evidence: String,
+    at: i64,
+}
+
+impl TryFrom<ReviewRow> for Review {
+    type Error = StoreError;
+
+    fn try_from(r: ReviewRow) -> Result<Self, StoreError> {
+        Ok(Review {
+            request_id: parse_uuid("request_id", &r.request_id)?,
+            verdict: Verdict::parse(&r.verdict).ok_or_else(|| {
+                StoreError::Corrupt(format!("column `verdict`: unknown verdict `{}`", r.verdict))
+            })?,
+            approver_id: r.approver_id,
+            approver_issuer: r.approver_issuer,
+            rationale: r.rationale,
+            evidence: from_json("evidence", &r.evidence)?,
+            at: r.at,
+        })
+    }
+}
+
+/// A `grants` row.
+#[derive(Debug, sqlx::FromRow)]
+struct GrantRow {
+    id: String,
+    request_id: String,
+    binding_hash: String,
+    policy_version: String,
+    created_at: i64,
+    expires_at: i64,
+    revoked_at: Option<i64>,
+}
+
+impl TryFrom<GrantRow> for Grant {
+    type Error = StoreError;
+
+    fn try_from(r: GrantRow) -> Result<Self, StoreError> {
+        Ok(Grant {
+            id: parse_uuid("id", &r.id)?,
+            request_id: parse_uuid("request_id", &r.request_id)?,
+            binding_hash: r.binding_hash,
+            policy_version: r.policy_version,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+        })
+    }
+}
+
+fn grants(rows: Vec<GrantRow>) -> Result<Vec<Grant>, StoreError> {
+    rows.into_iter().map(Grant::try_from).collect()
+}
+
+/// The JSON-encoded columns of a new request, prepared once for either backend's insert.
+struct EncodedRequest {
+    principal: String,
+    action_properties: Option<String>,
+    resource: String,
+    context: String,
+    policy_ids: String,
+    groups: String,
+    current_groups: String,
+    evidence: String,
+    grant_ttl_secs: i64,
+    fallback_group: Option<String>,
+    fallback_after_secs: Option<i64>,
+}
+
+impl EncodedRequest {
+    fn new(r: &ApprovalRequest) -> Result<Self, StoreError> {
+        Ok(Self {
+            principal: to_json(&r.principal)?,
+            action_properties: r.action_properties.as_ref().map(to_json).transpose()?,
+            resource: to_json(&r.resource)?,
+            context: to_json(&r.context)?,
+            policy_ids: to_json(&r.policy_ids)?,
+            groups: to_json(&r.groups)?,
+            current_groups: to_json(&r.current_groups)?,
+            evidence: to_json(&r.evidence)?,
+            grant_ttl_secs: crate::approval::secs(r.grant_ttl),
+            fallback_group: r.fallback.as_ref().map(|f| f.group.clone()),
+            fallback_after_secs: r.fallback.as_ref().map(|f| crate::approval::secs(f.after)),
+        })
+    }
+}
+
+fn not_found_request(id: Uuid) -> StoreError {
+    StoreError::NotFound {
+        what: "approval request",
+        id: id.to_string(),
+    }
+}
+
+fn not_found_grant(id: Uuid) -> StoreError {
+    StoreError::NotFound {
+        what: "grant",
+        id: id.to_string(),
+    }
+}

@@ -1,0 +1,729 @@
+//! The approval store suite: written once, run against every backend (SQLite in a temporary
+//! directory; PostgreSQL from `MANDATE_TEST_POSTGRES_URL`, each test in a fresh schema) by the
+//! `store_suite!` macro, as limitador runs one suite per storage. Test names carry the
+//! shared/SECURITY.md case they cover.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step must stop the test loudly"
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mandate::approval::{
+    ApprovalRequest, ApprovalStore, ListFilter, NewRequest, PrincipalSnapshot, ResourceSnapshot,
+    Review, Status, Verdict,
+};
+use mandate::decision::Fallback;
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+/// The time every test starts at; requests stay pending for an hour.
+const T0: i64 = 1_700_000_000;
+const PENDING_TTL: i64 = 3600;
+const GRANT_TTL: u64 = 600;
+
+/// One backend, opened for one test.
+struct Harness {
+    store: Arc<dyn ApprovalStore>,
+    url: String,
+    /// Keeps the SQLite directory alive for the test.
+    _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL schema to drop at the end, with the base URL to drop it through.
+    pg_schema: Option<(String, String)>,
+}
+
+impl Harness {
+    async fn sqlite() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("approvals.db").display());
+        let store = mandate::store::connect(&url).await.unwrap();
+        Harness {
+            store,
+            url,
+            _dir: Some(dir),
+            pg_schema: None,
+        }
+    }
+
+    /// `None` (after saying so) when `MANDATE_TEST_POSTGRES_URL` is not set.
+    async fn postgres() -> Option<Harness> {
+        let Ok(base) = std::env::var("MANDATE_TEST_POSTGRES_URL") else {
+            println!("MANDATE_TEST_POSTGRES_URL is not set: PostgreSQL store tests skipped");
+            return None;
+        };
+        let schema = format!("mandate_t_{}", Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&base).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options[search_path]={schema}");
+        let store = mandate::store::connect(&url).await.unwrap();
+        Some(Harness {
+            store,
+            url,
+            _dir: None,
+            pg_schema: Some((base, schema)),
+        })
+    }
+
+    /// Drop the store and open it again from its URL.
+    async fn reopen(&mut self) {
+        self.store = mandate::store::connect(&self.url).await.unwrap();
+    }
+
+    async fn finish(self) {
+        drop(self.store);
+        if let Some((base, schema)) = self.pg_schema {
+            let admin = sqlx::PgPool::connect(&base).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(&admin)
+                .await
+                .unwrap();
+            admin.close().await;
+        }
+    }
+}
+
+macro_rules! store_suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let mut h = super::Harness::sqlite().await;
+                    super::cases::$case(&mut h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(mut h) = super::Harness::postgres().await else {
+                        return;
+                    };
+                    super::cases::$case(&mut h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    create_dedupes_by_binding_hash,
+    a16_concurrent_identical_creates_make_one_request,
+    get_unknown_is_none,
+    a13_quorum_two_needs_two_distinct_approvers,
+    a13_parallel_approvals_by_one_approver_stay_pending,
+    a14_deny_wins,
+    a14_racing_approvers_on_quorum_one_make_exactly_one_grant,
+    a11_review_after_expiry_is_refused,
+    expire_due_moves_pending_to_expired_once,
+    fallback_due_moves_current_groups_once,
+    a06_a12_active_grant_is_exact_and_time_bound,
+    cancel_pending_request,
+    list_filters_and_paginates,
+    r03c_data_survives_reopening,
+);
+
+fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
+    let context: Map<String, Value> = match json!({"amount": amount, "currency": "EUR"}) {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    };
+    NewRequest {
+        principal: PrincipalSnapshot {
+            kind: "Agent".into(),
+            id: "agent-1".into(),
+            issuer: "dev".into(),
+            attributes: Map::new(),
+            owner: Some("bob".into()),
+            actors: vec!["orchestrator".into()],
+        },
+        action: "payments:transfer".into(),
+        action_properties: None,
+        resource: ResourceSnapshot {
+            kind: "Account".into(),
+            id: "acct-1".into(),
+            properties: Map::new(),
+        },
+        context,
+        policy_version: "1+43d884fc6f24857e".into(),
+        policy_ids: vec!["payments-approval".into()],
+        groups: vec!["finance-approvers".into()],
+        quorum,
+        evidence: vec!["ticket".into()],
+        grant_ttl: Duration::from_secs(GRANT_TTL),
+        fallback,
+        created_at: T0,
+        expires_at: T0 + PENDING_TTL,
+    }
+}
+
+fn review(req: &ApprovalRequest, approver: &str, verdict: Verdict, at: i64) -> Review {
+    let evidence = match json!({"ticket": "FIN-1"}) {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    };
+    Review {
+        request_id: req.id,
+        approver_id: approver.into(),
+        approver_issuer: "corp-oidc".into(),
+        verdict,
+        rationale: format!("{approver} checked the invoice"),
+        evidence,
+        at,
+    }
+}
+
+async fn create(store: &dyn ApprovalStore, new: NewRequest) -> ApprovalRequest {
+    let (req, created) = store.create_or_get_pending(new).await.unwrap();
+    assert!(created, "a new binding hash creates a new request");
+    req
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, mandate::approval::StoreError>) -> &'static str {
+    r.expect_err("the store must refuse this").code()
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn create_dedupes_by_binding_hash(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let (first, created) = s
+            .create_or_get_pending(request(250, 1, None))
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(first.status, Status::Pending);
+        assert_eq!(first.id.get_version_num(), 4);
+        assert_eq!(first.current_groups, first.groups);
+        assert_eq!(s.get(first.id).await.unwrap().as_ref(), Some(&first));
+
+        let (again, created) = s
+            .create_or_get_pending(request(250, 1, None))
+            .await
+            .unwrap();
+        assert!(
+            !created,
+            "an identical pending request is returned, not duplicated"
+        );
+        assert_eq!(again, first);
+
+        let (other, created) = s
+            .create_or_get_pending(request(251, 1, None))
+            .await
+            .unwrap();
+        assert!(created, "a different binding hash is a new request");
+        assert_ne!(other.id, first.id);
+        assert_ne!(other.binding_hash, first.binding_hash);
+    }
+
+    pub async fn a16_concurrent_identical_creates_make_one_request(h: &mut Harness) {
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let store = h.store.clone();
+                tokio::spawn(
+                    async move { store.create_or_get_pending(request(250, 1, None)).await },
+                )
+            })
+            .collect();
+        let mut ids = Vec::new();
+        let mut created = 0;
+        for t in tasks {
+            let (req, c) = t.await.unwrap().unwrap();
+            ids.push(req.id);
+            created += usize::from(c);
+        }
+        assert_eq!(created, 1, "exactly one create wins");
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "every caller gets the same request");
+        let pending = h
+            .store
+            .list(ListFilter {
+                status: Some(Status::Pending),
+                limit: 100,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(pending.len(), 1);
+    }
+
+    pub async fn get_unknown_is_none(h: &mut Harness) {
+        let s = h.store.as_ref();
+        assert_eq!(s.get(Uuid::new_v4()).await.unwrap(), None);
+        assert!(s.reviews(Uuid::new_v4()).await.unwrap().is_empty());
+        let fake = request(1, 1, None).into_pending();
+        assert_eq!(
+            code(
+                s.review(review(&fake, "alice", Verdict::Approve, T0), T0)
+                    .await
+            ),
+            "not_found"
+        );
+        assert_eq!(code(s.cancel(Uuid::new_v4(), T0).await), "not_found");
+        assert_eq!(code(s.revoke_grant(Uuid::new_v4(), T0).await), "not_found");
+    }
+
+    pub async fn a13_quorum_two_needs_two_distinct_approvers(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let req = create(s, request(250, 2, None)).await;
+
+        let out = s
+            .review(review(&req, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+            .await
+            .unwrap();
+        assert_eq!(out.request.status, Status::Pending);
+        assert!(out.grant.is_none());
+        assert_eq!(out.request.version, req.version + 1);
+
+        let twice = s
+            .review(review(&req, "alice", Verdict::Approve, T0 + 2), T0 + 2)
+            .await;
+        assert_eq!(code(twice), "already_reviewed");
+        assert_eq!(
+            s.reviews(req.id).await.unwrap().len(),
+            1,
+            "the second review is not stored"
+        );
+        assert_eq!(
+            s.get(req.id).await.unwrap().unwrap().status,
+            Status::Pending
+        );
+
+        let out = s
+            .review(review(&req, "carol", Verdict::Approve, T0 + 3), T0 + 3)
+            .await
+            .unwrap();
+        assert_eq!(out.request.status, Status::Approved);
+        assert_eq!(out.request.decided_at, Some(T0 + 3));
+        let grant = out.grant.expect("the quorum creates a grant");
+        assert_eq!(grant.request_id, req.id);
+        assert_eq!(grant.binding_hash, req.binding_hash);
+        assert_eq!(grant.policy_version, req.policy_version);
+        assert_eq!(grant.expires_at, T0 + 3 + GRANT_TTL as i64);
+
+        let reviews = s.reviews(req.id).await.unwrap();
+        let approvers: Vec<&str> = reviews.iter().map(|r| r.approver_id.as_str()).collect();
+        assert_eq!(approvers, ["alice", "carol"]);
+        assert_eq!(reviews[0].rationale, "alice checked the invoice");
+        assert_eq!(reviews[0].evidence.get("ticket"), Some(&json!("FIN-1")));
+        assert_eq!(reviews[0].approver_issuer, "corp-oidc");
+    }
+
+    pub async fn a13_parallel_approvals_by_one_approver_stay_pending(h: &mut Harness) {
+        let req = create(h.store.as_ref(), request(250, 2, None)).await;
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let store = h.store.clone();
+                let r = review(&req, "alice", Verdict::Approve, T0 + i);
+                tokio::spawn(async move { store.review(r, T0 + 10).await })
+            })
+            .collect();
+        let mut accepted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(out) => {
+                    accepted += 1;
+                    assert_eq!(out.request.status, Status::Pending);
+                }
+                Err(e) => assert_eq!(e.code(), "already_reviewed", "{e}"),
+            }
+        }
+        assert_eq!(accepted, 1, "one approver counts once");
+        let s = h.store.as_ref();
+        assert_eq!(
+            s.get(req.id).await.unwrap().unwrap().status,
+            Status::Pending
+        );
+        assert_eq!(s.reviews(req.id).await.unwrap().len(), 1);
+        assert!(
+            s.active_grant(&req.binding_hash, T0 + 10)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        let out = s
+            .review(review(&req, "bob", Verdict::Approve, T0 + 11), T0 + 11)
+            .await
+            .unwrap();
+        assert_eq!(out.request.status, Status::Approved);
+        assert_eq!(s.grants(false, T0 + 11).await.unwrap().len(), 1);
+    }
+
+    pub async fn a14_deny_wins(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let req = create(s, request(250, 2, None)).await;
+        s.review(review(&req, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+            .await
+            .unwrap();
+        let out = s
+            .review(review(&req, "bob", Verdict::Deny, T0 + 2), T0 + 2)
+            .await
+            .unwrap();
+        assert_eq!(out.request.status, Status::Denied);
+        assert_eq!(out.request.decided_at, Some(T0 + 2));
+        assert!(out.grant.is_none());
+
+        let late = s
+            .review(review(&req, "carol", Verdict::Approve, T0 + 3), T0 + 3)
+            .await;
+        assert_eq!(code(late), "not_pending");
+        assert!(
+            s.active_grant(&req.binding_hash, T0 + 3)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(s.grants(false, T0 + 3).await.unwrap().is_empty());
+    }
+
+    pub async fn a14_racing_approvers_on_quorum_one_make_exactly_one_grant(h: &mut Harness) {
+        for round in 0..20 {
+            let req = create(h.store.as_ref(), request(1000 + round, 1, None)).await;
+            let tasks: Vec<_> = ["alice", "bob"]
+                .into_iter()
+                .map(|who| {
+                    let store = h.store.clone();
+                    let r = review(&req, who, Verdict::Approve, T0 + 5);
+                    tokio::spawn(async move { store.review(r, T0 + 5).await })
+                })
+                .collect();
+            let mut grants = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(out) => {
+                        assert_eq!(out.request.status, Status::Approved);
+                        grants += usize::from(out.grant.is_some());
+                    }
+                    Err(e) => assert_eq!(e.code(), "not_pending", "round {round}: {e}"),
+                }
+            }
+            assert_eq!(grants, 1, "round {round}: exactly one approver wins");
+            let stored = h.store.grants(false, T0 + 5).await.unwrap();
+            assert_eq!(stored.iter().filter(|g| g.request_id == req.id).count(), 1);
+            assert_eq!(h.store.reviews(req.id).await.unwrap().len(), 1);
+        }
+    }
+
+    pub async fn a11_review_after_expiry_is_refused(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let req = create(s, request(250, 1, None)).await;
+        let at = req.expires_at;
+        let out = s
+            .review(review(&req, "alice", Verdict::Approve, at), at)
+            .await;
+        assert_eq!(code(out), "request_expired");
+        assert!(s.reviews(req.id).await.unwrap().is_empty());
+        assert_eq!(
+            s.get(req.id).await.unwrap().unwrap().status,
+            Status::Pending
+        );
+
+        let expired = s.expire_due(at).await.unwrap();
+        assert_eq!(expired.len(), 1);
+        // Even a review timestamped inside the window cannot revive an expired request.
+        let out = s
+            .review(review(&req, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+            .await;
+        assert_eq!(code(out), "request_expired");
+        let stored = s.get(req.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, Status::Expired);
+        assert!(s.grants(false, at).await.unwrap().is_empty());
+    }
+
+    pub async fn expire_due_moves_pending_to_expired_once(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let soon = create(s, request(1, 1, None)).await;
+        let mut later_req = request(2, 1, None);
+        later_req.expires_at = T0 + 2 * PENDING_TTL;
+        let later = create(s, later_req).await;
+        let approved = create(s, request(3, 1, None)).await;
+        s.review(review(&approved, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+            .await
+            .unwrap();
+
+        assert!(s.expire_due(soon.expires_at - 1).await.unwrap().is_empty());
+        let expired = s.expire_due(soon.expires_at).await.unwrap();
+        assert_eq!(expired.iter().map(|r| r.id).collect::<Vec<_>>(), [soon.id]);
+        assert_eq!(expired[0].status, Status::Expired);
+        assert_eq!(expired[0].decided_at, Some(soon.expires_at));
+        assert!(
+            s.expire_due(soon.expires_at).await.unwrap().is_empty(),
+            "only once"
+        );
+        assert_eq!(
+            s.get(later.id).await.unwrap().unwrap().status,
+            Status::Pending
+        );
+        assert_eq!(
+            s.get(approved.id).await.unwrap().unwrap().status,
+            Status::Approved
+        );
+
+        // The same request asked again after expiry is a fresh pending request.
+        let (fresh, created) = s.create_or_get_pending(request(1, 1, None)).await.unwrap();
+        assert!(created);
+        assert_ne!(fresh.id, soon.id);
+    }
+
+    pub async fn fallback_due_moves_current_groups_once(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let fallback = Fallback {
+            group: "finance-leads".into(),
+            after: Duration::from_secs(1800),
+        };
+        let req = create(s, request(250, 1, Some(fallback.clone()))).await;
+        let plain = create(s, request(251, 1, None)).await;
+        assert_eq!(req.fallback_at, Some(T0 + 1800));
+        assert_eq!(req.fallback.as_ref(), Some(&fallback));
+        assert_eq!(plain.fallback_at, None);
+
+        assert!(s.fallback_due(T0 + 1799).await.unwrap().is_empty());
+        let moved = s.fallback_due(T0 + 1800).await.unwrap();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].id, req.id);
+        assert_eq!(moved[0].current_groups, ["finance-leads"]);
+        assert_eq!(moved[0].groups, ["finance-approvers"]);
+        assert_eq!(moved[0].fell_back_at, Some(T0 + 1800));
+        assert_eq!(moved[0].status, Status::Pending);
+        assert!(
+            s.fallback_due(T0 + 1900).await.unwrap().is_empty(),
+            "only once"
+        );
+
+        let by_group = |g: &str| ListFilter {
+            group: Some(g.into()),
+            limit: 100,
+            ..ListFilter::default()
+        };
+        let leads = s.list(by_group("finance-leads")).await.unwrap();
+        assert_eq!(leads.iter().map(|r| r.id).collect::<Vec<_>>(), [req.id]);
+        let approvers = s.list(by_group("finance-approvers")).await.unwrap();
+        assert_eq!(
+            approvers.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [plain.id]
+        );
+    }
+
+    pub async fn a06_a12_active_grant_is_exact_and_time_bound(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let req = create(s, request(250, 1, None)).await;
+        let other = request(2500, 1, None).binding_hash();
+        let grant = s
+            .review(review(&req, "alice", Verdict::Approve, T0 + 10), T0 + 10)
+            .await
+            .unwrap()
+            .grant
+            .unwrap();
+
+        assert_eq!(
+            s.active_grant(&req.binding_hash, T0 + 10).await.unwrap(),
+            Some(grant.clone())
+        );
+        assert_eq!(
+            s.active_grant(&other, T0 + 10).await.unwrap(),
+            None,
+            "another amount"
+        );
+        let last = grant.expires_at - 1;
+        assert!(
+            s.active_grant(&req.binding_hash, last)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            s.active_grant(&req.binding_hash, grant.expires_at)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(s.grants(true, grant.expires_at).await.unwrap().is_empty());
+        assert_eq!(
+            s.grants(true, last).await.unwrap(),
+            std::slice::from_ref(&grant)
+        );
+
+        let revoked = s.revoke_grant(grant.id, T0 + 20).await.unwrap();
+        assert_eq!(revoked.revoked_at, Some(T0 + 20));
+        assert_eq!(
+            s.active_grant(&req.binding_hash, T0 + 21).await.unwrap(),
+            None
+        );
+        assert!(s.grants(true, T0 + 21).await.unwrap().is_empty());
+        assert_eq!(
+            s.grants(false, T0 + 21).await.unwrap(),
+            std::slice::from_ref(&revoked)
+        );
+        let again = s.revoke_grant(grant.id, T0 + 30).await.unwrap();
+        assert_eq!(
+            again.revoked_at,
+            Some(T0 + 20),
+            "revoking twice keeps the first time"
+        );
+    }
+
+    pub async fn cancel_pending_request(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let req = create(s, request(250, 1, None)).await;
+        let cancelled = s.cancel(req.id, T0 + 5).await.unwrap();
+        assert_eq!(cancelled.status, Status::Cancelled);
+        assert_eq!(cancelled.decided_at, Some(T0 + 5));
+        assert_eq!(cancelled.version, req.version + 1);
+        assert_eq!(code(s.cancel(req.id, T0 + 6).await), "not_pending");
+        let out = s
+            .review(review(&req, "alice", Verdict::Approve, T0 + 7), T0 + 7)
+            .await;
+        assert_eq!(code(out), "not_pending");
+        assert!(s.expire_due(req.expires_at).await.unwrap().is_empty());
+
+        let (again, created) = s
+            .create_or_get_pending(request(250, 1, None))
+            .await
+            .unwrap();
+        assert!(created, "a cancelled request does not block asking again");
+        assert_ne!(again.id, req.id);
+    }
+
+    pub async fn list_filters_and_paginates(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let mut ids = Vec::new();
+        for amount in 1..=3 {
+            ids.push(create(s, request(amount, 1, None)).await.id);
+        }
+        s.cancel(ids[1], T0 + 1).await.unwrap();
+
+        let all = |after, limit| ListFilter {
+            after,
+            limit,
+            ..ListFilter::default()
+        };
+        let page = s.list(all(None, 2)).await.unwrap();
+        assert_eq!(page.iter().map(|r| r.id).collect::<Vec<_>>(), &ids[..2]);
+        let next = s.list(all(Some(ids[1]), 2)).await.unwrap();
+        assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), &ids[2..]);
+        assert!(
+            s.list(all(Some(Uuid::new_v4()), 2))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        let pending = s
+            .list(ListFilter {
+                status: Some(Status::Pending),
+                limit: 10,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            pending.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [ids[0], ids[2]]
+        );
+        let cancelled = s
+            .list(ListFilter {
+                status: Some(Status::Cancelled),
+                limit: 10,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(cancelled.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[1]]);
+    }
+
+    pub async fn r03c_data_survives_reopening(h: &mut Harness) {
+        let mut new = request(
+            250,
+            2,
+            Some(Fallback {
+                group: "finance-leads".into(),
+                after: Duration::from_secs(60),
+            }),
+        );
+        new.action_properties = Some(match json!({"method": "POST", "n": [1, 2.5, null]}) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        });
+        let req = create(h.store.as_ref(), new.clone()).await;
+        let approved = create(h.store.as_ref(), request(99, 1, None)).await;
+        h.store
+            .review(review(&req, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+            .await
+            .unwrap();
+        let out = h
+            .store
+            .review(review(&approved, "bob", Verdict::Approve, T0 + 2), T0 + 2)
+            .await
+            .unwrap();
+        let req = h.store.get(req.id).await.unwrap().unwrap();
+        let reviews = h.store.reviews(req.id).await.unwrap();
+        let grants = h.store.grants(false, T0 + 2).await.unwrap();
+        assert_eq!(grants, [out.grant.unwrap()]);
+
+        h.reopen().await;
+        let s = h.store.as_ref();
+        assert_eq!(
+            s.get(req.id).await.unwrap(),
+            Some(req.clone()),
+            "every field round-trips"
+        );
+        assert_eq!(
+            s.get(approved.id).await.unwrap().unwrap().status,
+            Status::Approved
+        );
+        assert_eq!(s.reviews(req.id).await.unwrap(), reviews);
+        assert_eq!(s.grants(false, T0 + 2).await.unwrap(), grants);
+        let (same, created) = s.create_or_get_pending(new).await.unwrap();
+        assert!(
+            !created,
+            "the pending request still dedupes after reopening"
+        );
+        assert_eq!(same.id, req.id);
+    }
+}
+
+/// SECURITY R-03c: the approval database commits with `synchronous=FULL` (2) in WAL mode, with
+/// foreign keys enforced, on every pooled connection.
+#[tokio::test]
+async fn sqlite_r03c_synchronous_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested-missing-file.db");
+    let store = mandate::store::SqliteStore::connect(path.to_str().unwrap())
+        .await
+        .unwrap();
+    assert!(path.exists(), "a plain path is created when missing");
+    for _ in 0..3 {
+        let mut conn = store.pool().acquire().await.unwrap();
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous must be FULL");
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+    }
+    store.close().await;
+}
