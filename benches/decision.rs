@@ -5,13 +5,19 @@
 //! (an autonomous permit, an approval permit, a forbid) plus filler policies spread over
 //! ~100 other actions, some forbids and approval permits among them. The principal is built
 //! once, as the verified-token cache does.
+//!
+//! The `audit` group prices the audit record on the hot path (SECURITY AU-06): `decide` alone
+//! versus `decide` plus building the record and appending it to a log in a temporary
+//! directory (one `write` per record; the group commit syncs in the background).
 
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use mandate::audit::{AuditLog, AuditSettings, DecisionRecord};
 use mandate::clock::SystemClock;
 use mandate::decision::{CheckRequest, Engine, Outcome, Resource};
 use mandate::identity::Principal;
@@ -84,7 +90,7 @@ fn obj(v: Value) -> Map<String, Value> {
     }
 }
 
-fn decide(c: &mut Criterion) {
+fn bench_request() -> CheckRequest {
     let principal = match Principal::from_parts(
         "Agent",
         "agent-1",
@@ -97,7 +103,7 @@ fn decide(c: &mut Criterion) {
             std::process::exit(1);
         }
     };
-    let request = CheckRequest {
+    CheckRequest {
         principal,
         action: "payments:transfer".to_owned(),
         action_properties: None,
@@ -107,8 +113,11 @@ fn decide(c: &mut Criterion) {
             properties: obj(json!({"owner": "bob"})),
         },
         context: obj(json!({"amount": 50})),
-    };
+    }
+}
 
+fn decide(c: &mut Criterion) {
+    let request = bench_request();
     let mut group = c.benchmark_group("decide");
     for policies in [10usize, 1_000] {
         let dir = match tempfile::tempdir() {
@@ -149,5 +158,50 @@ fn decide(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decide);
+fn or_exit<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| {
+        eprintln!("{what}: {e}");
+        std::process::exit(1);
+    })
+}
+
+fn audit(c: &mut Criterion) {
+    let request = bench_request();
+    let dir = or_exit("tempdir", tempfile::tempdir());
+    write_bundle(dir.path(), 10);
+    let bundle = or_exit("bundle", Bundle::load(dir.path()));
+    let engine = Engine::new(Arc::new(bundle), Arc::new(SystemClock));
+    let log = or_exit(
+        "audit log",
+        AuditLog::open(&dir.path().join("audit.jsonl"), AuditSettings::default()),
+    );
+    let mut group = c.benchmark_group("audit");
+    group.bench_function("decide", |b| {
+        b.iter(|| black_box(engine.decide(black_box(&request))))
+    });
+    group.bench_function("decide_and_append", |b| {
+        b.iter(|| {
+            let started = Instant::now();
+            let d = engine.decide(black_box(&request));
+            let record = DecisionRecord::new(&request, &d, started.elapsed());
+            black_box(log.append(&record.into()).is_ok());
+            black_box(d)
+        })
+    });
+    // The append alone, for the same record each time (chain fields still change).
+    let d = engine.decide(&request);
+    group.bench_function("append", |b| {
+        b.iter(|| {
+            let record = DecisionRecord::new(&request, &d, Duration::ZERO);
+            black_box(log.append(&record.into()).is_ok())
+        })
+    });
+    group.finish();
+    if log.write_failures() > 0 {
+        eprintln!("audit appends failed: {}", log.write_failures());
+        std::process::exit(1);
+    }
+}
+
+criterion_group!(benches, decide, audit);
 criterion_main!(benches);

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::AppState;
 use crate::api::server::{self, Listener};
+use crate::audit::{AuditLog, AuditSettings};
 use crate::config::Config;
 use crate::decision::Engine;
 use crate::identity::{CacheSettings, Verifier};
@@ -53,9 +54,18 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
     )
     .context("trusted issuers")?;
     verifier.start().await;
+    // Opening names the path on failure; there is no running without an audit log.
+    let audit = AuditLog::open(
+        &config.audit.path,
+        AuditSettings {
+            group_commit: config.audit.group_commit,
+        },
+    )?;
+    tracing::info!(path = %config.audit.path.display(), seq = audit.last_seq(), "audit log open");
     Ok(Arc::new(AppState {
         engine,
         verifier,
+        audit,
         enforcement_points: config.enforcement_points.clone(),
         server: config.server.clone(),
     }))

@@ -1,5 +1,6 @@
 //! The offline subcommands, for policy authors and for trying Mandate locally: `check`,
-//! `policy validate`, `policy test`, `dev token`. Each returns the process exit code.
+//! `policy validate`, `policy test`, `dev token`, `audit verify`. Each returns the process
+//! exit code.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -116,7 +117,7 @@ pub fn policy_test(dir: &Path) -> anyhow::Result<u8> {
     crate::app::install_crypto()?;
     let bundle = Arc::new(load_bundle(dir)?);
     let report = policy::testing::run(&bundle);
-    print!("{report}");
+    println!("{report}");
     Ok(if report.failed.is_empty() { 0 } else { 1 })
 }
 
@@ -160,6 +161,25 @@ pub fn dev_token(
     .map_err(|e| anyhow::anyhow!("cannot mint the dev token: {e}"))?;
     println!("{token}");
     Ok(0)
+}
+
+/// `mandate audit verify FILE`: exit 0 when the whole chain holds, 1 at the first broken or
+/// missing record (named by its line).
+pub fn audit_verify(file: &Path) -> anyhow::Result<u8> {
+    match crate::audit::verify(file) {
+        Ok(report) => {
+            println!(
+                "ok: {} records, last hash {}",
+                report.records, report.last_hash
+            );
+            Ok(0)
+        }
+        Err(e @ crate::audit::VerifyError::Line { .. }) => {
+            println!("{e}");
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

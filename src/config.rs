@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use crate::audit::AuditSettings;
 use crate::identity::{IssuerSettings, JwksSource, Profile};
 
 /// The default configuration file, relative to the working directory.
@@ -30,6 +31,7 @@ pub struct Config {
     pub enforcement_points: Vec<EnforcementPoint>,
     pub dev: Option<DevConfig>,
     pub log: LogConfig,
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +91,15 @@ pub struct DevConfig {
     pub kid: String,
     /// Name of the issuer in `[[issuers]]` that trusts this key.
     pub issuer: String,
+}
+
+/// The audit log of every decision (shared/DESIGN.md §5).
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The hash-chained JSON-lines file; default `audit.jsonl` beside the configuration file.
+    pub path: PathBuf,
+    /// Interval of the group commit to disk (records are with the OS before any answer).
+    pub group_commit: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -435,6 +446,7 @@ impl Reader {
                 "enforcement_points",
                 "dev",
                 "log",
+                "audit",
             ],
         );
         let empty = Table::new();
@@ -481,6 +493,8 @@ impl Reader {
                 false
             }
         };
+        let audit_t = self.table(root, "", "audit").unwrap_or(&empty);
+        let audit = self.audit(audit_t);
         Config {
             server,
             policy,
@@ -489,6 +503,43 @@ impl Reader {
             enforcement_points,
             dev,
             log: LogConfig { level, json },
+            audit,
+        }
+    }
+
+    fn audit(&mut self, t: &Table) -> AuditConfig {
+        let p = "audit";
+        self.known(t, p, &["path", "group_commit"]);
+        let path = match self.string(t, p, "path") {
+            Some(s) if s.is_empty() => {
+                self.bad(
+                    "audit.path",
+                    "must not be empty (the audit log is not optional)",
+                );
+                String::new()
+            }
+            Some(s) => s,
+            None => "audit.jsonl".into(),
+        };
+        let group_commit = self.duration(
+            t,
+            p,
+            "group_commit",
+            AuditSettings::DEFAULT_GROUP_COMMIT,
+            Duration::from_secs(1),
+        );
+        if group_commit < AuditSettings::MIN_GROUP_COMMIT {
+            self.bad(
+                "audit.group_commit",
+                format!(
+                    "`{}` is shorter than the minimum 1ms",
+                    humantime::format_duration(group_commit)
+                ),
+            );
+        }
+        AuditConfig {
+            path: self.path(&path),
+            group_commit,
         }
     }
 
@@ -1104,6 +1155,40 @@ format = "xml"
         assert!(!jwks_url_allowed("http://127.0.0.1.evil.example/jwks"));
         assert!(!jwks_url_allowed("http://localhost@evil.example/jwks"));
         assert!(!jwks_url_allowed("file:///etc/passwd"));
+    }
+
+    #[test]
+    fn audit_defaults_beside_the_config_file() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(c.audit.path, PathBuf::from("/etc/mandate/audit.jsonl"));
+        assert_eq!(c.audit.group_commit, Duration::from_millis(5));
+        let c = parse(
+            "[audit]\npath = \"../data/audit.jsonl\"\ngroup_commit = \"20ms\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.audit.path,
+            PathBuf::from("/etc/mandate/../data/audit.jsonl")
+        );
+        assert_eq!(c.audit.group_commit, Duration::from_millis(20));
+        let c = parse("", &[("MANDATE_AUDIT__PATH", "/var/log/mandate/a.jsonl")]).unwrap();
+        assert_eq!(c.audit.path, PathBuf::from("/var/log/mandate/a.jsonl"));
+    }
+
+    #[test]
+    fn audit_problems_are_reported_with_their_key_path() {
+        let err = parse(
+            "[audit]\npath = \"\"\ngroup_commit = \"2s\"\nfsync = true\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["audit.fsync", "audit.path", "audit.group_commit"]);
+        let err = parse("[audit]\ngroup_commit = \"100us\"\n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "audit.group_commit");
+        let err = parse("audit = 1\n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "audit");
     }
 
     #[test]

@@ -123,6 +123,65 @@ pub mod duration_str {
     }
 }
 
+/// Recently made decisions, for a caller that repeats the exact same check (agents retry and
+/// poll). SECURITY R-04c: an entry may be reused only when its key covers every input of the
+/// decision, so the key is a SHA-256 over the caller's credential (which fixes the verified
+/// principal and its attributes), the request body bytes (action, resource, context, subject),
+/// the policy version, and the current second (which fixes `context.mandate.now` and every
+/// date comparison). Entries live at most one second. A hit still gets its own decision id:
+/// it is a new decision, made by the same rules from the same inputs.
+#[derive(Debug)]
+pub struct DecisionCache {
+    entries: moka::sync::Cache<[u8; 32], Arc<Decision>>,
+}
+
+/// Length-prefixed parts of a [`DecisionCache`] key, so `("ab", "c")` and `("a", "bc")`
+/// never collide.
+#[derive(Debug, Default)]
+pub struct CacheKey(sha2::Sha256);
+
+impl CacheKey {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn part(mut self, bytes: &[u8]) -> Self {
+        use sha2::Digest;
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+    pub fn finish(self) -> [u8; 32] {
+        use sha2::Digest;
+        self.0.finalize().into()
+    }
+}
+
+impl DecisionCache {
+    /// How long an entry may be reused; the key's current second bounds it too.
+    pub const TTL: Duration = Duration::from_secs(1);
+
+    pub fn new(max_entries: u64) -> Self {
+        Self {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .time_to_live(Self::TTL)
+                .build(),
+        }
+    }
+
+    /// The cached decision for `key`, as a new decision (fresh id).
+    pub fn get(&self, key: &[u8; 32]) -> Option<Decision> {
+        self.entries.get(key).map(|d| Decision {
+            id: uuid::Uuid::now_v7(),
+            ..(*d).clone()
+        })
+    }
+
+    pub fn insert(&self, key: [u8; 32], decision: &Decision) {
+        self.entries.insert(key, Arc::new(decision.clone()));
+    }
+}
+
 /// Context key Mandate fills itself (`context.mandate.now`, `context.mandate.action`).
 pub const RESERVED_CONTEXT_KEY: &str = "mandate";
 
@@ -833,6 +892,44 @@ mod tests {
     fn decision_ids_are_unique() {
         let e = engine(PAYMENTS);
         assert_ne!(e.decide(&transfer(1)).id, e.decide(&transfer(1)).id);
+    }
+
+    #[test]
+    fn cached_decision_is_a_new_decision_with_the_same_verdict() {
+        let cache = DecisionCache::new(16);
+        let d = engine(PAYMENTS).decide(&transfer(250));
+        let key = CacheKey::new().part(b"token").part(b"body").finish();
+        assert!(cache.get(&key).is_none());
+        cache.insert(key, &d);
+        let hit = cache.get(&key).unwrap();
+        assert_ne!(hit.id, d.id);
+        assert_eq!(
+            (hit.outcome, &hit.policy_ids, &hit.approval),
+            (d.outcome, &d.policy_ids, &d.approval)
+        );
+    }
+
+    proptest::proptest! {
+        /// SECURITY R-04c: two checks that differ in any one input never share a cache entry;
+        /// length prefixes keep shifted boundaries apart too.
+        #[test]
+        fn r04c_cache_keys_differ_when_any_input_differs(
+            parts in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..8), 4),
+            which in 0usize..4,
+            flip in proptest::num::u8::ANY,
+        ) {
+            let key = |ps: &[Vec<u8>]| ps.iter().fold(CacheKey::new(), |k, p| k.part(p)).finish();
+            let mut changed = parts.clone();
+            changed[which].push(flip);
+            proptest::prop_assert_ne!(key(&parts), key(&changed));
+            // Moving a byte across a boundary changes the key as well.
+            if !parts[0].is_empty() {
+                let mut shifted = parts.clone();
+                let b = shifted[0].pop().unwrap();
+                shifted[1].insert(0, b);
+                proptest::prop_assert_ne!(key(&parts), key(&shifted));
+            }
+        }
     }
 
     #[test]

@@ -59,6 +59,17 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check a log's hash chain; prints the first broken or missing record and exits 1.
+    Verify { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +161,9 @@ fn main() -> ExitCode {
                 };
                 cli::dev_token(&cfg, &sub, &claims, ttl)
             }
+        },
+        Command::Audit { command } => match command {
+            AuditCommand::Verify { file } => cli::audit_verify(&file),
         },
     };
     match result {

@@ -9,6 +9,8 @@
 //! denial (`decision: false`) with `context.reason = "approval_required"` and
 //! `context.access_request` (shared/authzen/access-request-approval-profile-1_0.md).
 
+use std::time::Instant;
+
 use hyper::body::Incoming;
 use hyper::header::HOST;
 use hyper::{Request, Response, StatusCode};
@@ -18,7 +20,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::body::{self, EntityRef, WrongTypeStatus};
 use super::caller::{Caller, authenticate, subject_principal};
-use super::{ApiError, AppState, Body, ConnInfo, json_response};
+use super::{ApiError, AppState, Body, ConnInfo, decide_and_record, json_response};
 use crate::decision::{CheckRequest, Decision, Outcome, Resource};
 
 /// How long a requestable denial stays valid for submission (Teleport's default pending
@@ -30,11 +32,12 @@ pub async fn evaluation(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let started = Instant::now();
     let (caller, map) = match authenticate_and_read(state, conn, req).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    match evaluate_one(state, &caller, &map, "") {
+    match evaluate_one(state, &caller, &map, "", started) {
         Ok(d) => json_response(StatusCode::OK, &decision_json(&d)),
         Err(e) => e.into_response(),
     }
@@ -45,11 +48,12 @@ pub async fn evaluations(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let started = Instant::now();
     let (caller, map) = match authenticate_and_read(state, conn, req).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    match evaluations_inner(state, &caller, &map) {
+    match evaluations_inner(state, &caller, &map, started) {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(e) => e.into_response(),
     }
@@ -76,6 +80,7 @@ fn evaluations_inner(
     state: &AppState,
     caller: &Caller,
     map: &Map<String, Value>,
+    started: Instant,
 ) -> Result<Value, ApiError> {
     let items = match map.get("evaluations") {
         None | Some(Value::Null) => None,
@@ -90,7 +95,7 @@ fn evaluations_inner(
     };
     // Without an `evaluations` array the endpoint answers like the single evaluation API.
     let Some(items) = items else {
-        return evaluate_one(state, caller, map, "").map(|d| decision_json(&d));
+        return evaluate_one(state, caller, map, "", started).map(|d| decision_json(&d));
     };
     let semantic = match body::opt_object(map, "", "options")?
         .and_then(|o| o.get("evaluations_semantic"))
@@ -129,7 +134,7 @@ fn evaluations_inner(
                         merged.insert(key.to_owned(), v.clone());
                     }
                 }
-                evaluate_one(state, caller, &merged, &prefix)
+                evaluate_one(state, caller, &merged, &prefix, started)
             }
             other => Err(ApiError::field(
                 prefix.clone(),
@@ -176,12 +181,14 @@ fn prefixed(prefix: &str, mut e: ApiError) -> ApiError {
     e
 }
 
-/// Parse and decide one evaluation (`subject`, `action`, `resource`, `context`).
+/// Parse, decide and record one evaluation (`subject`, `action`, `resource`, `context`).
+/// Each batch item is its own decision with its own audit record.
 fn evaluate_one(
     state: &AppState,
     caller: &Caller,
     map: &Map<String, Value>,
     prefix: &str,
+    started: Instant,
 ) -> Result<Decision, ApiError> {
     let p = |e| prefixed(prefix, e);
     let subject: EntityRef = body::entity_ref(map, "subject", false).map_err(p)?;
@@ -195,7 +202,7 @@ fn evaluate_one(
     let resource = body::entity_ref(map, "resource", false).map_err(p)?;
     let context = body::context(map).map_err(p)?;
     let principal = subject_principal(caller, Some(&subject), "subject").map_err(p)?;
-    Ok(state.engine.decide(&CheckRequest {
+    let request = CheckRequest {
         principal,
         action: action_name,
         action_properties,
@@ -205,7 +212,8 @@ fn evaluate_one(
             properties: resource.properties,
         },
         context,
-    }))
+    };
+    Ok(decide_and_record(state, &request, started))
 }
 
 fn rfc3339(unix: i64) -> String {

@@ -5,13 +5,15 @@
 //! silently drop input a policy depends on). Answer: `200` with
 //! `{decision, decision_id, policy_version, policy_ids, reasons, approval?}`.
 
+use std::time::Instant;
+
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
 use super::body::{self, WrongTypeStatus};
 use super::caller::{authenticate, subject_principal};
-use super::{ApiError, AppState, Body, ConnInfo, json_response};
+use super::{ApiError, AppState, Body, ConnInfo, decide_and_record, json_response};
 use crate::decision::{ApprovalRequirement, CheckRequest, Decision, Reason, Resource};
 
 #[derive(Debug, Serialize)]
@@ -37,6 +39,7 @@ async fn check_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Decision, ApiError> {
+    let started = Instant::now();
     // Authenticate before reading the body: an unauthenticated caller costs no body parsing.
     let caller = authenticate(state, conn, req.headers()).await?;
     let map =
@@ -61,7 +64,7 @@ async fn check_inner(
         },
         context,
     };
-    Ok(state.engine.decide(&request))
+    Ok(decide_and_record(state, &request, started))
 }
 
 pub fn decision_response(d: &Decision) -> Response<Body> {

@@ -15,6 +15,7 @@ pub mod http;
 pub mod server;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -22,8 +23,9 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
+use crate::audit::{AuditLog, DecisionRecord};
 use crate::config::{EnforcementPoint, ServerConfig};
-use crate::decision::Engine;
+use crate::decision::{CheckRequest, Decision, Engine, Outcome, Reason};
 use crate::identity::Verifier;
 
 pub type Body = Full<Bytes>;
@@ -33,6 +35,8 @@ pub type Body = Full<Bytes>;
 pub struct AppState {
     pub engine: Engine,
     pub verifier: Verifier,
+    /// Every decision is recorded here before it is answered.
+    pub audit: AuditLog,
     pub enforcement_points: Vec<EnforcementPoint>,
     pub server: ServerConfig,
 }
@@ -95,6 +99,37 @@ impl ApiError {
         resp
     }
 }
+
+/// Decide `req` and record the decision in the audit log before anyone sees it. `started` is
+/// when the request handler began: the record's latency runs from there to the decision.
+pub fn decide_and_record(state: &AppState, req: &CheckRequest, started: Instant) -> Decision {
+    let decision = state.engine.decide(req);
+    let record = DecisionRecord::new(req, &decision, started.elapsed());
+    match state.audit.append(&record.into()) {
+        Ok(_) => decision,
+        // Fail closed (SECURITY §0 item 2, P-04): no decision is answered without its audit
+        // record, so whatever policy said, the answer is a deny. The failure is counted
+        // (`AuditLog::write_failures`); this deny itself cannot be recorded.
+        Err(e) => {
+            tracing::error!(error = %e, decision_id = %decision.id, "audit record not written; denying");
+            Decision {
+                id: decision.id,
+                outcome: Outcome::Deny,
+                policy_version: decision.policy_version,
+                policy_ids: Vec::new(),
+                reasons: vec![Reason {
+                    code: AUDIT_UNAVAILABLE,
+                    policy_id: None,
+                    message: "the decision could not be recorded in the audit log".into(),
+                }],
+                approval: None,
+            }
+        }
+    }
+}
+
+/// Reason code of a deny caused by an audit log that cannot be written.
+pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 
 /// Serialize `value` as a JSON response. Serialization of our own types cannot fail; if it
 /// ever did, the client gets a 500 with no decision in it, never an allow.

@@ -19,14 +19,32 @@ pub fn repo() -> PathBuf {
 }
 
 /// Parse a config as `path` would be read, with the listener forced to port 0 plus `env`.
+/// Unless `env` sets `MANDATE_AUDIT__PATH`, the audit log goes to a fresh file of its own, so
+/// parallel tests never share one chain (nor write into the repository's `data/`).
 pub fn config_from(text: &str, path: &Path, env: &[(&str, &str)]) -> Config {
     let mut vars: Vec<(String, String)> =
         vec![("MANDATE_SERVER__LISTEN".into(), "127.0.0.1:0".into())];
+    if !env.iter().any(|(k, _)| *k == "MANDATE_AUDIT__PATH") {
+        vars.push(("MANDATE_AUDIT__PATH".into(), fresh_audit_path()));
+    }
     vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     match Config::parse(text, path, &vars) {
         Ok(c) => c,
         Err(e) => panic!("test config invalid: {e}"),
     }
+}
+
+/// A new audit log path in a directory of its own. The directory is deliberately kept (not
+/// deleted on drop): a `Config` is a plain value that cannot own it, and the server writes to
+/// it until the test ends. It lives under cargo's per-target temporary directory, so
+/// `cargo clean` removes it.
+pub fn fresh_audit_path() -> String {
+    let dir = tempfile::Builder::new()
+        .prefix("audit-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("audit directory")
+        .keep();
+    dir.join("audit.jsonl").display().to_string()
 }
 
 /// The example configuration (config/mandate.toml) on port 0.

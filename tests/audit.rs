@@ -1,0 +1,279 @@
+//! The audit log through the real server (SECURITY §2.2): one record per decision with its
+//! id (AU-01), no token in it (AU-05), deny when it cannot be written (AU-02), and every
+//! acknowledged decision on file after `kill -9` (AU-03); `mandate audit verify` on the result.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step must stop the test loudly"
+)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestServer, dev_token, example_config, repo};
+use serde_json::{Value, json};
+
+fn token() -> String {
+    dev_token(
+        "agent-1",
+        json!({"owner":"bob","groups":["payments-agents"]}),
+        Duration::from_secs(300),
+    )
+}
+
+fn transfer(amount: i64) -> Value {
+    json!({"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":amount}})
+}
+
+fn authzen(amount: i64) -> Value {
+    json!({"subject":{"type":"Agent","id":"agent-1"},"action":{"name":"payments:transfer"},
+           "resource":{"type":"Account","id":"acct-1"},"context":{"amount":amount}})
+}
+
+/// The log's records by decision id (each id must appear once).
+fn records(path: &Path) -> HashMap<String, Value> {
+    let text = std::fs::read_to_string(path).expect("audit log");
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).expect("json line");
+        if v["kind"] == "decision" {
+            let id = v["decision_id"].as_str().expect("decision_id").to_owned();
+            assert!(out.insert(id.clone(), v).is_none(), "{id} recorded twice");
+        }
+    }
+    out
+}
+
+/// `mandate audit verify FILE`: (exit code, stdout).
+fn verify_cli(path: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .expect("mandate runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn au01_every_decision_has_exactly_one_record_and_the_log_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let log_s = log.display().to_string();
+    let s = TestServer::start(&example_config(&[("MANDATE_AUDIT__PATH", &log_s)])).await;
+    let t = token();
+    // id -> expected decision
+    let mut expected: HashMap<String, &str> = HashMap::new();
+    for (amount, outcome) in [(50, "allow"), (250, "escalate"), (20_000, "deny")] {
+        let (st, v) = s.post("/v1/check", Some(&t), &transfer(amount)).await;
+        assert_eq!((st, v["decision"].as_str()), (200, Some(outcome)), "{v}");
+        expected.insert(v["decision_id"].as_str().unwrap().to_owned(), outcome);
+    }
+    // An error-deny is a decision too.
+    let (_, v) = s
+        .post(
+            "/v1/check",
+            Some(&t),
+            &json!({"action":"payments:refund","resource":{"type":"Account","id":"a"}}),
+        )
+        .await;
+    assert_eq!(v["reasons"][0]["code"], "unknown_action", "{v}");
+    expected.insert(v["decision_id"].as_str().unwrap().to_owned(), "deny");
+    // AuthZEN: one evaluation, and a batch whose every item is its own decision.
+    let (st, v) = s
+        .post("/access/v1/evaluation", Some(&t), &authzen(50))
+        .await;
+    assert_eq!((st, &v["decision"]), (200, &json!(true)), "{v}");
+    expected.insert(v["context"]["id"].as_str().unwrap().to_owned(), "allow");
+    let (st, v) = s
+        .post(
+            "/access/v1/evaluations",
+            Some(&t),
+            &json!({"subject":{"type":"Agent","id":"agent-1"},"action":{"name":"payments:transfer"},
+                    "resource":{"type":"Account","id":"acct-1"},
+                    "evaluations":[{"context":{"amount":10}},{"context":{"amount":500}},{"context":{"amount":99_999}}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    for (item, outcome) in v["evaluations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["allow", "escalate", "deny"])
+    {
+        expected.insert(item["context"]["id"].as_str().unwrap().to_owned(), outcome);
+    }
+    // Refused before any decision: not a decision, no record.
+    let (st, _) = s.post("/v1/check", None, &transfer(50)).await;
+    assert_eq!(st, 401);
+    let (st, _) = s.post("/v1/check", Some(&t), &json!({"action": 1})).await;
+    assert_eq!(st, 400);
+    s.shutdown().await;
+
+    assert_eq!(expected.len(), 8);
+    let recs = records(&log);
+    assert_eq!(recs.len(), expected.len(), "{recs:?}");
+    for (id, outcome) in &expected {
+        let r = recs.get(id).unwrap_or_else(|| panic!("no record for {id}"));
+        assert_eq!(r["decision"], *outcome, "{r}");
+        assert_eq!(r["principal"], json!({"type":"Agent","id":"agent-1"}));
+        assert_eq!(r["issuer"], "dev");
+        // The token is represented by its `jti` (dev tokens get a fresh one), never itself.
+        assert!(r["token_id"].as_str().is_some_and(|j| !j.is_empty()), "{r}");
+        assert!(r["policy_version"].as_str().unwrap().starts_with("1+"));
+        assert!(r["latency_us"].as_u64().is_some());
+        assert_eq!(r["context_digest"].as_str().unwrap().len(), 64);
+    }
+    let (code, out) = verify_cli(&log);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: 8 records, last hash "), "{out}");
+
+    // An edited line is detected, at its line.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let edited = text.replacen("\"decision\":\"deny\"", "\"decision\":\"allow\"", 1);
+    let line = text[..text.find("\"decision\":\"deny\"").unwrap()]
+        .matches('\n')
+        .count()
+        + 1;
+    std::fs::write(&log, edited).unwrap();
+    let (code, out) = verify_cli(&log);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with(&format!("line {line}: ")), "{out}");
+}
+
+#[tokio::test]
+async fn au05_no_raw_token_reaches_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let log_s = log.display().to_string();
+    let s = TestServer::start(&example_config(&[("MANDATE_AUDIT__PATH", &log_s)])).await;
+    let t = token();
+    for amount in [50, 250, 20_000] {
+        s.post("/v1/check", Some(&t), &transfer(amount)).await;
+        s.post("/access/v1/evaluation", Some(&t), &authzen(amount))
+            .await;
+    }
+    s.shutdown().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), 6);
+    assert!(!text.contains(&t));
+    for part in t.split('.') {
+        assert!(!text.contains(part), "a token segment is in the log");
+    }
+    assert!(!text.contains("eyJ"));
+}
+
+#[tokio::test]
+async fn au02_an_unwritable_audit_log_turns_an_allow_into_a_deny() {
+    let s = TestServer::start(&example_config(&[("MANDATE_AUDIT__PATH", "/dev/full")])).await;
+    let t = token();
+    let (st, v) = s.post("/v1/check", Some(&t), &transfer(50)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert_eq!(v["reasons"][0]["code"], "audit_unavailable", "{v}");
+    let (st, v) = s
+        .post("/access/v1/evaluation", Some(&t), &authzen(50))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["decision"], false, "{v}");
+    assert_eq!(v["context"]["reason"], "audit_unavailable", "{v}");
+    let (_, v) = s
+        .post(
+            "/access/v1/evaluations",
+            Some(&t),
+            &json!({"subject":{"type":"Agent","id":"agent-1"},"action":{"name":"payments:transfer"},
+                    "resource":{"type":"Account","id":"acct-1"},"context":{"amount":10},
+                    "evaluations":[{},{}]}),
+        )
+        .await;
+    for item in v["evaluations"].as_array().unwrap() {
+        assert_eq!(item["decision"], false, "{v}");
+        assert_eq!(item["context"]["reason"], "audit_unavailable", "{v}");
+    }
+    let failures = s.running.as_ref().unwrap().state.audit.write_failures();
+    assert_eq!(failures, 4);
+    s.shutdown().await;
+}
+
+/// One `POST /v1/check` over a plain TCP connection; returns the body.
+async fn post_check(client: &reqwest::Client, addr: &str, token: &str, amount: i64) -> Value {
+    let resp = client
+        .post(format!("http://{addr}/v1/check"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(transfer(amount).to_string())
+        .send()
+        .await
+        .expect("check answered");
+    serde_json::from_str(&resp.text().await.expect("body")).expect("json")
+}
+
+#[tokio::test]
+async fn au03_every_acknowledged_decision_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .current_dir(repo())
+        .arg("serve")
+        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_AUDIT__PATH", &log)
+        .env("MANDATE_LOG__FORMAT", "text")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("addr=").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no listening line"
+        );
+    }
+    let addr = addr.expect("listening address logged");
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let t = token();
+    let mut acknowledged = Vec::new();
+    for i in 0..200 {
+        let amount = [50, 250, 20_000][i % 3];
+        let v = post_check(&client, &addr, &t, amount).await;
+        assert!(v["decision"].is_string(), "{v}");
+        acknowledged.push(v["decision_id"].as_str().unwrap().to_owned());
+    }
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+
+    let (code, out) = verify_cli(&log);
+    assert_eq!(code, 0, "{out}");
+    let recs = records(&log);
+    for id in &acknowledged {
+        assert!(
+            recs.contains_key(id),
+            "acknowledged {id} missing after kill -9"
+        );
+    }
+    assert_eq!(recs.len(), 200);
+}
