@@ -131,12 +131,13 @@ struct Mandate {
     ready_after: Duration,
 }
 
-fn start_mandate(repo: &std::path::Path) -> Mandate {
+fn start_mandate(repo: &std::path::Path, audit_path: &std::path::Path) -> Mandate {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mandate"))
         .current_dir(repo)
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_AUDIT__PATH", audit_path)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -245,7 +246,9 @@ fn main() {
     let body = r#"{"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":50}}"#;
 
     let bare = start_bare_hyper();
-    let mut m = start_mandate(&repo);
+    // The audit log is on: every decision measured here is recorded before it is answered.
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let mut m = start_mandate(&repo, &audit_dir.path().join("audit.jsonl"));
     let token = mint("agent-1");
     let check = check_request(&token, body);
 

@@ -14,9 +14,12 @@ use crate::api::AppState;
 use crate::api::server::{self, Listener};
 use crate::audit::{AuditLog, AuditSettings};
 use crate::config::Config;
-use crate::decision::Engine;
+use crate::decision::{DecisionCache, Engine};
 use crate::identity::{CacheSettings, Verifier};
 use crate::policy::{Bundle, BundleError};
+
+/// Distinct checks whose verdict is kept for a repeat within the same second.
+const DECISION_CACHE_ENTRIES: u64 = 10_000;
 
 /// Install aws-lc-rs as the process's rustls provider, and check jsonwebtoken found its
 /// backend. A second TLS backend in the build (ring, OpenSSL) would make rustls panic at run
@@ -66,6 +69,7 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         engine,
         verifier,
         audit,
+        decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
         enforcement_points: config.enforcement_points.clone(),
         server: config.server.clone(),
     }))

@@ -129,10 +129,29 @@ pub mod duration_str {
 /// principal and its attributes), the request body bytes (action, resource, context, subject),
 /// the policy version, and the current second (which fixes `context.mandate.now` and every
 /// date comparison). Entries live at most one second. A hit still gets its own decision id:
-/// it is a new decision, made by the same rules from the same inputs.
+/// it is a new decision, made by the same rules from the same inputs. Whatever else comes to
+/// change a verdict (grants, once approvals create them) must join the key.
 #[derive(Debug)]
 pub struct DecisionCache {
-    entries: moka::sync::Cache<[u8; 32], Arc<Decision>>,
+    entries: moka::sync::Cache<[u8; 32], Arc<CachedCheck>>,
+}
+
+/// A check and the decision it got: what a repeat of the same check reuses (the request
+/// too, so its audit record is as complete as the first one's).
+#[derive(Debug)]
+pub struct CachedCheck {
+    pub request: CheckRequest,
+    pub decision: Decision,
+}
+
+impl CachedCheck {
+    /// The reused verdict as a new decision, with its own id.
+    pub fn fresh(&self) -> Decision {
+        Decision {
+            id: uuid::Uuid::now_v7(),
+            ..self.decision.clone()
+        }
+    }
 }
 
 /// Length-prefixed parts of a [`DecisionCache`] key, so `("ab", "c")` and `("a", "bc")`
@@ -169,16 +188,19 @@ impl DecisionCache {
         }
     }
 
-    /// The cached decision for `key`, as a new decision (fresh id).
-    pub fn get(&self, key: &[u8; 32]) -> Option<Decision> {
-        self.entries.get(key).map(|d| Decision {
-            id: uuid::Uuid::now_v7(),
-            ..(*d).clone()
-        })
+    pub fn get(&self, key: &[u8; 32]) -> Option<Arc<CachedCheck>> {
+        self.entries.get(key)
     }
 
-    pub fn insert(&self, key: [u8; 32], decision: &Decision) {
-        self.entries.insert(key, Arc::new(decision.clone()));
+    pub fn insert(
+        &self,
+        key: [u8; 32],
+        request: CheckRequest,
+        decision: Decision,
+    ) -> Arc<CachedCheck> {
+        let entry = Arc::new(CachedCheck { request, decision });
+        self.entries.insert(key, entry.clone());
+        entry
     }
 }
 
@@ -202,6 +224,11 @@ impl Engine {
             clock,
             authorizer: Authorizer::new(),
         }
+    }
+
+    /// The engine's clock reading (unix seconds): what `context.mandate.now` would be.
+    pub fn now(&self) -> i64 {
+        self.clock.now_unix()
     }
 
     /// The bundle decisions are currently made with.
@@ -900,8 +927,8 @@ mod tests {
         let d = engine(PAYMENTS).decide(&transfer(250));
         let key = CacheKey::new().part(b"token").part(b"body").finish();
         assert!(cache.get(&key).is_none());
-        cache.insert(key, &d);
-        let hit = cache.get(&key).unwrap();
+        cache.insert(key, transfer(250), d.clone());
+        let hit = cache.get(&key).unwrap().fresh();
         assert_ne!(hit.id, d.id);
         assert_eq!(
             (hit.outcome, &hit.policy_ids, &hit.approval),

@@ -328,3 +328,33 @@ async fn unix_socket_listener_answers() {
     assert!(out.contains("\"decision\":\"allow\""), "{out}");
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn r04c_a_repeated_check_is_a_new_decision_and_any_changed_input_is_decided_anew() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = token();
+    let (_, a) = s.post("/v1/check", Some(&t), &transfer(50)).await;
+    let (_, b) = s.post("/v1/check", Some(&t), &transfer(50)).await;
+    assert_eq!(
+        (a["decision"].clone(), b["decision"].clone()),
+        (json!("allow"), json!("allow"))
+    );
+    assert_ne!(
+        a["decision_id"], b["decision_id"],
+        "each check is its own decision"
+    );
+    // One byte of difference in the body, or another token, is another check.
+    let (_, c) = s.post("/v1/check", Some(&t), &transfer(500)).await;
+    assert_eq!(c["decision"], "escalate");
+    let other = dev_token("agent-2", json!({}), Duration::from_secs(300));
+    let mut body = transfer(50);
+    body["subject"] = json!({"type": "Agent", "id": "agent-1"});
+    let (st, v) = s.post("/v1/check", Some(&other), &body).await;
+    assert_eq!((st, v["error"].clone()), (403, json!("subject_mismatch")));
+    // Both repeats were recorded: two records carry the two ids.
+    let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    for id in [&a["decision_id"], &b["decision_id"]] {
+        assert_eq!(log.matches(id.as_str().unwrap()).count(), 1, "{id}");
+    }
+    s.shutdown().await;
+}

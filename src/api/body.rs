@@ -1,6 +1,7 @@
 //! Request bodies: content type, size and time limits (SECURITY H-02, H-03), and JSON field
 //! extraction whose every error names the field.
 
+use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -33,6 +34,15 @@ pub async fn read_json_object(
     server: &ServerConfig,
     wrong_type: WrongTypeStatus,
 ) -> Result<Map<String, Value>, ApiError> {
+    parse_object(&read_json_bytes(req, server, wrong_type).await?)
+}
+
+/// Read the raw bytes of a JSON body, within the configured limits (not parsed yet).
+pub async fn read_json_bytes(
+    req: Request<Incoming>,
+    server: &ServerConfig,
+    wrong_type: WrongTypeStatus,
+) -> Result<Bytes, ApiError> {
     if !is_json(req.headers()) {
         let status = match wrong_type {
             WrongTypeStatus::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -80,7 +90,7 @@ pub async fn read_json_object(
         }
         Ok(Ok(c)) => c.to_bytes(),
     };
-    parse_object(&bytes)
+    Ok(bytes)
 }
 
 fn too_large(limit: usize) -> ApiError {

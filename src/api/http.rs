@@ -12,9 +12,9 @@ use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
 use super::body::{self, WrongTypeStatus};
-use super::caller::{authenticate, subject_principal};
-use super::{ApiError, AppState, Body, ConnInfo, decide_and_record, json_response};
-use crate::decision::{ApprovalRequirement, CheckRequest, Decision, Reason, Resource};
+use super::caller::{Caller, authenticate, subject_principal};
+use super::{ApiError, AppState, Body, ConnInfo, decide_and_record, json_response, record};
+use crate::decision::{ApprovalRequirement, CacheKey, CheckRequest, Decision, Reason, Resource};
 
 #[derive(Debug, Serialize)]
 struct CheckResponse<'a> {
@@ -42,18 +42,57 @@ async fn check_inner(
     let started = Instant::now();
     // Authenticate before reading the body: an unauthenticated caller costs no body parsing.
     let caller = authenticate(state, conn, req.headers()).await?;
-    let map =
-        body::read_json_object(req, &state.server, WrongTypeStatus::UnsupportedMediaType).await?;
+    // The caller's credential fixes the principal and every attribute it carries; a trusted
+    // enforcement point's subject is in the body.
+    let credential = match &caller {
+        Caller::Agent(_) => bearer_bytes(req.headers()),
+        Caller::EnforcementPoint { name } => format!("pep:{name}").into_bytes(),
+    };
+    let bytes =
+        body::read_json_bytes(req, &state.server, WrongTypeStatus::UnsupportedMediaType).await?;
+    let key = CacheKey::new()
+        .part(&credential)
+        .part(&bytes)
+        .part(state.engine.bundle().version().as_bytes())
+        .part(&state.engine.now().to_le_bytes())
+        .finish();
+    // A repeat of the same check within the same second: the same inputs make the same
+    // verdict (SECURITY R-04c); it is still a decision of its own, with its own id and record.
+    if let Some(hit) = state.decisions.get(&key) {
+        return Ok(record(state, &hit.request, hit.fresh(), started));
+    }
+    let request = parse_check(&caller, &bytes)?;
+    let decision = decide_and_record(state, &request, started);
+    if decision
+        .reasons
+        .iter()
+        .all(|r| r.code != super::AUDIT_UNAVAILABLE)
+    {
+        state.decisions.insert(key, request, decision.clone());
+    }
+    Ok(decision)
+}
+
+/// The bearer credential as sent (authentication already checked there is exactly one).
+fn bearer_bytes(headers: &hyper::HeaderMap) -> Vec<u8> {
+    headers
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+fn parse_check(caller: &Caller, bytes: &[u8]) -> Result<CheckRequest, ApiError> {
+    let map = body::parse_object(bytes)?;
     body::only_known(&map, "", &["subject", "action", "resource", "context"])?;
     let subject = match map.get("subject") {
         None => None,
         Some(_) => Some(body::entity_ref(&map, "subject", true)?),
     };
-    let principal = subject_principal(&caller, subject.as_ref(), "subject")?;
+    let principal = subject_principal(caller, subject.as_ref(), "subject")?;
     let action = body::string(&map, "", "action")?.to_owned();
     let resource = body::entity_ref(&map, "resource", true)?;
     let context = body::context(&map)?;
-    let request = CheckRequest {
+    Ok(CheckRequest {
         principal,
         action,
         action_properties: None,
@@ -63,8 +102,7 @@ async fn check_inner(
             properties: resource.properties,
         },
         context,
-    };
-    Ok(decide_and_record(state, &request, started))
+    })
 }
 
 pub fn decision_response(d: &Decision) -> Response<Body> {

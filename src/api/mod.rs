@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use crate::audit::{AuditLog, DecisionRecord};
 use crate::config::{EnforcementPoint, ServerConfig};
-use crate::decision::{CheckRequest, Decision, Engine, Outcome, Reason};
+use crate::decision::{CheckRequest, Decision, DecisionCache, Engine, Outcome, Reason};
 use crate::identity::Verifier;
 
 pub type Body = Full<Bytes>;
@@ -37,6 +37,8 @@ pub struct AppState {
     pub verifier: Verifier,
     /// Every decision is recorded here before it is answered.
     pub audit: AuditLog,
+    /// Repeats of the exact same check within a second reuse the verdict.
+    pub decisions: DecisionCache,
     pub enforcement_points: Vec<EnforcementPoint>,
     pub server: ServerConfig,
 }
@@ -103,7 +105,17 @@ impl ApiError {
 /// Decide `req` and record the decision in the audit log before anyone sees it. `started` is
 /// when the request handler began: the record's latency runs from there to the decision.
 pub fn decide_and_record(state: &AppState, req: &CheckRequest, started: Instant) -> Decision {
-    let decision = state.engine.decide(req);
+    record(state, req, state.engine.decide(req), started)
+}
+
+/// Record `decision` about `req` in the audit log; the answer to give (see
+/// [`decide_and_record`]).
+pub fn record(
+    state: &AppState,
+    req: &CheckRequest,
+    decision: Decision,
+    started: Instant,
+) -> Decision {
     let record = DecisionRecord::new(req, &decision, started.elapsed());
     match state.audit.append(&record.into()) {
         Ok(_) => decision,
