@@ -171,9 +171,11 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 #[test]
 fn serve_starts_ready_fast_answers_and_stops_on_sigterm() {
     let started = Instant::now();
+    let audit = tempfile::tempdir().unwrap();
     let mut child = mandate()
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_AUDIT__PATH", audit.path().join("audit.jsonl"))
         .env("MANDATE_LOG__FORMAT", "text")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
