@@ -12,12 +12,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{TestServer, dev_token, example_config, repo};
+use common::{TestServer, dev_token, example_config};
 use serde_json::{Value, json};
 
 fn token() -> String {
@@ -221,35 +220,7 @@ async fn post_check(client: &reqwest::Client, addr: &str, token: &str, amount: i
 async fn au03_every_acknowledged_decision_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit.jsonl");
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mandate"))
-        .current_dir(repo())
-        .arg("serve")
-        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
-        .env("MANDATE_AUDIT__PATH", &log)
-        .env("MANDATE_LOG__FORMAT", "text")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(rest) = line.split("addr=").nth(1) {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no listening line"
-        );
-    }
-    let addr = addr.expect("listening address logged");
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let (mut child, addr) = common::spawn_serve(&log);
 
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

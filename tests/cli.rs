@@ -11,8 +11,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::repo;
@@ -172,31 +171,7 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 fn serve_starts_ready_fast_answers_and_stops_on_sigterm() {
     let started = Instant::now();
     let audit = tempfile::tempdir().unwrap();
-    let mut child = mandate()
-        .arg("serve")
-        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
-        .env("MANDATE_AUDIT__PATH", audit.path().join("audit.jsonl"))
-        .env("MANDATE_LOG__FORMAT", "text")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().unwrap();
-    let mut addr = None;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.split("addr=").nth(1) {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no listening line"
-        );
-    }
-    let addr = addr.expect("listening address logged");
+    let (mut child, addr) = common::spawn_serve(&audit.path().join("audit.jsonl"));
     let body = loop {
         if let Some(resp) = http_get(&addr, "/readyz")
             && resp.starts_with("HTTP/1.1 200")

@@ -140,3 +140,38 @@ pub fn python(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// `mandate serve` as a real process (example configuration, port 0, audit log at `audit`),
+/// with its listening address read from its log. Its stderr keeps being drained so the
+/// server never blocks on a full pipe.
+pub fn spawn_serve(audit: &Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .current_dir(repo())
+        .arg("serve")
+        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_AUDIT__PATH", audit)
+        .env("MANDATE_LOG__FORMAT", "text")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn mandate serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.expect("log line");
+        if let Some(rest) = line.split("addr=").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no listening line"
+        );
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr.expect("listening address logged"))
+}
