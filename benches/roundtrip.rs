@@ -138,6 +138,10 @@ fn start_mandate(repo: &std::path::Path, audit_path: &std::path::Path) -> Mandat
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
         .env("MANDATE_AUDIT__PATH", audit_path)
+        .env(
+            "MANDATE_STORE__URL",
+            audit_path.with_file_name("mandate.db"),
+        )
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

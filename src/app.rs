@@ -66,11 +66,18 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         },
     )?;
     tracing::info!(path = %config.audit.path.display(), seq = audit.last_seq(), "audit log open");
+    // The store is where escalations become approval requests: without it, no escalation
+    // could ever be approved, so start-up fails (the URL is logged without credentials).
+    let store = crate::store::connect(&config.store.url)
+        .await
+        .map_err(|e| anyhow::anyhow!("approval store: {e}"))?;
     Ok(Arc::new(AppState {
         engine,
         verifier,
         audit,
         decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
+        store,
+        request_ttl: config.store.request_ttl,
         enforcement_points: config.enforcement_points.clone(),
         server: config.server.clone(),
     }))

@@ -32,6 +32,7 @@ pub struct Config {
     pub dev: Option<DevConfig>,
     pub log: LogConfig,
     pub audit: AuditConfig,
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +101,16 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// Interval of the group commit to disk (records are with the OS before any answer).
     pub group_commit: Duration,
+}
+
+/// Where approval requests and grants are kept.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `postgres://...` for a fleet sharing approvals, else a SQLite file path (relative to
+    /// the configuration file); default `mandate.db` beside it.
+    pub url: String,
+    /// How long an approval request stays pending before it expires (never approved).
+    pub request_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -447,6 +458,7 @@ impl Reader {
                 "dev",
                 "log",
                 "audit",
+                "store",
             ],
         );
         let empty = Table::new();
@@ -495,6 +507,8 @@ impl Reader {
         };
         let audit_t = self.table(root, "", "audit").unwrap_or(&empty);
         let audit = self.audit(audit_t);
+        let store_t = self.table(root, "", "store").unwrap_or(&empty);
+        let store = self.store(store_t);
         Config {
             server,
             policy,
@@ -504,6 +518,38 @@ impl Reader {
             dev,
             log: LogConfig { level, json },
             audit,
+            store,
+        }
+    }
+
+    fn store(&mut self, t: &Table) -> StoreConfig {
+        let p = "store";
+        self.known(t, p, &["url", "request_ttl"]);
+        let url = match self.string(t, p, "url") {
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
+            Some(u) if u.is_empty() => {
+                self.bad("store.url", "must not be empty");
+                String::new()
+            }
+            Some(u) => {
+                let file = u
+                    .strip_prefix("sqlite://")
+                    .or_else(|| u.strip_prefix("sqlite:"))
+                    .unwrap_or(&u);
+                self.path(file).display().to_string()
+            }
+            None => self.path("mandate.db").display().to_string(),
+        };
+        StoreConfig {
+            url,
+            // Teleport's default pending TTL (SECURITY A-11).
+            request_ttl: self.duration(
+                t,
+                p,
+                "request_ttl",
+                Duration::from_secs(3600),
+                Duration::from_secs(14 * 24 * 3600),
+            ),
         }
     }
 

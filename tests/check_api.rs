@@ -358,3 +358,97 @@ async fn r04c_a_repeated_check_is_a_new_decision_and_any_changed_input_is_decide
     }
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn escalation_is_persisted_once_and_its_status_is_shown_to_its_requester_only() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = token();
+    let (_, first) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(first["decision"], "escalate", "{first}");
+    let request = &first["approval_request"];
+    let id = request["id"]
+        .as_str()
+        .expect("approval request id")
+        .to_owned();
+    assert_eq!(request["status"], "pending");
+    assert_eq!(request["status_url"], format!("/v1/approvals/{id}"));
+    assert!(
+        request["expires_at"]
+            .as_str()
+            .is_some_and(|e| e.ends_with('Z'))
+    );
+    // A retrying agent gets the same pending request, not a new one (no approval flood).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, again) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(again["approval_request"]["id"], id.as_str());
+    // Another amount is another request.
+    let (_, other) = s.post("/v1/check", Some(&t), &transfer(251)).await;
+    assert_ne!(other["approval_request"]["id"], id.as_str());
+
+    let get = |token: String, path: String| {
+        let c = s.client.clone();
+        let url = s.url(&path);
+        async move {
+            let r = c.get(url).bearer_auth(token).send().await.unwrap();
+            let st = r.status().as_u16();
+            (
+                st,
+                serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap(),
+            )
+        }
+    };
+    let (st, v) = get(t.clone(), format!("/v1/approvals/{id}")).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (v["status"].clone(), v["action"].clone()),
+        (json!("pending"), json!("payments:transfer"))
+    );
+    assert_eq!(v["context"]["amount"], 250);
+    assert_eq!(v["groups"], json!(["finance-approvers"]));
+    // a22: another agent, an unknown id and a malformed id all look the same.
+    let stranger = dev_token("agent-9", json!({}), Duration::from_secs(300));
+    let (st, _) = get(stranger, format!("/v1/approvals/{id}")).await;
+    assert_eq!(st, 404);
+    let (st, _) = get(t.clone(), format!("/v1/approvals/{}", uuid::Uuid::new_v4())).await;
+    assert_eq!(st, 404);
+    let (st, _) = get(t.clone(), "/v1/approvals/not-an-id".into()).await;
+    assert_eq!(st, 404);
+    // The audit record of the escalation names the approval request.
+    let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains(first["decision_id"].as_str().unwrap()))
+        .unwrap();
+    assert!(
+        line.contains(&format!("\"approval_id\":\"{id}\"")),
+        "{line}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn authzen_escalation_is_a_requestable_denial_naming_its_approval_request() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = token();
+    let body = json!({"subject":{"type":"Agent","id":"agent-1"},"action":{"name":"payments:transfer"},
+                      "resource":{"type":"Account","id":"acct-1"},"context":{"amount":250}});
+    let (st, v) = s.post("/access/v1/evaluation", Some(&t), &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["decision"], false);
+    let ctx = &v["context"];
+    assert_eq!(ctx["reason"], "approval_required");
+    assert_eq!(ctx["evaluation_id"], ctx["id"]);
+    assert_eq!(ctx["access_request"]["template"], "payments-approval");
+    assert_eq!(
+        ctx["access_request"]["expires_at"],
+        ctx["approval_request"]["expires_at"]
+    );
+    assert_eq!(ctx["approval_request"]["status"], "pending");
+    // The native API sees the same pending request.
+    let (_, native) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(
+        native["approval_request"]["id"],
+        ctx["approval_request"]["id"]
+    );
+    s.shutdown().await;
+}

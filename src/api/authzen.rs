@@ -20,8 +20,11 @@ use time::format_description::well_known::Rfc3339;
 
 use super::body::{self, EntityRef, WrongTypeStatus};
 use super::caller::{Caller, authenticate, subject_principal};
-use super::{ApiError, AppState, Body, ConnInfo, decide_and_record, json_response};
-use crate::decision::{CheckRequest, Decision, Outcome, Resource};
+use super::{
+    ApiError, AppState, Body, ConnInfo, Settled, approval_request_json, decide_and_record,
+    json_response,
+};
+use crate::decision::{CheckRequest, Outcome, Resource};
 
 /// How long a requestable denial stays valid for submission (Teleport's default pending
 /// request TTL); the approval workflow binds to the evaluation id within this window.
@@ -37,7 +40,7 @@ pub async fn evaluation(
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    match evaluate_one(state, &caller, &map, "", started) {
+    match evaluate_one(state, &caller, &map, "", started).await {
         Ok(d) => json_response(StatusCode::OK, &decision_json(&d)),
         Err(e) => e.into_response(),
     }
@@ -53,7 +56,7 @@ pub async fn evaluations(
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    match evaluations_inner(state, &caller, &map, started) {
+    match evaluations_inner(state, &caller, &map, started).await {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(e) => e.into_response(),
     }
@@ -76,7 +79,7 @@ enum Semantic {
     PermitOnFirstPermit,
 }
 
-fn evaluations_inner(
+async fn evaluations_inner(
     state: &AppState,
     caller: &Caller,
     map: &Map<String, Value>,
@@ -95,7 +98,9 @@ fn evaluations_inner(
     };
     // Without an `evaluations` array the endpoint answers like the single evaluation API.
     let Some(items) = items else {
-        return evaluate_one(state, caller, map, "", started).map(|d| decision_json(&d));
+        return evaluate_one(state, caller, map, "", started)
+            .await
+            .map(|d| decision_json(&d));
     };
     let semantic = match body::opt_object(map, "", "options")?
         .and_then(|o| o.get("evaluations_semantic"))
@@ -134,7 +139,7 @@ fn evaluations_inner(
                         merged.insert(key.to_owned(), v.clone());
                     }
                 }
-                evaluate_one(state, caller, &merged, &prefix, started)
+                evaluate_one(state, caller, &merged, &prefix, started).await
             }
             other => Err(ApiError::field(
                 prefix.clone(),
@@ -143,7 +148,7 @@ fn evaluations_inner(
         };
         // Per-item failures are denials carrying the error (fail closed), not a failed batch.
         let (allowed, value) = match outcome {
-            Ok(d) => (d.outcome == Outcome::Allow, decision_json(&d)),
+            Ok(d) => (d.decision.outcome == Outcome::Allow, decision_json(&d)),
             Err(e) => (false, item_error(&e)),
         };
         results.push(value);
@@ -183,13 +188,13 @@ fn prefixed(prefix: &str, mut e: ApiError) -> ApiError {
 
 /// Parse, decide and record one evaluation (`subject`, `action`, `resource`, `context`).
 /// Each batch item is its own decision with its own audit record.
-fn evaluate_one(
+async fn evaluate_one(
     state: &AppState,
     caller: &Caller,
     map: &Map<String, Value>,
     prefix: &str,
     started: Instant,
-) -> Result<Decision, ApiError> {
+) -> Result<Settled, ApiError> {
     let p = |e| prefixed(prefix, e);
     let subject: EntityRef = body::entity_ref(map, "subject", false).map_err(p)?;
     let action = body::object(map, "", "action").map_err(p)?;
@@ -213,10 +218,10 @@ fn evaluate_one(
         },
         context,
     };
-    Ok(decide_and_record(state, &request, started))
+    Ok(decide_and_record(state, &request, started).await)
 }
 
-fn rfc3339(unix: i64) -> String {
+pub fn rfc3339(unix: i64) -> String {
     OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
@@ -224,7 +229,8 @@ fn rfc3339(unix: i64) -> String {
 }
 
 /// The AuthZEN Decision for one core decision.
-fn decision_json(d: &Decision) -> Value {
+fn decision_json(settled: &Settled) -> Value {
+    let d = &settled.decision;
     let mut context = json!({
         "id": d.id.to_string(),
         "policy_version": &*d.policy_version,
@@ -263,14 +269,22 @@ fn decision_json(d: &Decision) -> Value {
                         format!(", with evidence: {}", a.evidence.join(", "))
                     }
                 );
+                // The stored request's expiry when there is one; the binding window otherwise.
+                let expires_at = settled
+                    .approval
+                    .as_ref()
+                    .map_or(evaluated_at + ACCESS_REQUEST_TTL_SECS, |r| r.expires_at);
                 ctx.insert(
                     "access_request".into(),
                     json!({
                         "template": a.policy_id,
-                        "expires_at": rfc3339(evaluated_at + ACCESS_REQUEST_TTL_SECS),
+                        "expires_at": rfc3339(expires_at),
                         "display": {"title": "Approval required", "description": description},
                     }),
                 );
+                if let Some(r) = &settled.approval {
+                    ctx.insert("approval_request".into(), approval_request_json(r));
+                }
                 if let Ok(v) = serde_json::to_value(a) {
                     ctx.insert("approval".into(), v);
                 }

@@ -13,8 +13,10 @@ use serde::Serialize;
 
 use super::body::{self, WrongTypeStatus};
 use super::caller::{Caller, authenticate, subject_principal};
-use super::{ApiError, AppState, Body, ConnInfo, decide_and_record, json_response, record};
-use crate::decision::{ApprovalRequirement, CacheKey, CheckRequest, Decision, Reason, Resource};
+use super::{
+    ApiError, AppState, Body, ConnInfo, Settled, approval_request_json, json_response, settle,
+};
+use crate::decision::{ApprovalRequirement, CacheKey, CheckRequest, Reason, Resource};
 
 #[derive(Debug, Serialize)]
 struct CheckResponse<'a> {
@@ -25,11 +27,14 @@ struct CheckResponse<'a> {
     reasons: &'a [Reason],
     #[serde(skip_serializing_if = "Option::is_none")]
     approval: Option<&'a ApprovalRequirement>,
+    /// The approval request an escalation created (or the pending one it repeats).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval_request: Option<serde_json::Value>,
 }
 
 pub async fn check(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     match check_inner(state, conn, req).await {
-        Ok(decision) => decision_response(&decision),
+        Ok(settled) => decision_response(&settled),
         Err(e) => e.into_response(),
     }
 }
@@ -38,7 +43,7 @@ async fn check_inner(
     state: &AppState,
     conn: &ConnInfo,
     req: Request<Incoming>,
-) -> Result<Decision, ApiError> {
+) -> Result<Settled, ApiError> {
     let started = Instant::now();
     // Authenticate before reading the body: an unauthenticated caller costs no body parsing.
     let caller = authenticate(state, conn, req.headers()).await?;
@@ -59,18 +64,17 @@ async fn check_inner(
     // A repeat of the same check within the same second: the same inputs make the same
     // verdict (SECURITY R-04c); it is still a decision of its own, with its own id and record.
     if let Some(hit) = state.decisions.get(&key) {
-        return Ok(record(state, &hit.request, hit.fresh(), started));
+        return Ok(settle(state, &hit.request, hit.fresh(), started).await);
     }
     let request = parse_check(&caller, &bytes)?;
-    let decision = decide_and_record(state, &request, started);
-    if decision
-        .reasons
-        .iter()
-        .all(|r| r.code != super::AUDIT_UNAVAILABLE)
-    {
-        state.decisions.insert(key, request, decision.clone());
+    let verdict = state.engine.decide(&request);
+    let settled = settle(state, &request, verdict.clone(), started).await;
+    // Cache the policy's verdict, not an outage: a deny caused by the audit log or the store
+    // must not outlive the outage.
+    if settled.decision.outcome == verdict.outcome {
+        state.decisions.insert(key, request, verdict);
     }
-    Ok(decision)
+    Ok(settled)
 }
 
 /// The bearer credential as sent (authentication already checked there is exactly one).
@@ -105,7 +109,8 @@ fn parse_check(caller: &Caller, bytes: &[u8]) -> Result<CheckRequest, ApiError> 
     })
 }
 
-pub fn decision_response(d: &Decision) -> Response<Body> {
+pub fn decision_response(settled: &Settled) -> Response<Body> {
+    let d = &settled.decision;
     json_response(
         StatusCode::OK,
         &CheckResponse {
@@ -115,6 +120,7 @@ pub fn decision_response(d: &Decision) -> Response<Body> {
             policy_ids: &d.policy_ids,
             reasons: &d.reasons,
             approval: d.approval.as_ref(),
+            approval_request: settled.approval.as_ref().map(approval_request_json),
         },
     )
 }

@@ -8,6 +8,7 @@
 //! fails returns early with an error status or a deny decision.
 
 pub mod admin;
+pub mod approvals;
 pub mod authzen;
 pub mod body;
 pub mod caller;
@@ -23,6 +24,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
+use crate::approval::{ApprovalRequest, ApprovalStore, NewRequest};
 use crate::audit::{AuditLog, DecisionRecord};
 use crate::config::{EnforcementPoint, ServerConfig};
 use crate::decision::{CheckRequest, Decision, DecisionCache, Engine, Outcome, Reason};
@@ -39,6 +41,10 @@ pub struct AppState {
     pub audit: AuditLog,
     /// Repeats of the exact same check within a second reuse the verdict.
     pub decisions: DecisionCache,
+    /// Approval requests and grants.
+    pub store: Arc<dyn ApprovalStore>,
+    /// How long an approval request stays pending.
+    pub request_ttl: std::time::Duration,
     pub enforcement_points: Vec<EnforcementPoint>,
     pub server: ServerConfig,
 }
@@ -102,11 +108,81 @@ impl ApiError {
     }
 }
 
-/// Decide `req` and record the decision in the audit log before anyone sees it. `started` is
-/// when the request handler began: the record's latency runs from there to the decision.
-pub fn decide_and_record(state: &AppState, req: &CheckRequest, started: Instant) -> Decision {
-    record(state, req, state.engine.decide(req), started)
+/// A decision as answered, with the approval request an escalation created or repeated.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub decision: Decision,
+    /// Present exactly when the answer is an escalation.
+    pub approval: Option<ApprovalRequest>,
 }
+
+/// Decide `req`, persist an escalation as an approval request, and record the decision in the
+/// audit log before anyone sees it. `started` is when the request handler began: the
+/// record's latency runs from there to the decision.
+pub async fn decide_and_record(state: &AppState, req: &CheckRequest, started: Instant) -> Settled {
+    settle(state, req, state.engine.decide(req), started).await
+}
+
+/// Persist (if an escalation) and record `decision` about `req`; the answer to give.
+pub async fn settle(
+    state: &AppState,
+    req: &CheckRequest,
+    decision: Decision,
+    started: Instant,
+) -> Settled {
+    let (decision, approval) = persist_escalation(state, req, decision).await;
+    let decision = record(state, req, decision, approval.as_ref(), started);
+    let approval = approval.filter(|_| decision.outcome == Outcome::Escalate);
+    Settled { decision, approval }
+}
+
+/// An escalation becomes a pending approval request, or returns the pending one with the
+/// same binding hash (a retrying agent floods no approvers).
+async fn persist_escalation(
+    state: &AppState,
+    req: &CheckRequest,
+    decision: Decision,
+) -> (Decision, Option<ApprovalRequest>) {
+    let Some(requirement) = decision
+        .approval
+        .as_ref()
+        .filter(|_| decision.outcome == Outcome::Escalate)
+    else {
+        return (decision, None);
+    };
+    let new = NewRequest::from_escalation(
+        req,
+        requirement,
+        &decision.policy_version,
+        &decision.policy_ids,
+        state.engine.now(),
+        state.request_ttl,
+    );
+    match state.store.create_or_get_pending(new).await {
+        Ok((request, _created)) => (decision, Some(request)),
+        // Fail closed (SECURITY R-04a): an escalation nobody could ever approve is a deny,
+        // never an allow and never a silent dead end.
+        Err(e) => {
+            tracing::error!(error = %e, decision_id = %decision.id, "approval request not stored; denying");
+            let denied = Decision {
+                id: decision.id,
+                outcome: Outcome::Deny,
+                policy_version: decision.policy_version,
+                policy_ids: decision.policy_ids,
+                reasons: vec![Reason {
+                    code: ESCALATION_UNAVAILABLE,
+                    policy_id: None,
+                    message: format!("the approval request could not be stored: {}", e.code()),
+                }],
+                approval: None,
+            };
+            (denied, None)
+        }
+    }
+}
+
+/// Reason code of a deny caused by an approval store that cannot take the request.
+pub const ESCALATION_UNAVAILABLE: &str = "escalation_unavailable";
 
 /// Record `decision` about `req` in the audit log; the answer to give (see
 /// [`decide_and_record`]).
@@ -114,9 +190,12 @@ pub fn record(
     state: &AppState,
     req: &CheckRequest,
     decision: Decision,
+    approval: Option<&ApprovalRequest>,
     started: Instant,
 ) -> Decision {
-    let record = DecisionRecord::new(req, &decision, started.elapsed());
+    let approval_id = approval.map(|a| a.id.to_string());
+    let mut record = DecisionRecord::new(req, &decision, started.elapsed());
+    record.approval_id = approval_id.as_deref();
     match state.audit.append(&record.into()) {
         Ok(_) => decision,
         // Fail closed (SECURITY §0 item 2, P-04): no decision is answered without its audit
@@ -138,6 +217,16 @@ pub fn record(
             }
         }
     }
+}
+
+/// What a check response says about the approval request of an escalation.
+pub fn approval_request_json(a: &ApprovalRequest) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id.to_string(),
+        "status": a.status.as_str(),
+        "status_url": format!("/v1/approvals/{}", a.id),
+        "expires_at": authzen::rfc3339(a.expires_at),
+    })
 }
 
 /// Reason code of a deny caused by an audit log that cannot be written.
@@ -175,6 +264,9 @@ pub async fn route(
         (&Method::POST, "/v1/check") => http::check(&state, &conn, req).await,
         (&Method::POST, "/access/v1/evaluation") => authzen::evaluation(&state, &conn, req).await,
         (&Method::POST, "/access/v1/evaluations") => authzen::evaluations(&state, &conn, req).await,
+        (&Method::GET, p) if p.starts_with(approvals::PREFIX) => {
+            approvals::show(&state, &conn, req).await
+        }
         (&Method::GET, p) if p.starts_with("/.well-known/authzen-configuration") => {
             authzen::discovery(&state, &conn, &req)
         }

@@ -27,6 +27,10 @@ pub fn config_from(text: &str, path: &Path, env: &[(&str, &str)]) -> Config {
     if !env.iter().any(|(k, _)| *k == "MANDATE_AUDIT__PATH") {
         vars.push(("MANDATE_AUDIT__PATH".into(), fresh_audit_path()));
     }
+    if !env.iter().any(|(k, _)| *k == "MANDATE_STORE__URL") {
+        let db = Path::new(&fresh_audit_path()).with_file_name("mandate.db");
+        vars.push(("MANDATE_STORE__URL".into(), db.display().to_string()));
+    }
     vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     match Config::parse(text, path, &vars) {
         Ok(c) => c,
@@ -152,6 +156,7 @@ pub fn spawn_serve(audit: &Path) -> (std::process::Child, String) {
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
         .env("MANDATE_AUDIT__PATH", audit)
+        .env("MANDATE_STORE__URL", audit.with_file_name("mandate.db"))
         .env("MANDATE_LOG__FORMAT", "text")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
