@@ -129,8 +129,8 @@ pub mod duration_str {
 /// principal and its attributes), the request body bytes (action, resource, context, subject),
 /// the policy version, and the current second (which fixes `context.mandate.now` and every
 /// date comparison). Entries live at most one second. A hit still gets its own decision id:
-/// it is a new decision, made by the same rules from the same inputs. Whatever else comes to
-/// change a verdict (grants, once approvals create them) must join the key.
+/// it is a new decision, made by the same rules from the same inputs. What the cache holds is
+/// the policy's verdict only: grants are looked up again for every escalation, hit or not.
 #[derive(Debug)]
 pub struct DecisionCache {
     entries: moka::sync::Cache<[u8; 32], Arc<CachedCheck>>,

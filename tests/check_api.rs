@@ -452,3 +452,65 @@ async fn authzen_escalation_is_a_requestable_denial_naming_its_approval_request(
     );
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_approved_request_is_allowed_by_its_grant_and_a_different_one_escalates_again() {
+    use mandate::approval::{Review, Verdict};
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = token();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    let id: uuid::Uuid = esc["approval_request"]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // An approver's review, through the store (the approvals HTTP API comes next).
+    let state = s.running.as_ref().unwrap().state.clone();
+    let now = state.engine.now();
+    let outcome = state
+        .store
+        .review(
+            Review {
+                request_id: id,
+                approver_id: "alice".into(),
+                approver_issuer: "dev".into(),
+                verdict: Verdict::Approve,
+                rationale: "invoice INV-7 checked".into(),
+                evidence: json!({"ticket": "FIN-123"}).as_object().cloned().unwrap(),
+                at: now,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let grant = outcome.grant.expect("quorum 1 reached: a grant");
+
+    let (st, allowed) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(st, 200);
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    assert_eq!(allowed["reasons"][0]["code"], "granted");
+    assert_eq!(allowed["grant"]["id"], grant.id.to_string());
+    assert_eq!(allowed["grant"]["approval_request"], id.to_string());
+    // a06: any other request is not covered by the grant.
+    let (_, bigger) = s.post("/v1/check", Some(&t), &transfer(251)).await;
+    assert_eq!(bigger["decision"], "escalate", "{bigger}");
+    let mut other_account = transfer(250);
+    other_account["resource"]["id"] = json!("acct-2");
+    let (_, other) = s.post("/v1/check", Some(&t), &other_account).await;
+    assert_eq!(other["decision"], "escalate", "{other}");
+    // The audit record of the allow names the grant and the approval.
+    let log = std::fs::read_to_string(state.audit.path()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains(allowed["decision_id"].as_str().unwrap()))
+        .unwrap();
+    assert!(
+        line.contains(&format!("\"grant_id\":\"{}\"", grant.id)),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("\"approval_id\":\"{id}\"")),
+        "{line}"
+    );
+    s.shutdown().await;
+}

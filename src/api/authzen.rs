@@ -242,7 +242,11 @@ fn decision_json(settled: &Settled) -> Value {
         ctx.insert("policy_ids".into(), json!(d.policy_ids));
     }
     match d.outcome {
-        Outcome::Allow => {}
+        Outcome::Allow => {
+            if let Some(g) = &settled.grant {
+                ctx.insert("grant".into(), super::grant_json(g));
+            }
+        }
         Outcome::Deny => {
             if let Some(r) = d.reasons.first() {
                 ctx.insert("reason".into(), Value::String(r.code.to_owned()));

@@ -14,7 +14,8 @@ use serde::Serialize;
 use super::body::{self, WrongTypeStatus};
 use super::caller::{Caller, authenticate, subject_principal};
 use super::{
-    ApiError, AppState, Body, ConnInfo, Settled, approval_request_json, json_response, settle,
+    ApiError, AppState, Body, ConnInfo, Settled, approval_request_json, grant_json, json_response,
+    settle,
 };
 use crate::decision::{ApprovalRequirement, CacheKey, CheckRequest, Reason, Resource};
 
@@ -30,6 +31,9 @@ struct CheckResponse<'a> {
     /// The approval request an escalation created (or the pending one it repeats).
     #[serde(skip_serializing_if = "Option::is_none")]
     approval_request: Option<serde_json::Value>,
+    /// The grant that allowed this check (an earlier approval of exactly this request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant: Option<serde_json::Value>,
 }
 
 pub async fn check(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
@@ -121,6 +125,7 @@ pub fn decision_response(settled: &Settled) -> Response<Body> {
             reasons: &d.reasons,
             approval: d.approval.as_ref(),
             approval_request: settled.approval.as_ref().map(approval_request_json),
+            grant: settled.grant.as_ref().map(grant_json),
         },
     )
 }

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::approval::{ApprovalRequest, ApprovalStore, NewRequest};
+use crate::approval::{ApprovalRequest, ApprovalStore, Grant, NewRequest};
 use crate::audit::{AuditLog, DecisionRecord};
 use crate::config::{EnforcementPoint, ServerConfig};
 use crate::decision::{CheckRequest, Decision, DecisionCache, Engine, Outcome, Reason};
@@ -108,94 +108,148 @@ impl ApiError {
     }
 }
 
-/// A decision as answered, with the approval request an escalation created or repeated.
+/// A decision as answered, with the approval request an escalation created or repeated, or
+/// the grant that allowed it.
 #[derive(Debug, Clone)]
 pub struct Settled {
     pub decision: Decision,
     /// Present exactly when the answer is an escalation.
     pub approval: Option<ApprovalRequest>,
+    /// Present when an earlier approval of exactly this request allowed it.
+    pub grant: Option<Grant>,
 }
 
-/// Decide `req`, persist an escalation as an approval request, and record the decision in the
-/// audit log before anyone sees it. `started` is when the request handler began: the
+/// Decide `req`, settle an escalation against the approval store, and record the decision in
+/// the audit log before anyone sees it. `started` is when the request handler began: the
 /// record's latency runs from there to the decision.
 pub async fn decide_and_record(state: &AppState, req: &CheckRequest, started: Instant) -> Settled {
     settle(state, req, state.engine.decide(req), started).await
 }
 
-/// Persist (if an escalation) and record `decision` about `req`; the answer to give.
+/// Settle (if an escalation) and record `decision` about `req`; the answer to give.
 pub async fn settle(
     state: &AppState,
     req: &CheckRequest,
     decision: Decision,
     started: Instant,
 ) -> Settled {
-    let (decision, approval) = persist_escalation(state, req, decision).await;
-    let decision = record(state, req, decision, approval.as_ref(), started);
-    let approval = approval.filter(|_| decision.outcome == Outcome::Escalate);
-    Settled { decision, approval }
+    let mut settled = settle_escalation(state, req, decision).await;
+    settled.decision = record(state, req, &settled, started);
+    if settled.decision.outcome != Outcome::Escalate {
+        settled.approval = None;
+    }
+    if settled.decision.outcome != Outcome::Allow {
+        settled.grant = None;
+    }
+    settled
 }
 
-/// An escalation becomes a pending approval request, or returns the pending one with the
-/// same binding hash (a retrying agent floods no approvers).
-async fn persist_escalation(
-    state: &AppState,
-    req: &CheckRequest,
-    decision: Decision,
-) -> (Decision, Option<ApprovalRequest>) {
+/// An escalation is allowed by an active grant bound to exactly this request (its binding
+/// hash) under the same policy version; otherwise it becomes a pending approval request, or
+/// returns the pending one with the same binding hash (a retrying agent floods no approvers).
+async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decision) -> Settled {
     let Some(requirement) = decision
         .approval
         .as_ref()
         .filter(|_| decision.outcome == Outcome::Escalate)
     else {
-        return (decision, None);
+        return Settled {
+            decision,
+            approval: None,
+            grant: None,
+        };
     };
+    let now = state.engine.now();
     let new = NewRequest::from_escalation(
         req,
         requirement,
         &decision.policy_version,
         &decision.policy_ids,
-        state.engine.now(),
+        now,
         state.request_ttl,
     );
-    match state.store.create_or_get_pending(new).await {
-        Ok((request, _created)) => (decision, Some(request)),
-        // Fail closed (SECURITY R-04a): an escalation nobody could ever approve is a deny,
-        // never an allow and never a silent dead end.
-        Err(e) => {
-            tracing::error!(error = %e, decision_id = %decision.id, "approval request not stored; denying");
-            let denied = Decision {
-                id: decision.id,
-                outcome: Outcome::Deny,
-                policy_version: decision.policy_version,
-                policy_ids: decision.policy_ids,
+    match state.store.active_grant(&new.binding_hash(), now).await {
+        // A grant outlives no policy change: under another version the request is asked for
+        // again (SECURITY A-09 errs on the side of a new approval).
+        Ok(Some(grant)) if grant.policy_version == *decision.policy_version => {
+            let allowed = Decision {
+                outcome: Outcome::Allow,
                 reasons: vec![Reason {
-                    code: ESCALATION_UNAVAILABLE,
-                    policy_id: None,
-                    message: format!("the approval request could not be stored: {}", e.code()),
+                    code: "granted",
+                    policy_id: decision.policy_ids.first().cloned(),
+                    message: format!(
+                        "allowed by grant `{}` from approval request `{}`, until {}",
+                        grant.id,
+                        grant.request_id,
+                        authzen::rfc3339(grant.expires_at)
+                    ),
                 }],
                 approval: None,
+                ..decision
             };
-            (denied, None)
+            return Settled {
+                decision: allowed,
+                approval: None,
+                grant: Some(grant),
+            };
         }
+        Ok(_) => {}
+        Err(e) => return store_failure(decision, &e),
+    }
+    match state.store.create_or_get_pending(new).await {
+        Ok((request, _created)) => Settled {
+            decision,
+            approval: Some(request),
+            grant: None,
+        },
+        Err(e) => store_failure(decision, &e),
+    }
+}
+
+/// Fail closed (SECURITY R-04a): an escalation the store cannot settle is a deny, never an
+/// allow and never a silent dead end.
+fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled {
+    tracing::error!(error = %e, decision_id = %decision.id, "approval store unavailable; denying");
+    Settled {
+        decision: Decision {
+            id: decision.id,
+            outcome: Outcome::Deny,
+            policy_version: decision.policy_version,
+            policy_ids: decision.policy_ids,
+            reasons: vec![Reason {
+                code: ESCALATION_UNAVAILABLE,
+                policy_id: None,
+                message: format!("the approval store is unavailable: {}", e.code()),
+            }],
+            approval: None,
+        },
+        approval: None,
+        grant: None,
     }
 }
 
 /// Reason code of a deny caused by an approval store that cannot take the request.
 pub const ESCALATION_UNAVAILABLE: &str = "escalation_unavailable";
 
-/// Record `decision` about `req` in the audit log; the answer to give (see
+/// Record the decision of `settled` about `req` in the audit log; the answer to give (see
 /// [`decide_and_record`]).
 pub fn record(
     state: &AppState,
     req: &CheckRequest,
-    decision: Decision,
-    approval: Option<&ApprovalRequest>,
+    settled: &Settled,
     started: Instant,
 ) -> Decision {
-    let approval_id = approval.map(|a| a.id.to_string());
+    let decision = settled.decision.clone();
+    let approval_id = settled
+        .approval
+        .as_ref()
+        .map(|a| a.id)
+        .or(settled.grant.as_ref().map(|g| g.request_id))
+        .map(|id| id.to_string());
+    let grant_id = settled.grant.as_ref().map(|g| g.id.to_string());
     let mut record = DecisionRecord::new(req, &decision, started.elapsed());
     record.approval_id = approval_id.as_deref();
+    record.grant_id = grant_id.as_deref();
     match state.audit.append(&record.into()) {
         Ok(_) => decision,
         // Fail closed (SECURITY §0 item 2, P-04): no decision is answered without its audit
@@ -217,6 +271,15 @@ pub fn record(
             }
         }
     }
+}
+
+/// What a check response says about the grant that allowed it.
+pub fn grant_json(g: &Grant) -> serde_json::Value {
+    serde_json::json!({
+        "id": g.id.to_string(),
+        "approval_request": g.request_id.to_string(),
+        "expires_at": authzen::rfc3339(g.expires_at),
+    })
 }
 
 /// What a check response says about the approval request of an escalation.
