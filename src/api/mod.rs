@@ -330,6 +330,12 @@ pub async fn route(
         (&Method::GET, p) if p.starts_with(approvals::PREFIX) => {
             approvals::show(&state, &conn, req).await
         }
+        (&Method::POST, p) if p.starts_with(approvals::PREFIX) && p.ends_with("/approve") => {
+            approvals::review(&state, &conn, req, crate::approval::Verdict::Approve).await
+        }
+        (&Method::POST, p) if p.starts_with(approvals::PREFIX) && p.ends_with("/deny") => {
+            approvals::review(&state, &conn, req, crate::approval::Verdict::Deny).await
+        }
         (&Method::GET, p) if p.starts_with("/.well-known/authzen-configuration") => {
             authzen::discovery(&state, &conn, &req)
         }

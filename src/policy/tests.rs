@@ -52,13 +52,14 @@ fn example_bundle_loads_and_its_tests_pass() {
     assert_eq!(
         bundle.actions().collect::<Vec<_>>(),
         vec![
+            "approve",
             "crm:export",
             "crm:read",
             "payments:transfer",
             "tool:shell.exec"
         ]
     );
-    assert_eq!(bundle.policy_count(), 7);
+    assert_eq!(bundle.policy_count(), 8);
     let meta = bundle.policy_meta("payments-approval").unwrap();
     assert_eq!(meta.file, Path::new("payments.cedar"));
     assert_eq!(meta.line, 13);

@@ -1,0 +1,205 @@
+//! The approval flow through the real server (issue 4, SECURITY §4): escalate, approve with a
+//! rationale and evidence, the same request allowed, a different one escalates again; quorum
+//! of distinct approvers; and every refusal with its clear error.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step must stop the test loudly"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, dev_token, example_config};
+use serde_json::{Value, json};
+
+fn transfer(amount: i64) -> Value {
+    json!({"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":amount}})
+}
+
+fn agent() -> String {
+    dev_token("agent-1", json!({"owner": "bob"}), Duration::from_secs(300))
+}
+
+fn approver(sub: &str, groups: &[&str]) -> String {
+    dev_token(sub, json!({ "groups": groups }), Duration::from_secs(300))
+}
+
+async fn review(s: &TestServer, token: &str, id: &str, verb: &str, body: Value) -> (u16, Value) {
+    s.post(&format!("/v1/approvals/{id}/{verb}"), Some(token), &body)
+        .await
+}
+
+#[tokio::test]
+async fn escalate_approve_allowed_then_a_different_amount_escalates_again() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(esc["decision"], "escalate", "{esc}");
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let alice = approver("alice", &["finance-approvers"]);
+    let (st, v) = review(
+        &s,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "invoice INV-7 matches the PO", "evidence": {"ticket": "FIN-123"}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["request"]["status"], "approved");
+    let grant = v["grant"]["id"].as_str().unwrap().to_owned();
+
+    let (_, allowed) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    assert_eq!(allowed["grant"]["id"], grant.as_str());
+    let (_, again) = s.post("/v1/check", Some(&t), &transfer(5000)).await;
+    assert_eq!(again["decision"], "escalate", "{again}");
+    assert_ne!(again["approval_request"]["id"], id.as_str());
+
+    // The review is an audit event on disk, with the approver and the rationale.
+    let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    let event = log
+        .lines()
+        .find(|l| l.contains("\"approval_review\""))
+        .unwrap();
+    assert!(
+        event.contains("invoice INV-7 matches the PO") && event.contains("\"alice\""),
+        "{event}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_name_what_is_wrong() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(300)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let ok_body = json!({"rationale": "checked", "evidence": {"ticket": "FIN-9"}});
+
+    // a01/a02: the requesting agent itself, even holding the approver group.
+    let me = dev_token(
+        "agent-1",
+        json!({"owner": "bob", "groups": ["finance-approvers"]}),
+        Duration::from_secs(300),
+    );
+    let (st, v) = review(&s, &me, &id, "approve", ok_body.clone()).await;
+    assert_eq!(
+        (st, v["error"].clone()),
+        (403, json!("self_approval_forbidden")),
+        "{v}"
+    );
+    // a01: the agent's owner.
+    let bob = approver("bob", &["finance-approvers"]);
+    let (st, v) = review(&s, &bob, &id, "approve", ok_body.clone()).await;
+    assert_eq!(
+        (st, v["error"].clone()),
+        (403, json!("self_approval_forbidden")),
+        "{v}"
+    );
+    // An agent without approver authority.
+    let carol = approver("carol", &["sales"]);
+    let (st, v) = review(&s, &carol, &id, "approve", ok_body.clone()).await;
+    assert_eq!(
+        (st, v["error"].clone()),
+        (403, json!("not_an_approver")),
+        "{v}"
+    );
+    // Rationale and the policy's evidence are required.
+    let alice = approver("alice", &["finance-approvers"]);
+    let (st, v) = review(&s, &alice, &id, "approve", json!({"rationale": " "})).await;
+    assert_eq!((st, v["field"].clone()), (400, json!("rationale")), "{v}");
+    let (st, v) = review(&s, &alice, &id, "approve", json!({"rationale": "fine"})).await;
+    assert_eq!(
+        (st, v["field"].clone()),
+        (400, json!("evidence.ticket")),
+        "{v}"
+    );
+    // a22: an unknown request.
+    let (st, _) = review(
+        &s,
+        &alice,
+        &uuid::Uuid::new_v4().to_string(),
+        "approve",
+        ok_body.clone(),
+    )
+    .await;
+    assert_eq!(st, 404);
+    // a25: the approver comes from the token; a name in the body is refused, not believed.
+    let (st, v) = review(
+        &s,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "x", "approver": "dave", "evidence": {"ticket": "T"}}),
+    )
+    .await;
+    assert_eq!((st, v["field"].clone()), (400, json!("approver")), "{v}");
+    // a14: a deny by an eligible approver denies; nothing approves it afterwards.
+    let (st, v) = review(
+        &s,
+        &alice,
+        &id,
+        "deny",
+        json!({"rationale": "no PO for this"}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["request"]["status"].clone()),
+        (200, json!("denied")),
+        "{v}"
+    );
+    let eve = approver("eve", &["finance-approvers"]);
+    let (st, v) = review(&s, &eve, &id, "approve", ok_body).await;
+    assert_eq!((st, v["error"].clone()), (409, json!("not_pending")), "{v}");
+    let (_, still) = s.post("/v1/check", Some(&t), &transfer(300)).await;
+    assert_ne!(still["decision"], "allow", "{still}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a13_quorum_of_two_needs_two_distinct_approvers() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = agent();
+    let export = json!({"action":"crm:export","resource":{"type":"CrmRecord","id":"all"}});
+    let (_, esc) = s.post("/v1/check", Some(&t), &export).await;
+    assert_eq!(esc["approval"]["quorum"], 2, "{esc}");
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let dana = approver("dana", &["data-owners"]);
+    let (st, v) = review(
+        &s,
+        &dana,
+        &id,
+        "approve",
+        json!({"rationale": "quarterly report"}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["request"]["status"].clone()),
+        (200, json!("pending")),
+        "{v}"
+    );
+    // The same approver again counts for nothing.
+    let (st, v) = review(&s, &dana, &id, "approve", json!({"rationale": "again"})).await;
+    assert_eq!(
+        (st, v["error"].clone()),
+        (409, json!("already_reviewed")),
+        "{v}"
+    );
+    let (_, pending) = s.post("/v1/check", Some(&t), &export).await;
+    assert_eq!(pending["decision"], "escalate");
+    let omar = approver("omar", &["data-owners"]);
+    let (st, v) = review(&s, &omar, &id, "approve", json!({"rationale": "agreed"})).await;
+    assert_eq!(
+        (st, v["request"]["status"].clone()),
+        (200, json!("approved")),
+        "{v}"
+    );
+    let (_, allowed) = s.post("/v1/check", Some(&t), &export).await;
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    s.shutdown().await;
+}
