@@ -153,6 +153,13 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             wait_stop(stopped.clone()),
         )));
     }
+    // Approval timers live in the store (expires_at, fallback_at), so they survive a restart:
+    // this task only acts on them when due.
+    tasks.push(tokio::spawn(sweep_loop(
+        state.clone(),
+        config.store.sweep_interval,
+        wait_stop(stopped.clone()),
+    )));
     let bundle = state.engine.bundle();
     tracing::info!(
         bundle = bundle.name(),
@@ -168,6 +175,61 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         stop,
         tasks,
     })
+}
+
+async fn sweep_loop(
+    state: Arc<AppState>,
+    every: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => { sweep(&state).await; }
+            () = &mut stop => break,
+        }
+    }
+}
+
+/// Move pending requests past their `@fallback_after` to the fallback group, and those past
+/// their expiry to `expired` (never approved), recording each move in the audit log.
+/// Returns how many requests moved (fallback, expired).
+pub async fn sweep(state: &AppState) -> (usize, usize) {
+    let now = state.engine.now();
+    let fallback = match state.store.fallback_due(now).await {
+        Ok(moved) => moved,
+        Err(e) => {
+            tracing::warn!(error = %e, "fallback sweep failed; retrying at the next tick");
+            Vec::new()
+        }
+    };
+    for r in &fallback {
+        let detail =
+            serde_json::json!({"request_id": r.id.to_string(), "groups": r.current_groups});
+        audit_event(state, "approval_fallback", &detail);
+    }
+    let expired = match state.store.expire_due(now).await {
+        Ok(moved) => moved,
+        Err(e) => {
+            tracing::warn!(error = %e, "expiry sweep failed; retrying at the next tick");
+            Vec::new()
+        }
+    };
+    for r in &expired {
+        let detail =
+            serde_json::json!({"request_id": r.id.to_string(), "expires_at": r.expires_at});
+        audit_event(state, "approval_expired", &detail);
+    }
+    (fallback.len(), expired.len())
+}
+
+fn audit_event(state: &AppState, event: &str, detail: &serde_json::Value) {
+    let record = crate::audit::EventRecord::new(event, detail);
+    if let Err(e) = state.audit.append_durable(&record.into()) {
+        tracing::error!(error = %e, event, "approval event not written to the audit log");
+    }
 }
 
 async fn wait_stop(mut rx: watch::Receiver<bool>) {

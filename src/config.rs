@@ -111,6 +111,8 @@ pub struct StoreConfig {
     pub url: String,
     /// How long an approval request stays pending before it expires (never approved).
     pub request_ttl: Duration,
+    /// How often the server moves due requests to their fallback group or to `expired`.
+    pub sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -524,7 +526,7 @@ impl Reader {
 
     fn store(&mut self, t: &Table) -> StoreConfig {
         let p = "store";
-        self.known(t, p, &["url", "request_ttl"]);
+        self.known(t, p, &["url", "request_ttl", "sweep_interval"]);
         let url = match self.string(t, p, "url") {
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
             Some(u) if u.is_empty() => {
@@ -549,6 +551,13 @@ impl Reader {
                 "request_ttl",
                 Duration::from_secs(3600),
                 Duration::from_secs(14 * 24 * 3600),
+            ),
+            sweep_interval: self.duration(
+                t,
+                p,
+                "sweep_interval",
+                Duration::from_secs(1),
+                Duration::from_secs(60),
             ),
         }
     }

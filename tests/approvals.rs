@@ -203,3 +203,88 @@ async fn a13_quorum_of_two_needs_two_distinct_approvers() {
     assert_eq!(allowed["decision"], "allow", "{allowed}");
     s.shutdown().await;
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a11_fallback_then_expiry_move_the_request_and_an_expired_one_is_never_approved() {
+    // The example bundle with the fallback after one second instead of thirty minutes.
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    copy_dir(&common::repo().join("config/policies"), &bundle);
+    let payments = std::fs::read_to_string(bundle.join("payments.cedar")).unwrap();
+    std::fs::write(
+        bundle.join("payments.cedar"),
+        payments.replace("@fallback_after(\"30m\")", "@fallback_after(\"1s\")"),
+    )
+    .unwrap();
+    let bundle_s = bundle.to_str().unwrap().to_owned();
+    let cfg = example_config(&[
+        ("MANDATE_POLICY__BUNDLE", &bundle_s),
+        ("MANDATE_STORE__REQUEST_TTL", "3s"),
+        ("MANDATE_STORE__SWEEP_INTERVAL", "200ms"),
+    ]);
+    let s = TestServer::start(&cfg).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(400)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let status = |s: &TestServer| {
+        let c = s.client.clone();
+        let url = s.url(&format!("/v1/approvals/{id}"));
+        let t = t.clone();
+        async move {
+            let r = c.get(url).bearer_auth(t).send().await.unwrap();
+            serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()
+        }
+    };
+    // After the fallback delay the finance leads are asked instead.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let v = status(&s).await;
+    assert_eq!(v["current_groups"], json!(["finance-leads"]), "{v}");
+    assert_eq!(v["status"], "pending");
+    let approver_now = approver("frank", &["finance-leads"]);
+    let first_approver = approver("alice", &["finance-approvers"]);
+    let (st, v) = review(
+        &s,
+        &first_approver,
+        &id,
+        "approve",
+        json!({"rationale": "late", "evidence": {"ticket": "T-1"}}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"].clone()),
+        (403, json!("not_an_approver")),
+        "{v}"
+    );
+    // After the expiry nobody can approve it, and the check escalates anew.
+    tokio::time::sleep(Duration::from_millis(2400)).await;
+    let v = status(&s).await;
+    assert_eq!(v["status"], "expired", "{v}");
+    let (st, v) = review(
+        &s,
+        &approver_now,
+        &id,
+        "approve",
+        json!({"rationale": "too late", "evidence": {"ticket": "T-2"}}),
+    )
+    .await;
+    assert_eq!(st, 409, "{v}");
+    let (_, again) = s.post("/v1/check", Some(&t), &transfer(400)).await;
+    assert_eq!(again["decision"], "escalate");
+    assert_ne!(again["approval_request"]["id"], id.as_str());
+    let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    assert!(log.contains("\"approval_fallback\"") && log.contains("\"approval_expired\""));
+    s.shutdown().await;
+}
