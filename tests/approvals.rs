@@ -288,3 +288,114 @@ async fn a11_fallback_then_expiry_move_the_request_and_an_expired_one_is_never_a
     assert!(log.contains("\"approval_fallback\"") && log.contains("\"approval_expired\""));
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn approvers_list_and_see_the_full_request_and_a_waiting_requester_hears_at_once() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(700)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let alice = approver("alice", &["finance-approvers"]);
+    let get = |token: String, path: String| {
+        let c = s.client.clone();
+        let url = s.url(&path);
+        async move {
+            let r = c.get(url).bearer_auth(token).send().await.unwrap();
+            let st = r.status().as_u16();
+            (
+                st,
+                serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap(),
+            )
+        }
+    };
+    let (st, v) = get(alice.clone(), "/v1/approvals?status=pending".into()).await;
+    assert_eq!(st, 200, "{v}");
+    let listed: Vec<&str> = v["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(listed.contains(&id.as_str()), "{v}");
+    // a23: the approver sees who asks, on whose behalf, and exactly what.
+    let (st, v) = get(alice.clone(), format!("/v1/approvals/{id}")).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        (v["principal"]["id"].clone(), v["context"]["amount"].clone()),
+        (json!("agent-1"), json!(700))
+    );
+    // Someone else's group lists nothing of it and cannot name a group it is not in.
+    let dana = approver("dana", &["data-owners"]);
+    let (_, v) = get(dana.clone(), "/v1/approvals".into()).await;
+    assert!(
+        v["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["id"] != id.as_str()),
+        "{v}"
+    );
+    let (st, _) = get(dana, "/v1/approvals?group=finance-approvers".into()).await;
+    assert_eq!(st, 403);
+
+    // The requester long-polls; an approval ends the wait at once.
+    let waiter = {
+        let c = s.client.clone();
+        let url = s.url(&format!("/v1/approvals/{id}?wait=30s"));
+        let t = t.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let r = c.get(url).bearer_auth(t).send().await.unwrap();
+            let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            (v, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, _) = review(
+        &s,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-5"}}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (v, waited) = waiter.await.unwrap();
+    assert_eq!(v["status"], "approved", "{v}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "the wait ended with the change: {waited:?}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn only_the_requester_cancels_and_a_cancelled_request_is_never_approved() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(800)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let alice = approver("alice", &["finance-approvers"]);
+    let (st, _) = s
+        .post(
+            &format!("/v1/approvals/{id}/cancel"),
+            Some(&alice),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(st, 404);
+    let (st, v) = s
+        .post(&format!("/v1/approvals/{id}/cancel"), Some(&t), &json!({}))
+        .await;
+    assert_eq!((st, v["status"].clone()), (200, json!("cancelled")), "{v}");
+    let (st, v) = review(
+        &s,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-6"}}),
+    )
+    .await;
+    assert_eq!((st, v["error"].clone()), (409, json!("not_pending")), "{v}");
+    s.shutdown().await;
+}

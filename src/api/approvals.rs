@@ -244,6 +244,33 @@ fn not_found(id: &str) -> ApiError {
     )
 }
 
+fn store_read_error(e: &StoreError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        format!("the approval store cannot be read: {}", e.code()),
+    )
+}
+
+/// The requester sees its own request; an approver of its current groups sees what it is
+/// asked to approve. Everyone else is told it does not exist.
+fn may_view(caller: &Caller, request: &ApprovalRequest) -> bool {
+    match caller {
+        Caller::Agent(p) => {
+            (p.kind == request.principal.kind
+                && p.id == request.principal.id
+                && p.issuer == request.principal.issuer)
+                || p.groups.iter().any(|g| request.current_groups.contains(g))
+        }
+        Caller::EnforcementPoint { .. } => false,
+    }
+}
+
+/// Longest a status request may wait for a change (`?wait=`).
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often a waiting status request looks at the store again.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 async fn show_inner(
     state: &AppState,
     conn: &ConnInfo,
@@ -251,28 +278,173 @@ async fn show_inner(
 ) -> Result<ApprovalRequest, ApiError> {
     let caller = authenticate(state, conn, req.headers()).await?;
     let raw = req.uri().path().trim_start_matches(PREFIX).to_owned();
+    let wait = match query_param(req.uri().query(), "wait") {
+        None => None,
+        Some(w) => Some(
+            humantime::parse_duration(&w)
+                .ok()
+                .filter(|d| *d <= MAX_WAIT)
+                .ok_or_else(|| {
+                    ApiError::field("wait", format!("`{w}` is not a duration of at most 60s"))
+                })?,
+        ),
+    };
     let id = Uuid::parse_str(&raw).map_err(|_| not_found(&raw))?;
     let request = state
         .store
         .get(id)
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                format!("the approval store cannot be read: {}", e.code()),
-            )
-        })?
+        .map_err(|e| store_read_error(&e))?
         .ok_or_else(|| not_found(&raw))?;
-    match caller {
-        Caller::Agent(p)
-            if p.kind == request.principal.kind
-                && p.id == request.principal.id
-                && p.issuer == request.principal.issuer =>
+    if !may_view(&caller, &request) {
+        return Err(not_found(&raw));
+    }
+    let Some(wait) = wait else {
+        return Ok(request);
+    };
+    // Long poll: answer as soon as the status changes, or with the current one at the end.
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut current = request;
+    let initial = current.status;
+    while current.status == initial && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(WAIT_POLL.min(deadline - tokio::time::Instant::now())).await;
+        if let Some(r) = state
+            .store
+            .get(id)
+            .await
+            .map_err(|e| store_read_error(&e))?
         {
-            Ok(request)
+            current = r;
         }
-        _ => Err(not_found(&raw)),
+    }
+    Ok(current)
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+/// `POST /v1/approvals/{id}/cancel`: the requester withdraws its own pending request.
+pub async fn cancel(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let result = async {
+        let caller = authenticate(state, conn, req.headers()).await?;
+        let raw = req
+            .uri()
+            .path()
+            .trim_start_matches(PREFIX)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let id = Uuid::parse_str(&raw).map_err(|_| not_found(&raw))?;
+        let request = state
+            .store
+            .get(id)
+            .await
+            .map_err(|e| store_read_error(&e))?
+            .ok_or_else(|| not_found(&raw))?;
+        let is_requester = matches!(&caller, Caller::Agent(p)
+            if p.kind == request.principal.kind && p.id == request.principal.id
+                && p.issuer == request.principal.issuer);
+        if !is_requester {
+            return Err(not_found(&raw));
+        }
+        let cancelled = state
+            .store
+            .cancel(id, state.engine.now())
+            .await
+            .map_err(|e| store_error(&e, &raw))?;
+        let detail = json!({"request_id": id.to_string(), "by": request.principal.id});
+        state
+            .audit
+            .append_durable(&EventRecord::new("approval_cancelled", &detail).into())
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    format!("the cancellation was stored but could not be audited: {e}"),
+                )
+            })?;
+        Ok(cancelled)
+    }
+    .await;
+    match result {
+        Ok(r) => json_response(StatusCode::OK, &view(&r)),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /v1/approvals?status=pending&group=g&limit=n&after=id`: the requests an approver may
+/// review, newest last; only groups the caller belongs to.
+pub async fn list(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let result = async {
+        let Caller::Agent(caller) = authenticate(state, conn, req.headers()).await? else {
+            return Err(forbidden(
+                "approver_required",
+                "listing approval requests needs an approver's own token".into(),
+            ));
+        };
+        let q = req.uri().query();
+        let status = match query_param(q, "status") {
+            None => None,
+            Some(s) => Some(crate::approval::Status::parse(&s).ok_or_else(|| {
+                ApiError::field(
+                    "status",
+                    format!("`{s}` is not pending, approved, denied, expired or cancelled"),
+                )
+            })?),
+        };
+        let limit = match query_param(q, "limit") {
+            None => 0,
+            Some(l) => l
+                .parse()
+                .map_err(|_| ApiError::field("limit", format!("`{l}` is not a number")))?,
+        };
+        let after = match query_param(q, "after") {
+            None => None,
+            Some(a) => Some(
+                Uuid::parse_str(&a)
+                    .map_err(|_| ApiError::field("after", format!("`{a}` is not a request id")))?,
+            ),
+        };
+        let groups: Vec<String> = match query_param(q, "group") {
+            Some(g) if caller.groups.contains(&g) => vec![g],
+            Some(g) => {
+                return Err(forbidden(
+                    "not_an_approver",
+                    format!("`{}` is not in group `{g}`", caller.id),
+                ));
+            }
+            None => caller.groups.clone(),
+        };
+        let mut out: Vec<ApprovalRequest> = Vec::new();
+        for group in groups {
+            let page = state
+                .store
+                .list(crate::approval::ListFilter {
+                    status,
+                    group: Some(group),
+                    limit,
+                    after,
+                })
+                .await
+                .map_err(|e| store_read_error(&e))?;
+            for r in page {
+                if !out.iter().any(|o| o.id == r.id) {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by_key(|r| (r.created_at, r.id));
+        Ok(json!({"requests": out.iter().map(view).collect::<Vec<_>>()}))
+    }
+    .await;
+    match result {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => e.into_response(),
     }
 }
 

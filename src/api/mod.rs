@@ -327,6 +327,10 @@ pub async fn route(
         (&Method::POST, "/v1/check") => http::check(&state, &conn, req).await,
         (&Method::POST, "/access/v1/evaluation") => authzen::evaluation(&state, &conn, req).await,
         (&Method::POST, "/access/v1/evaluations") => authzen::evaluations(&state, &conn, req).await,
+        (&Method::GET, "/v1/approvals") => approvals::list(&state, &conn, req).await,
+        (&Method::POST, p) if p.starts_with(approvals::PREFIX) && p.ends_with("/cancel") => {
+            approvals::cancel(&state, &conn, req).await
+        }
         (&Method::GET, p) if p.starts_with(approvals::PREFIX) => {
             approvals::show(&state, &conn, req).await
         }
