@@ -399,3 +399,62 @@ async fn only_the_requester_cancels_and_a_cancelled_request_is_never_approved() 
     assert_eq!((st, v["error"].clone()), (409, json!("not_pending")), "{v}");
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_sidecars_sharing_postgresql_share_requests_and_grants() {
+    let Ok(base) = std::env::var("MANDATE_TEST_POSTGRES_URL") else {
+        println!(
+            "MANDATE_TEST_POSTGRES_URL is not set: the two-sidecar PostgreSQL test is skipped"
+        );
+        return;
+    };
+    let schema = format!("mandate_fleet_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options[search_path]={schema}");
+    let a = TestServer::start(&example_config(&[("MANDATE_STORE__URL", &url)])).await;
+    let b = TestServer::start(&example_config(&[("MANDATE_STORE__URL", &url)])).await;
+    let t = agent();
+    let (_, on_a) = a.post("/v1/check", Some(&t), &transfer(900)).await;
+    let (_, on_b) = b.post("/v1/check", Some(&t), &transfer(900)).await;
+    let id = on_a["approval_request"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        on_b["approval_request"]["id"],
+        id.as_str(),
+        "one request for the fleet"
+    );
+    let alice = approver("alice", &["finance-approvers"]);
+    let (st, _) = review(
+        &b,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-8"}}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    // Approved through one sidecar, allowed by the other within a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let (_, v) = a.post("/v1/check", Some(&t), &transfer(900)).await;
+        if v["decision"] == "allow" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not allowed within 1 s: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+}
