@@ -210,3 +210,83 @@ mod tests {
         assert!(parse_pair("novalue").is_err());
     }
 }
+
+/// One call to a running server's API (`mandate approvals ...`).
+#[derive(Debug)]
+pub struct ApiCall {
+    pub path: String,
+    /// `None` for a GET.
+    pub body: Option<Value>,
+}
+
+impl ApiCall {
+    pub fn get(path: String) -> anyhow::Result<Self> {
+        Ok(Self { path, body: None })
+    }
+
+    pub fn post(path: String, body: Value) -> anyhow::Result<Self> {
+        Ok(Self {
+            path,
+            body: Some(body),
+        })
+    }
+
+    /// An approve or deny: the rationale and `kind=value` evidence pairs.
+    pub fn review(
+        id: &str,
+        verb: &str,
+        rationale: &str,
+        evidence: &[String],
+    ) -> anyhow::Result<Self> {
+        let mut ev = Map::new();
+        for e in evidence {
+            let Some((k, v)) = e.split_once('=') else {
+                bail!("--evidence `{e}` must look like `kind=value`");
+            };
+            ev.insert(k.to_owned(), Value::String(v.to_owned()));
+        }
+        Self::post(
+            format!("/v1/approvals/{id}/{verb}"),
+            serde_json::json!({"rationale": rationale, "evidence": ev}),
+        )
+    }
+}
+
+/// Send `call` with `token` and print the JSON answer; exit 0 on success, 1 on an error
+/// answer (which is printed too: it names what was wrong).
+pub fn api(server: &str, token: &str, call: ApiCall) -> anyhow::Result<u8> {
+    crate::app::install_crypto()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let url = format!("{}{}", server.trim_end_matches('/'), call.path);
+    runtime.block_on(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(75))
+            .build()?;
+        let req = match call.body {
+            None => client.get(&url),
+            Some(body) => client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+        };
+        let resp = req
+            .bearer_auth(token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach `{url}`"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let pretty = serde_json::from_str::<Value>(&text)
+            .and_then(|v| serde_json::to_string_pretty(&v))
+            .unwrap_or(text);
+        if status.is_success() {
+            println!("{pretty}");
+            Ok(0)
+        } else {
+            eprintln!("error: {status}: {pretty}");
+            Ok(1)
+        }
+    })
+}

@@ -64,6 +64,50 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Approval requests, through a running server's approvals API, with your own token.
+    Approvals {
+        /// The server's base URL.
+        #[arg(long, env = "MANDATE_SERVER", default_value = "http://127.0.0.1:8181")]
+        server: String,
+        /// Your bearer token (an approver's, or the requesting agent's).
+        #[arg(long, env = "MANDATE_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApprovalsCommand {
+    /// The requests you may review.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// One request in full; `--wait 30s` returns as soon as its status changes.
+    Show {
+        id: String,
+        #[arg(long)]
+        wait: Option<String>,
+    },
+    /// Approve, with a rationale and the evidence the policy asks for (`--evidence ticket=FIN-1`).
+    Approve {
+        id: String,
+        #[arg(long)]
+        rationale: String,
+        #[arg(long = "evidence")]
+        evidence: Vec<String>,
+    },
+    /// Deny, with a rationale.
+    Deny {
+        id: String,
+        #[arg(long)]
+        rationale: String,
+    },
+    /// Withdraw your own pending request.
+    Cancel { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +209,44 @@ fn main() -> ExitCode {
         Command::Audit { command } => match command {
             AuditCommand::Verify { file } => cli::audit_verify(&file),
         },
+        Command::Approvals {
+            server,
+            token,
+            command,
+        } => {
+            let call = match command {
+                ApprovalsCommand::List { status, group } => {
+                    let mut q = Vec::new();
+                    if let Some(s) = status {
+                        q.push(format!("status={s}"));
+                    }
+                    if let Some(g) = group {
+                        q.push(format!("group={g}"));
+                    }
+                    cli::ApiCall::get(if q.is_empty() {
+                        "/v1/approvals".to_owned()
+                    } else {
+                        format!("/v1/approvals?{}", q.join("&"))
+                    })
+                }
+                ApprovalsCommand::Show { id, wait } => cli::ApiCall::get(match wait {
+                    Some(w) => format!("/v1/approvals/{id}?wait={w}"),
+                    None => format!("/v1/approvals/{id}"),
+                }),
+                ApprovalsCommand::Approve {
+                    id,
+                    rationale,
+                    evidence,
+                } => cli::ApiCall::review(&id, "approve", &rationale, &evidence),
+                ApprovalsCommand::Deny { id, rationale } => {
+                    cli::ApiCall::review(&id, "deny", &rationale, &[])
+                }
+                ApprovalsCommand::Cancel { id } => {
+                    cli::ApiCall::post(format!("/v1/approvals/{id}/cancel"), serde_json::json!({}))
+                }
+            };
+            call.and_then(|c| cli::api(&server, &token, c))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

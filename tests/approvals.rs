@@ -458,3 +458,76 @@ async fn two_sidecars_sharing_postgresql_share_requests_and_grants() {
         .unwrap();
     admin.close().await;
 }
+
+/// `mandate approvals ...` against the server, as an approver would run it.
+fn cli(server: &str, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .args(["approvals", "--server", server])
+        .args(args)
+        .env("MANDATE_TOKEN", token)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_approvals_cli_lists_shows_and_approves() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(650)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let alice = approver("alice", &["finance-approvers"]);
+    let base = s.base.clone();
+    let (a, b, idc) = (alice.clone(), base.clone(), id.clone());
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cli(&b, &a, &["list", "--status", "pending"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&idc), "{out}");
+    let (a, b, idc) = (alice.clone(), base.clone(), id.clone());
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        cli(
+            &b,
+            &a,
+            &[
+                "approve",
+                &idc,
+                "--rationale",
+                "PO-77 matches",
+                "--evidence",
+                "ticket=FIN-77",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"approved\""), "{out}");
+    let (a, b, idc) = (alice, base, id);
+    let (code, _, err) = tokio::task::spawn_blocking(move || {
+        cli(
+            &b,
+            &a,
+            &[
+                "approve",
+                &idc,
+                "--rationale",
+                "again",
+                "--evidence",
+                "ticket=FIN-77",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("not_pending"), "{err}");
+    let (_, allowed) = s.post("/v1/check", Some(&t), &transfer(650)).await;
+    assert_eq!(allowed["decision"], "allow");
+    s.shutdown().await;
+}
