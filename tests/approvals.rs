@@ -531,3 +531,76 @@ async fn the_approvals_cli_lists_shows_and_approves() {
     assert_eq!(allowed["decision"], "allow");
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn r03_kill_9_with_pending_requests_and_grants_then_restart_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let post = |base: String, token: String, path: &'static str, body: Value| {
+        let c = client.clone();
+        async move {
+            let r = c
+                .post(format!("http://{base}{path}"))
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()
+        }
+    };
+    let t = agent();
+    let alice = approver("alice", &["finance-approvers"]);
+    let (mut first, addr) = common::spawn_serve(&audit);
+    let approved = post(addr.clone(), t.clone(), "/v1/check", transfer(260)).await;
+    let approved_id = approved["approval_request"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pending = post(addr.clone(), t.clone(), "/v1/check", transfer(270)).await;
+    let pending_id = pending["approval_request"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = client
+        .post(format!("http://{addr}/v1/approvals/{approved_id}/approve"))
+        .bearer_auth(&alice)
+        .header("content-type", "application/json")
+        .body(json!({"rationale": "ok", "evidence": {"ticket": "FIN-1"}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    first.kill().unwrap(); // SIGKILL: no shutdown path runs
+    first.wait().unwrap();
+
+    let (mut second, addr) = common::spawn_serve(&audit);
+    let allowed = post(addr.clone(), t.clone(), "/v1/check", transfer(260)).await;
+    assert_eq!(
+        allowed["decision"], "allow",
+        "the acknowledged grant survived: {allowed}"
+    );
+    let again = post(addr.clone(), t.clone(), "/v1/check", transfer(270)).await;
+    assert_eq!(
+        again["approval_request"]["id"],
+        pending_id.as_str(),
+        "the pending request survived"
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+    // The audit chain across both runs verifies.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .args(["audit", "verify", audit.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
