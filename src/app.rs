@@ -78,6 +78,7 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
         store,
         request_ttl: config.store.request_ttl,
+        notifier: crate::notify::Notifier::start(config.notifications.clone()),
         enforcement_points: config.enforcement_points.clone(),
         server: config.server.clone(),
     }))
@@ -206,6 +207,7 @@ pub async fn sweep(state: &AppState) -> (usize, usize) {
         }
     };
     for r in &fallback {
+        state.notifier.send("fallback", r);
         let detail =
             serde_json::json!({"request_id": r.id.to_string(), "groups": r.current_groups});
         audit_event(state, "approval_fallback", &detail);
@@ -218,6 +220,7 @@ pub async fn sweep(state: &AppState) -> (usize, usize) {
         }
     };
     for r in &expired {
+        state.notifier.send("expired", r);
         let detail =
             serde_json::json!({"request_id": r.id.to_string(), "expires_at": r.expires_at});
         audit_event(state, "approval_expired", &detail);

@@ -33,6 +33,7 @@ pub struct Config {
     pub log: LogConfig,
     pub audit: AuditConfig,
     pub store: StoreConfig,
+    pub notifications: crate::notify::WebhookSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -461,6 +462,7 @@ impl Reader {
                 "log",
                 "audit",
                 "store",
+                "notifications",
             ],
         );
         let empty = Table::new();
@@ -511,6 +513,33 @@ impl Reader {
         let audit = self.audit(audit_t);
         let store_t = self.table(root, "", "store").unwrap_or(&empty);
         let store = self.store(store_t);
+        let notify_t = self.table(root, "", "notifications").unwrap_or(&empty);
+        self.known(
+            notify_t,
+            "notifications",
+            &["webhooks", "max_attempts", "backoff"],
+        );
+        let urls = self.strings(notify_t, "notifications", "webhooks");
+        for (i, u) in urls.iter().enumerate() {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                self.bad(
+                    format!("notifications.webhooks[{i}]"),
+                    format!("`{u}` is not an http(s) URL"),
+                );
+            }
+        }
+        let notifications = crate::notify::WebhookSettings {
+            urls,
+            max_attempts: self.integer(notify_t, "notifications", "max_attempts", 5, (1, 20))
+                as u32,
+            backoff: self.duration(
+                notify_t,
+                "notifications",
+                "backoff",
+                Duration::from_secs(1),
+                Duration::from_secs(300),
+            ),
+        };
         Config {
             server,
             policy,
@@ -521,6 +550,7 @@ impl Reader {
             log: LogConfig { level, json },
             audit,
             store,
+            notifications,
         }
     }
 

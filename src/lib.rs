@@ -21,6 +21,7 @@
 //! - [`api`]: HTTP adapters: the native `/v1/check` API, AuthZEN 1.0, and admin endpoints.
 //! - [`app`]: wiring: builds the state from the configuration and runs the listeners until
 //!   shutdown.
+//! - [`notify`]: outbound webhooks about approval requests, retried, never in the way.
 //! - [`cli`]: the offline subcommands (`check`, `policy validate|test`, `dev token`).
 
 pub mod api;
@@ -32,6 +33,7 @@ pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod identity;
+pub mod notify;
 pub mod policy;
 pub mod store;
 pub mod telemetry;

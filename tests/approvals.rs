@@ -604,3 +604,121 @@ async fn r03_kill_9_with_pending_requests_and_grants_then_restart_loses_nothing(
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A webhook receiver on 127.0.0.1: records every JSON body; answers 500 to the first
+/// `fail_first` requests, 200 after.
+async fn webhook_receiver(
+    fail_first: usize,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (seen2, hits2) = (seen.clone(), hits.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (seen, hits) = (seen2.clone(), hits2.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let n = hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let status = if n < fail_first {
+                        "500 Internal Server Error"
+                    } else {
+                        "200 OK"
+                    };
+                    if n >= fail_first {
+                        let body: Value =
+                            serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
+                        seen.lock().unwrap().push(body);
+                    }
+                    let _ = sock
+                        .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes())
+                        .await;
+                    return;
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn webhooks_tell_approvers_and_a_failing_webhook_loses_no_approval() {
+    let (url, seen) = webhook_receiver(1).await;
+    let hooks = format!("[\"{url}\"]");
+    let cfg = example_config(&[
+        ("MANDATE_NOTIFICATIONS__WEBHOOKS", &hooks),
+        ("MANDATE_NOTIFICATIONS__BACKOFF", "100ms"),
+    ]);
+    let s = TestServer::start(&cfg).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(444)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    // The first delivery fails (500): the request exists regardless and is approvable.
+    let alice = approver("alice", &["finance-approvers"]);
+    let (st, _) = review(
+        &s,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-4"}}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let events: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b["request"]["id"] == id.as_str())
+            .map(|b| b["event"].as_str().unwrap().to_owned())
+            .collect();
+        if events.contains(&"created".to_owned()) && events.contains(&"approved".to_owned()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "webhooks not delivered: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let created = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|b| b["event"] == "created")
+        .cloned()
+        .unwrap();
+    assert!(
+        created["text"]
+            .as_str()
+            .unwrap()
+            .contains("finance-approvers"),
+        "{created}"
+    );
+    s.shutdown().await;
+}

@@ -161,6 +161,10 @@ async fn review_inner(
         .await
         .map_err(|e| store_error(&e, &raw))?;
 
+    let status = outcome.request.status.as_str();
+    if matches!(status, "approved" | "denied") {
+        state.notifier.send(status, &outcome.request);
+    }
     // Approval events are on disk before they are acknowledged.
     let detail = json!({
         "request_id": id.to_string(),

@@ -45,6 +45,8 @@ pub struct AppState {
     pub store: Arc<dyn ApprovalStore>,
     /// How long an approval request stays pending.
     pub request_ttl: std::time::Duration,
+    /// Webhooks about approval requests.
+    pub notifier: crate::notify::Notifier,
     pub enforcement_points: Vec<EnforcementPoint>,
     pub server: ServerConfig,
 }
@@ -197,11 +199,16 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
         Err(e) => return store_failure(decision, &e),
     }
     match state.store.create_or_get_pending(new).await {
-        Ok((request, _created)) => Settled {
-            decision,
-            approval: Some(request),
-            grant: None,
-        },
+        Ok((request, created)) => {
+            if created {
+                state.notifier.send("created", &request);
+            }
+            Settled {
+                decision,
+                approval: Some(request),
+                grant: None,
+            }
+        }
         Err(e) => store_failure(decision, &e),
     }
 }
