@@ -722,3 +722,44 @@ async fn webhooks_tell_approvers_and_a_failing_webhook_loses_no_approval() {
     );
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a14_two_approvers_racing_on_a_quorum_of_one_give_exactly_one_grant() {
+    let s = std::sync::Arc::new(TestServer::start(&example_config(&[])).await);
+    let t = agent();
+    for round in 0..5 {
+        let (_, esc) = s.post("/v1/check", Some(&t), &transfer(1000 + round)).await;
+        let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+        let racers: Vec<_> = ["alice", "erin"]
+            .into_iter()
+            .map(|who| {
+                let (s, id) = (s.clone(), id.clone());
+                let token = approver(who, &["finance-approvers"]);
+                tokio::spawn(async move {
+                    review(
+                        &s,
+                        &token,
+                        &id,
+                        "approve",
+                        json!({"rationale": "race", "evidence": {"ticket": "FIN-R"}}),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut grants = 0;
+        let mut refused = 0;
+        for r in racers {
+            let (st, v) = r.await.unwrap();
+            match st {
+                200 if v["grant"]["id"].is_string() => grants += 1,
+                409 => refused += 1,
+                _ => panic!("unexpected answer {st}: {v}"),
+            }
+        }
+        assert_eq!((grants, refused), (1, 1), "round {round}");
+    }
+    if let Ok(s) = std::sync::Arc::try_unwrap(s) {
+        s.shutdown().await;
+    }
+}
