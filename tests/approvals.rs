@@ -62,6 +62,18 @@ async fn escalate_approve_allowed_then_a_different_amount_escalates_again() {
 
     // The review is an audit event on disk, with the approver and the rationale.
     let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    // The allow the grant made names the grant, the approval and who approved it, and why.
+    let allow_line = log
+        .lines()
+        .find(|l| l.contains(allowed["decision_id"].as_str().unwrap()))
+        .unwrap();
+    assert!(
+        allow_line.contains(&grant)
+            && allow_line.contains(
+                "\"approvers\":[{\"id\":\"alice\",\"rationale\":\"invoice INV-7 matches the PO\"}]"
+            ),
+        "{allow_line}"
+    );
     let event = log
         .lines()
         .find(|l| l.contains("\"approval_review\""))

@@ -457,7 +457,15 @@ fn view(r: &ApprovalRequest) -> serde_json::Value {
         "id": r.id.to_string(),
         "status": r.status.as_str(),
         "binding_hash": r.binding_hash,
-        "principal": {"type": r.principal.kind, "id": r.principal.id, "issuer": r.principal.issuer},
+        "principal": {
+            "type": r.principal.kind,
+            "id": r.principal.id,
+            "issuer": r.principal.issuer,
+            "owner": r.principal.owner,
+            // On whose behalf: the RFC 8693 delegation chain, current actor first.
+            "acting_for": r.principal.actors,
+            "attributes": r.principal.attributes,
+        },
         "action": r.action,
         "resource": {"type": r.resource.kind, "id": r.resource.id, "properties": r.resource.properties},
         "context": r.context,

@@ -115,6 +115,8 @@ impl ApiError {
 #[derive(Debug, Clone)]
 pub struct Settled {
     pub decision: Decision,
+    /// The approvers (with their rationale) behind a grant that allowed this check.
+    pub approvers: Vec<crate::audit::Approver>,
     /// Present exactly when the answer is an escalation.
     pub approval: Option<ApprovalRequest>,
     /// Present when an earlier approval of exactly this request allowed it.
@@ -142,6 +144,7 @@ pub async fn settle(
     }
     if settled.decision.outcome != Outcome::Allow {
         settled.grant = None;
+        settled.approvers.clear();
     }
     settled
 }
@@ -157,6 +160,7 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
     else {
         return Settled {
             decision,
+            approvers: Vec::new(),
             approval: None,
             grant: None,
         };
@@ -189,8 +193,21 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
                 approval: None,
                 ..decision
             };
+            // Who approved, and why, belongs in the record of every decision the grant allows.
+            let approvers = match state.store.reviews(grant.request_id).await {
+                Ok(reviews) => reviews
+                    .into_iter()
+                    .filter(|r| r.verdict == crate::approval::Verdict::Approve)
+                    .map(|r| crate::audit::Approver {
+                        id: r.approver_id,
+                        rationale: r.rationale,
+                    })
+                    .collect(),
+                Err(e) => return store_failure(allowed, &e),
+            };
             return Settled {
                 decision: allowed,
+                approvers,
                 approval: None,
                 grant: Some(grant),
             };
@@ -205,6 +222,7 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
             }
             Settled {
                 decision,
+                approvers: Vec::new(),
                 approval: Some(request),
                 grant: None,
             }
@@ -230,6 +248,7 @@ fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled
             }],
             approval: None,
         },
+        approvers: Vec::new(),
         approval: None,
         grant: None,
     }
@@ -257,6 +276,7 @@ pub fn record(
     let mut record = DecisionRecord::new(req, &decision, started.elapsed());
     record.approval_id = approval_id.as_deref();
     record.grant_id = grant_id.as_deref();
+    record.approvers = &settled.approvers;
     match state.audit.append(&record.into()) {
         Ok(_) => decision,
         // Fail closed (SECURITY §0 item 2, P-04): no decision is answered without its audit
