@@ -64,6 +64,15 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Grants, through a running server's API, with your own token.
+    Grants {
+        #[arg(long, env = "MANDATE_SERVER", default_value = "http://127.0.0.1:8181")]
+        server: String,
+        #[arg(long, env = "MANDATE_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(subcommand)]
+        command: GrantsCommand,
+    },
     /// Approval requests, through a running server's approvals API, with your own token.
     Approvals {
         /// The server's base URL.
@@ -75,6 +84,17 @@ enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum GrantsCommand {
+    /// Active grants of the requests you may see (`--all` includes expired and revoked).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// End a grant before its time.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +229,23 @@ fn main() -> ExitCode {
         Command::Audit { command } => match command {
             AuditCommand::Verify { file } => cli::audit_verify(&file),
         },
+        Command::Grants {
+            server,
+            token,
+            command,
+        } => {
+            let call = match command {
+                GrantsCommand::List { all } => cli::ApiCall::get(if all {
+                    "/v1/grants?all=true".to_owned()
+                } else {
+                    "/v1/grants".to_owned()
+                }),
+                GrantsCommand::Revoke { id } => {
+                    cli::ApiCall::post(format!("/v1/grants/{id}/revoke"), serde_json::json!({}))
+                }
+            };
+            call.and_then(|c| cli::api(&server, &token, c))
+        }
         Command::Approvals {
             server,
             token,

@@ -775,3 +775,63 @@ async fn a14_two_approvers_racing_on_a_quorum_of_one_give_exactly_one_grant() {
         s.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a12_a_revoked_grant_allows_nothing_more_and_the_cli_lists_and_revokes() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(333)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let alice = approver("alice", &["finance-approvers"]);
+    let (_, v) = review(
+        &s,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-3"}}),
+    )
+    .await;
+    let grant = v["grant"]["id"].as_str().unwrap().to_owned();
+    let (_, allowed) = s.post("/v1/check", Some(&t), &transfer(333)).await;
+    assert_eq!(allowed["decision"], "allow");
+    let run = |args: Vec<String>, token: String, base: String| {
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
+                .args(["grants", "--server", &base])
+                .args(&args)
+                .env("MANDATE_TOKEN", token)
+                .output()
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        })
+    };
+    let (code, out) = run(vec!["list".into()], alice.clone(), s.base.clone())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(out.contains(&grant), "{out}");
+    // Someone who may not see the request cannot revoke its grant either.
+    let stranger = approver("zed", &["sales"]);
+    let (code, _) = run(
+        vec!["revoke".into(), grant.clone()],
+        stranger,
+        s.base.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 1);
+    let (code, out) = run(vec!["revoke".into(), grant.clone()], alice, s.base.clone())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"revoked\": true"), "{out}");
+    let (_, after) = s.post("/v1/check", Some(&t), &transfer(333)).await;
+    assert_eq!(
+        after["decision"], "escalate",
+        "a revoked grant allows nothing: {after}"
+    );
+    s.shutdown().await;
+}

@@ -481,3 +481,115 @@ fn view(r: &ApprovalRequest) -> serde_json::Value {
         "expires_at": rfc3339(r.expires_at),
     })
 }
+
+/// Grants, as seen through the requests they came from.
+pub const GRANTS: &str = "/v1/grants";
+
+/// `GET /v1/grants[?all=true]`: the active (or all) grants of requests the caller may view.
+pub async fn grants(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let result = async {
+        let caller = authenticate(state, conn, req.headers()).await?;
+        let all = query_param(req.uri().query(), "all").is_some_and(|v| v == "true");
+        let now = state.engine.now();
+        let grants = state
+            .store
+            .grants(!all, now)
+            .await
+            .map_err(|e| store_read_error(&e))?;
+        let mut out = Vec::new();
+        for g in grants {
+            let visible = state
+                .store
+                .get(g.request_id)
+                .await
+                .map_err(|e| store_read_error(&e))?
+                .is_some_and(|r| may_view(&caller, &r));
+            if visible {
+                let mut v = grant_json(&g);
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("revoked".into(), json!(g.revoked_at.is_some()));
+                }
+                out.push(v);
+            }
+        }
+        Ok::<_, ApiError>(json!({ "grants": out }))
+    }
+    .await;
+    match result {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/grants/{id}/revoke`: an approver of the request's groups, or the requester
+/// giving it up, ends a grant before its time; an audit event synced before the answer.
+pub async fn revoke(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let result = async {
+        let caller = authenticate(state, conn, req.headers()).await?;
+        let raw = req
+            .uri()
+            .path()
+            .trim_start_matches(GRANTS)
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let missing = || {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no grant `{raw}` for this caller"),
+            )
+        };
+        let id = Uuid::parse_str(&raw).map_err(|_| missing())?;
+        let now = state.engine.now();
+        let grant = state
+            .store
+            .grants(false, now)
+            .await
+            .map_err(|e| store_read_error(&e))?
+            .into_iter()
+            .find(|g| g.id == id)
+            .ok_or_else(missing)?;
+        let request = state
+            .store
+            .get(grant.request_id)
+            .await
+            .map_err(|e| store_read_error(&e))?
+            .ok_or_else(missing)?;
+        if !may_view(&caller, &request) {
+            return Err(missing());
+        }
+        let revoked = state
+            .store
+            .revoke_grant(id, now)
+            .await
+            .map_err(|e| store_error(&e, &raw))?;
+        let by = match &caller {
+            Caller::Agent(p) => p.id.clone(),
+            Caller::EnforcementPoint { name } => format!("pep:{name}"),
+        };
+        let detail = json!({"grant_id": id.to_string(), "request_id": grant.request_id.to_string(), "by": by});
+        state
+            .audit
+            .append_durable(&EventRecord::new("grant_revoked", &detail).into())
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    format!("the revocation was stored but could not be audited: {e}"),
+                )
+            })?;
+        let mut v = grant_json(&revoked);
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("revoked".into(), json!(revoked.revoked_at.is_some()));
+        }
+        Ok(v)
+    }
+    .await;
+    match result {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => e.into_response(),
+    }
+}

@@ -355,6 +355,10 @@ pub async fn route(
         (&Method::POST, "/access/v1/evaluation") => authzen::evaluation(&state, &conn, req).await,
         (&Method::POST, "/access/v1/evaluations") => authzen::evaluations(&state, &conn, req).await,
         (&Method::GET, "/v1/approvals") => approvals::list(&state, &conn, req).await,
+        (&Method::GET, approvals::GRANTS) => approvals::grants(&state, &conn, req).await,
+        (&Method::POST, p) if p.starts_with(approvals::GRANTS) && p.ends_with("/revoke") => {
+            approvals::revoke(&state, &conn, req).await
+        }
         (&Method::POST, p) if p.starts_with(approvals::PREFIX) && p.ends_with("/cancel") => {
             approvals::cancel(&state, &conn, req).await
         }
