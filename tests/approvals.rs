@@ -216,25 +216,12 @@ async fn a13_quorum_of_two_needs_two_distinct_approvers() {
     s.shutdown().await;
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn a11_fallback_then_expiry_move_the_request_and_an_expired_one_is_never_approved() {
     // The example bundle with the fallback after one second instead of thirty minutes.
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    copy_dir(&common::repo().join("config/policies"), &bundle);
+    common::copy_dir(&common::repo().join("config/policies"), &bundle);
     let payments = std::fs::read_to_string(bundle.join("payments.cedar")).unwrap();
     std::fs::write(
         bundle.join("payments.cedar"),

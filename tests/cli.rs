@@ -45,21 +45,10 @@ fn example_bundle_validates_and_its_tests_pass() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
-fn copy_bundle(to: &std::path::Path) {
-    let from = repo().join("config/policies");
-    std::fs::create_dir_all(to.join("tests")).unwrap();
-    for entry in std::fs::read_dir(&from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 #[test]
 fn failing_policy_test_prints_expected_and_got_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
-    copy_bundle(dir.path());
+    common::copy_dir(&repo().join("config/policies"), dir.path());
     std::fs::write(
         dir.path().join("tests/wrong.yaml"),
         r#"cases:
@@ -84,7 +73,7 @@ fn failing_policy_test_prints_expected_and_got_and_exits_non_zero() {
 #[test]
 fn bad_annotation_is_a_load_error_naming_file_line_and_policy() {
     let dir = tempfile::tempdir().unwrap();
-    copy_bundle(dir.path());
+    common::copy_dir(&repo().join("config/policies"), dir.path());
     std::fs::write(
         dir.path().join("zz-bad.cedar"),
         "\n@id(\"bad-ttl\")\n@approval(\"finance-approvers\")\n@grant_ttl(\"forever\")\npermit (principal, action == Action::\"crm:read\", resource);\n",

@@ -147,24 +147,11 @@ mtls_uri_sans = ["spiffe://example.org/ns/edge/sa/gateway"]
     s.shutdown().await;
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn reload_swaps_the_bundle_and_keeps_the_last_good_one() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    copy_dir(&repo().join("config/policies"), &bundle);
+    common::copy_dir(&repo().join("config/policies"), &bundle);
     let bundle_s = bundle.to_str().unwrap().to_owned();
     let cfg = example_config(&[("MANDATE_POLICY__BUNDLE", &bundle_s)]);
     let s = TestServer::start(&cfg).await;

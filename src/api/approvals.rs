@@ -67,14 +67,7 @@ async fn review_inner(
     verdict: Verdict,
 ) -> Result<serde_json::Value, ApiError> {
     let caller = authenticate(state, conn, req.headers()).await?;
-    let raw = req
-        .uri()
-        .path()
-        .trim_start_matches(PREFIX)
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let raw = path_id(req.uri().path(), PREFIX);
     let Caller::Agent(approver) = caller else {
         // an enforcement point or bot cannot approve in its own name.
         return Err(forbidden(
@@ -175,16 +168,7 @@ async fn review_inner(
         "status": outcome.request.status.as_str(),
         "grant_id": outcome.grant.as_ref().map(|g| g.id.to_string()),
     });
-    state
-        .audit
-        .append_durable(&EventRecord::new("approval_review", &detail).into())
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_unavailable",
-                format!("the review was stored but could not be audited: {e}"),
-            )
-        })?;
+    audit_event(state, "approval_review", &detail, "review")?;
     Ok(json!({
         "request": view(&outcome.request),
         "grant": outcome.grant.as_ref().map(grant_json),
@@ -259,15 +243,48 @@ fn store_read_error(e: &StoreError) -> ApiError {
 /// The requester sees its own request; an approver of its current groups sees what it is
 /// asked to approve. Everyone else is told it does not exist.
 fn may_view(caller: &Caller, request: &ApprovalRequest) -> bool {
-    match caller {
-        Caller::Agent(p) => {
-            (p.kind == request.principal.kind
-                && p.id == request.principal.id
-                && p.issuer == request.principal.issuer)
-                || p.groups.iter().any(|g| request.current_groups.contains(g))
-        }
-        Caller::EnforcementPoint { .. } => false,
-    }
+    is_requester(caller, request)
+        || matches!(caller, Caller::Agent(p)
+            if p.groups.iter().any(|g| request.current_groups.contains(g)))
+}
+
+/// The caller is the principal the request was made for (same type, id and issuer).
+fn is_requester(caller: &Caller, request: &ApprovalRequest) -> bool {
+    matches!(caller, Caller::Agent(p)
+        if p.kind == request.principal.kind
+            && p.id == request.principal.id
+            && p.issuer == request.principal.issuer)
+}
+
+/// The id segment of `/prefix/{id}[/verb]`.
+fn path_id(path: &str, prefix: &str) -> String {
+    path.trim_start_matches(prefix)
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Write an approval event and sync it: the change it records was stored, and is not
+/// acknowledged until it is on disk too.
+fn audit_event(
+    state: &AppState,
+    event: &str,
+    detail: &serde_json::Value,
+    what: &str,
+) -> Result<(), ApiError> {
+    state
+        .audit
+        .append_durable(&EventRecord::new(event, detail).into())
+        .map(|_| ())
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                format!("the {what} was stored but could not be audited: {e}"),
+            )
+        })
 }
 
 /// Longest a status request may wait for a change (`?wait=`).
@@ -281,7 +298,7 @@ async fn show_inner(
     req: Request<Incoming>,
 ) -> Result<ApprovalRequest, ApiError> {
     let caller = authenticate(state, conn, req.headers()).await?;
-    let raw = req.uri().path().trim_start_matches(PREFIX).to_owned();
+    let raw = path_id(req.uri().path(), PREFIX);
     let wait = match query_param(req.uri().query(), "wait") {
         None => None,
         Some(w) => Some(
@@ -335,14 +352,7 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 pub async fn cancel(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let result = async {
         let caller = authenticate(state, conn, req.headers()).await?;
-        let raw = req
-            .uri()
-            .path()
-            .trim_start_matches(PREFIX)
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let raw = path_id(req.uri().path(), PREFIX);
         let id = Uuid::parse_str(&raw).map_err(|_| not_found(&raw))?;
         let request = state
             .store
@@ -350,10 +360,7 @@ pub async fn cancel(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             .await
             .map_err(|e| store_read_error(&e))?
             .ok_or_else(|| not_found(&raw))?;
-        let is_requester = matches!(&caller, Caller::Agent(p)
-            if p.kind == request.principal.kind && p.id == request.principal.id
-                && p.issuer == request.principal.issuer);
-        if !is_requester {
+        if !is_requester(&caller, &request) {
             return Err(not_found(&raw));
         }
         let cancelled = state
@@ -362,16 +369,7 @@ pub async fn cancel(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             .await
             .map_err(|e| store_error(&e, &raw))?;
         let detail = json!({"request_id": id.to_string(), "by": request.principal.id});
-        state
-            .audit
-            .append_durable(&EventRecord::new("approval_cancelled", &detail).into())
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "audit_unavailable",
-                    format!("the cancellation was stored but could not be audited: {e}"),
-                )
-            })?;
+        audit_event(state, "approval_cancelled", &detail, "cancellation")?;
         Ok(cancelled)
     }
     .await;
@@ -526,15 +524,7 @@ pub async fn grants(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
 pub async fn revoke(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let result = async {
         let caller = authenticate(state, conn, req.headers()).await?;
-        let raw = req
-            .uri()
-            .path()
-            .trim_start_matches(GRANTS)
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let raw = path_id(req.uri().path(), GRANTS);
         let missing = || {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -571,16 +561,7 @@ pub async fn revoke(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             Caller::EnforcementPoint { name } => format!("pep:{name}"),
         };
         let detail = json!({"grant_id": id.to_string(), "request_id": grant.request_id.to_string(), "by": by});
-        state
-            .audit
-            .append_durable(&EventRecord::new("grant_revoked", &detail).into())
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "audit_unavailable",
-                    format!("the revocation was stored but could not be audited: {e}"),
-                )
-            })?;
+        audit_event(state, "grant_revoked", &detail, "revocation")?;
         let mut v = grant_json(&revoked);
         if let Some(obj) = v.as_object_mut() {
             obj.insert("revoked".into(), json!(revoked.revoked_at.is_some()));

@@ -180,3 +180,17 @@ pub fn spawn_serve(audit: &Path) -> (std::process::Child, String) {
     std::thread::spawn(move || for _ in lines {});
     (child, addr.expect("listening address logged"))
 }
+
+/// Copy a directory tree (a policy bundle) so a test can change its copy.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("copy");
+    for entry in std::fs::read_dir(from).expect("copy") {
+        let entry = entry.expect("copy");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("copy").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
