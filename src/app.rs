@@ -20,7 +20,7 @@ use crate::policy::{Bundle, BundleError};
 
 /// Distinct checks whose verdict is kept for a repeat within the same second: bounded small,
 /// since each entry holds a whole request (the sidecar must stay within its memory budget).
-const DECISION_CACHE_ENTRIES: u64 = 1_024;
+const DECISION_CACHE_ENTRIES: usize = 1_024;
 
 /// Install aws-lc-rs as the process's rustls provider, and check jsonwebtoken found its
 /// backend. A second TLS backend in the build (ring, OpenSSL) would make rustls panic at run

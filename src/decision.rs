@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use cedar_policy::{Authorizer, Context, Effect, Entities, Request, RestrictedExpression};
+use cedar_policy::{Effect, Entities};
+use cedar_policy_core::ast::{self, ValueKind};
+use cedar_policy_core::evaluator::Evaluator;
+use cedar_policy_core::extensions::Extensions;
 use serde_json::{Map, Value};
 
 use crate::clock::Clock;
@@ -131,9 +134,21 @@ pub mod duration_str {
 /// date comparison). Entries live at most one second. A hit still gets its own decision id:
 /// it is a new decision, made by the same rules from the same inputs. What the cache holds is
 /// the policy's verdict only: grants are looked up again for every escalation, hit or not.
+///
+/// Since a key is only ever valid within its own second, the cache is one generation: the
+/// entries of the current second, dropped whole when the clock moves on. That is cheaper
+/// than a general cache's bookkeeping (the miss path runs on every new check), bounded by
+/// `max_entries`, and an entry cannot outlive its second even if the key forgot to say so.
 #[derive(Debug)]
 pub struct DecisionCache {
-    entries: moka::sync::Cache<[u8; 32], Arc<CachedCheck>>,
+    max_entries: usize,
+    current: std::sync::Mutex<Generation>,
+}
+
+#[derive(Debug, Default)]
+struct Generation {
+    second: i64,
+    entries: std::collections::HashMap<[u8; 32], Arc<CachedCheck>>,
 }
 
 /// A check and the decision it got: what a repeat of the same check reuses (the request
@@ -176,31 +191,49 @@ impl CacheKey {
 }
 
 impl DecisionCache {
-    /// How long an entry may be reused; the key's current second bounds it too.
-    pub const TTL: Duration = Duration::from_secs(1);
-
-    pub fn new(max_entries: u64) -> Self {
+    pub fn new(max_entries: usize) -> Self {
         Self {
-            entries: moka::sync::Cache::builder()
-                .max_capacity(max_entries)
-                .time_to_live(Self::TTL)
-                .build(),
+            max_entries,
+            current: std::sync::Mutex::new(Generation::default()),
         }
     }
 
-    pub fn get(&self, key: &[u8; 32]) -> Option<Arc<CachedCheck>> {
-        self.entries.get(key)
+    /// The entry for `key` made during second `now`.
+    pub fn get(&self, key: &[u8; 32], now: i64) -> Option<Arc<CachedCheck>> {
+        let current = self.current.lock().ok()?;
+        if current.second != now {
+            return None;
+        }
+        current.entries.get(key).cloned()
     }
 
-    pub fn insert(
-        &self,
-        key: [u8; 32],
-        request: CheckRequest,
-        decision: Decision,
-    ) -> Arc<CachedCheck> {
-        let entry = Arc::new(CachedCheck { request, decision });
-        self.entries.insert(key, entry.clone());
-        entry
+    /// Remember a decision made during second `now`; a full generation takes no more.
+    pub fn insert(&self, key: [u8; 32], now: i64, request: CheckRequest, decision: Decision) {
+        let Ok(mut current) = self.current.lock() else {
+            return;
+        };
+        if current.second != now {
+            // Older seconds' entries can never be hit again; newer ones are not replaced by
+            // a decision that finished late.
+            if current.second > now {
+                return;
+            }
+            current.second = now;
+            current.entries.clear();
+        }
+        if current.entries.len() < self.max_entries {
+            current
+                .entries
+                .insert(key, Arc::new(CachedCheck { request, decision }));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.lock().map_or(0, |c| c.entries.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -214,7 +247,6 @@ pub const RESERVED_CONTEXT_KEY: &str = "mandate";
 pub struct Engine {
     bundle: ArcSwap<Bundle>,
     clock: Arc<dyn Clock>,
-    authorizer: Authorizer,
 }
 
 impl Engine {
@@ -222,7 +254,6 @@ impl Engine {
         Self {
             bundle: ArcSwap::new(bundle),
             clock,
-            authorizer: Authorizer::new(),
         }
     }
 
@@ -243,9 +274,15 @@ impl Engine {
 
     /// Decide one check. Never fails: every error is a `deny` with a reason.
     pub fn decide(&self, req: &CheckRequest) -> Decision {
+        self.decide_at(req, self.clock.now_unix())
+    }
+
+    /// Decide one check as of `now` (unix seconds): what `context.mandate.now` and the
+    /// recertification dates see. A caller that keyed a cache on the second decides at it.
+    pub fn decide_at(&self, req: &CheckRequest, now: i64) -> Decision {
         let bundle = self.bundle.load();
         let version = bundle.version();
-        match self.evaluate(&bundle, req) {
+        match self.evaluate(&bundle, req, now) {
             Ok(verdict) => verdict.into_decision(version),
             // Fail closed: whatever went wrong, the answer is deny.
             Err(reason) => Decision {
@@ -259,7 +296,7 @@ impl Engine {
         }
     }
 
-    fn evaluate(&self, bundle: &Bundle, req: &CheckRequest) -> Result<Verdict, Reason> {
+    fn evaluate(&self, bundle: &Bundle, req: &CheckRequest, now: i64) -> Result<Verdict, Reason> {
         let Some(slice) = bundle.slice(&req.action) else {
             return Err(deny(
                 "unknown_action",
@@ -276,30 +313,35 @@ impl Engine {
             )));
         }
 
-        // Context: the caller's fields plus `mandate: { now, action? }`.
-        let mut pairs = values::record_pairs("context", &req.context).map_err(invalid_value)?;
-        // One reading of the clock serves the context and the recertification dates.
-        let now = self.clock.now_unix();
+        // Context: the caller's fields plus `mandate: { now, action? }`, built straight into
+        // the values Cedar's evaluator reads.
+        // One reading of the clock (`now`) serves the context and the recertification dates.
+        let mut mandate = None;
         // `context.mandate` only when a policy of this action can read it: it is a nested
         // record Cedar evaluates on every check.
         if slice.uses_mandate_context() {
-            let mut mandate = Vec::with_capacity(2);
-            mandate.push(("now".to_owned(), RestrictedExpression::new_long(now)));
+            let mut fields = vec![("now", values::CoreValue::from(now))];
             if let Some(props) = &req.action_properties {
-                let fields =
-                    values::record_pairs("action.properties", props).map_err(invalid_value)?;
-                let record = RestrictedExpression::new_record(fields)
-                    .map_err(|e| invalid(format!("`action.properties`: {e}")))?;
-                mandate.push(("action".to_owned(), record));
+                fields.push((
+                    "action",
+                    values::record_value("action.properties", props, []).map_err(invalid_value)?,
+                ));
             }
-            let mandate = RestrictedExpression::new_record(mandate)
-                .map_err(|e| invalid(format!("`context.{RESERVED_CONTEXT_KEY}`: {e}")))?;
-            pairs.push((RESERVED_CONTEXT_KEY.to_owned(), mandate));
+            mandate = Some((
+                RESERVED_CONTEXT_KEY,
+                values::CoreValue::record(fields, None),
+            ));
         } else if let Some(props) = &req.action_properties {
             // Still refuse action properties Cedar cannot hold, whether or not read.
-            values::record_pairs("action.properties", props).map_err(invalid_value)?;
+            values::record_value("action.properties", props, []).map_err(invalid_value)?;
         }
-        let context = Context::from_pairs(pairs).map_err(|e| invalid(format!("`context`: {e}")))?;
+        let context = match values::record_value("context", &req.context, mandate)
+            .map_err(invalid_value)?
+            .value
+        {
+            ValueKind::Record(fields) => ast::Context::Value(fields),
+            _ => return Err(invalid("`context` is not a record".to_owned())),
+        };
 
         // Entities: the slice's base, plus the principal and the resource. An entity the
         // bundle knows and the request describes without attributes keeps the bundle's data
@@ -370,33 +412,47 @@ impl Engine {
 
         // No schema here: AuthZEN callers may send properties the schema does not declare;
         // the policies themselves were validated strictly at load.
-        let request = Request::new(
-            principal_uid,
-            slice.uid().clone(),
-            resource_uid,
-            context,
-            None,
-        )
-        .map_err(|e| invalid(e.to_string()))?;
-        let response = self
-            .authorizer
-            .is_authorized(&request, slice.policies(), entities);
+        let uid = |u: &cedar_policy::EntityUid| {
+            ast::EntityUIDEntry::known(AsRef::<ast::EntityUID>::as_ref(u).clone(), None)
+        };
+        let request = ast::Request::new_unchecked(
+            uid(&principal_uid),
+            uid(slice.uid()),
+            uid(&resource_uid),
+            Some(context),
+        );
+        // Cedar's authorizer, minus its per-request rebuild of every condition: each policy of
+        // the slice is satisfied (its condition is `true`), not satisfied, or in error.
+        let evaluator = Evaluator::new(request, entities.as_ref(), Extensions::all_available());
+        let mut satisfied = Vec::new();
+        let mut errors = Vec::new();
+        for condition in slice.conditions() {
+            match evaluator.interpret(&condition.expr, &condition.env) {
+                Ok(ast::Value {
+                    value: ValueKind::Lit(ast::Literal::Bool(b)),
+                    ..
+                }) => {
+                    if b {
+                        satisfied.push(condition.id.as_str());
+                    }
+                }
+                Ok(other) => errors.push((
+                    condition,
+                    format!("its condition is not a boolean but `{other}`"),
+                )),
+                Err(e) => errors.push((condition, e.to_string())),
+            }
+        }
 
         // Fail closed: a policy that errors may have been the forbid that mattered.
-        let diagnostics = response.diagnostics();
-        let mut errors = diagnostics.errors().peekable();
-        if errors.peek().is_some() {
+        if !errors.is_empty() {
             let mut reasons: Vec<Reason> = errors
-                .map(|e| {
-                    let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = e;
+                .into_iter()
+                .map(|(c, e)| {
                     deny(
                         "policy_error",
-                        Some(e.policy_id().to_string()),
-                        format!(
-                            "policy `{}` failed to evaluate: {}",
-                            e.policy_id(),
-                            e.inner()
-                        ),
+                        Some(c.id.clone()),
+                        format!("policy `{}` failed to evaluate: {e}", c.id),
                     )
                 })
                 .collect();
@@ -405,8 +461,7 @@ impl Engine {
         }
 
         let mut verdict = Tally::default();
-        for id in diagnostics.reason() {
-            let id = id.as_ref();
+        for id in satisfied {
             let Some(meta) = bundle.policy_meta(id) else {
                 // Every policy of a slice has metadata; if not, refuse rather than guess.
                 return Err(deny(
@@ -926,14 +981,37 @@ mod tests {
         let cache = DecisionCache::new(16);
         let d = engine(PAYMENTS).decide(&transfer(250));
         let key = CacheKey::new().part(b"token").part(b"body").finish();
-        assert!(cache.get(&key).is_none());
-        cache.insert(key, transfer(250), d.clone());
-        let hit = cache.get(&key).unwrap().fresh();
+        assert!(cache.get(&key, 100).is_none());
+        cache.insert(key, 100, transfer(250), d.clone());
+        let hit = cache.get(&key, 100).unwrap().fresh();
         assert_ne!(hit.id, d.id);
         assert_eq!(
             (hit.outcome, &hit.policy_ids, &hit.approval),
             (d.outcome, &d.policy_ids, &d.approval)
         );
+    }
+
+    #[test]
+    fn r04c_cached_decisions_live_only_within_their_second_and_are_bounded() {
+        let cache = DecisionCache::new(2);
+        let d = engine(PAYMENTS).decide(&transfer(1));
+        let key = |i: u8| CacheKey::new().part(&[i]).finish();
+        cache.insert(key(1), 100, transfer(1), d.clone());
+        assert!(cache.get(&key(1), 100).is_some());
+        // The next second sees nothing of the previous one.
+        assert!(cache.get(&key(1), 101).is_none());
+        // A late insert for an older second does not replace the newer generation.
+        cache.insert(key(2), 101, transfer(1), d.clone());
+        cache.insert(key(3), 100, transfer(1), d.clone());
+        assert!(cache.get(&key(3), 100).is_none());
+        assert_eq!(cache.len(), 1);
+        // Full: nothing more is taken until the next second.
+        cache.insert(key(4), 101, transfer(1), d.clone());
+        cache.insert(key(5), 101, transfer(1), d.clone());
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get(&key(5), 101).is_none());
+        cache.insert(key(5), 102, transfer(1), d);
+        assert_eq!(cache.len(), 1);
     }
 
     proptest::proptest! {

@@ -53,30 +53,35 @@ async fn check_inner(
     let caller = authenticate(state, conn, req.headers()).await?;
     // The caller's credential fixes the principal and every attribute it carries; a trusted
     // enforcement point's subject is in the body.
+    // Tagged by kind, so no credential of one kind can stand for one of another.
     let credential = match &caller {
-        Caller::Agent(_) => bearer_bytes(req.headers()),
+        Caller::Agent(p) => match p.credential_digest {
+            Some(digest) => [b"sha256:".as_slice(), &digest].concat(),
+            None => [b"bearer:".as_slice(), &bearer_bytes(req.headers())].concat(),
+        },
         Caller::EnforcementPoint { name } => format!("pep:{name}").into_bytes(),
     };
     let bytes =
         body::read_json_bytes(req, &state.server, WrongTypeStatus::UnsupportedMediaType).await?;
+    let now = state.engine.now();
     let key = CacheKey::new()
         .part(&credential)
         .part(&bytes)
         .part(state.engine.bundle().version().as_bytes())
-        .part(&state.engine.now().to_le_bytes())
+        .part(&now.to_le_bytes())
         .finish();
     // A repeat of the same check within the same second: the same inputs make the same
     // verdict (SECURITY R-04c); it is still a decision of its own, with its own id and record.
-    if let Some(hit) = state.decisions.get(&key) {
+    if let Some(hit) = state.decisions.get(&key, now) {
         return Ok(settle(state, &hit.request, hit.fresh(), started).await);
     }
     let request = parse_check(&caller, &bytes)?;
-    let verdict = state.engine.decide(&request);
+    let verdict = state.engine.decide_at(&request, now);
     let settled = settle(state, &request, verdict.clone(), started).await;
     // Cache the policy's verdict, not an outage: a deny caused by the audit log or the store
     // must not outlive the outage.
     if settled.decision.outcome == verdict.outcome {
-        state.decisions.insert(key, request, verdict);
+        state.decisions.insert(key, now, request, verdict);
     }
     Ok(settled)
 }

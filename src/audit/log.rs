@@ -211,14 +211,12 @@ impl Inner {
         let mut prev = [0u8; 64];
         let prev = hex32(&head.hash, &mut prev);
         head.buf.clear();
-        serde_json::to_writer(
-            &mut head.buf,
-            &Sealed {
-                record,
-                seq,
-                prev_hash: prev,
-            },
-        )?;
+        Sealed {
+            record,
+            seq,
+            prev_hash: prev,
+        }
+        .write_json(&mut head.buf)?;
         let hash: [u8; 32] = Sha256::new()
             .chain_update(prev.as_bytes())
             .chain_update(b"\n")

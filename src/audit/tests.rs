@@ -81,15 +81,9 @@ fn broken_at(path: &Path) -> (u64, Broken) {
     }
 }
 
-#[test]
-fn records_serialize_canonically() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = new_log(dir.path(), 1);
-    let log = AuditLog::open(&path, AuditSettings::default()).unwrap();
-    let detail = json!({"z": 1, "a": {"y": [true, null, 1.5], "b": "é\"\n"}});
-    log.append(&EventRecord::new("approval.created", &detail).into())
-        .unwrap();
-    for line in lines(&path) {
+/// Every line of `path` is exactly the canonical JSON of its own content plus `hash`.
+fn assert_canonical_lines(path: &Path) {
+    for line in lines(path) {
         let mut v: Value = serde_json::from_str(&line).unwrap();
         let hash = v.as_object_mut().unwrap().remove("hash").unwrap();
         let mut canonical = Vec::new();
@@ -98,6 +92,63 @@ fn records_serialize_canonically() {
         let expected = format!("{},\"hash\":{hash}}}", canonical.strip_suffix('}').unwrap());
         assert_eq!(line, expected);
     }
+}
+
+proptest::proptest! {
+    /// The hand-written decision line escapes every text from outside Mandate exactly as
+    /// the verifier's canonical JSON does: quotes, backslashes, control characters, non-ASCII.
+    #[test]
+    fn decision_records_with_any_text_serialize_canonically(
+        texts in proptest::collection::vec(proptest::string::string_regex("(?s).{0,12}").unwrap(), 9),
+        latency in proptest::num::u64::ANY,
+        flags in proptest::num::u8::ANY,
+        millis in 0i64..253_402_300_799_999,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, AuditSettings::default()).unwrap();
+        let mut req = request(1);
+        req.action = texts[0].clone();
+        req.resource.kind = texts[1].clone();
+        req.resource.id = texts[2].clone();
+        let mut d = decision();
+        d.policy_ids = vec![texts[3].clone(), texts[4].clone()];
+        d.policy_version = texts[5].as_str().into();
+        let approvers = vec![Approver { id: texts[6].clone(), rationale: texts[7].clone() }];
+        let mut record = DecisionRecord::new(&req, &d, Duration::from_micros(latency));
+        record.latency_us = latency;
+        record.issuer = &texts[8];
+        record.token_id = (flags & 1 == 1).then_some(texts[0].as_str());
+        record.grant_id = (flags & 2 == 2).then_some(texts[1].as_str());
+        record.approval_id = (flags & 4 == 4).then_some(texts[2].as_str());
+        record.breakglass = flags & 8 == 8;
+        record.multi_audience = flags & 16 == 16;
+        record.approvers = &approvers;
+        record.time = Timestamp::from_unix_millis(millis);
+        log.append(&record.into()).unwrap();
+        assert_canonical_lines(&path);
+        let line: Value = serde_json::from_str(&lines(&path)[0]).unwrap();
+        proptest::prop_assert_eq!(&line["action"], &json!(texts[0]));
+        proptest::prop_assert_eq!(&line["approvers"][0]["rationale"], &json!(texts[7]));
+        proptest::prop_assert_eq!(line["latency_us"].as_u64(), Some(latency));
+        // The time is the instant itself, to the millisecond, whatever the date.
+        let time = time::OffsetDateTime::parse(
+            line["time"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        ).unwrap();
+        proptest::prop_assert_eq!(i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap(), millis);
+    }
+}
+
+#[test]
+fn records_serialize_canonically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = new_log(dir.path(), 1);
+    let log = AuditLog::open(&path, AuditSettings::default()).unwrap();
+    let detail = json!({"z": 1, "a": {"y": [true, null, 1.5], "b": "é\"\n"}});
+    log.append(&EventRecord::new("approval.created", &detail).into())
+        .unwrap();
+    assert_canonical_lines(&path);
     let all = lines(&path);
     let first: Value = serde_json::from_str(&all[0]).unwrap();
     assert_eq!(first["kind"], "decision");

@@ -58,6 +58,10 @@ pub struct Principal {
     pub groups: Vec<String>,
     /// True when `aud` held more than one audience (SVID §6.2 replay risk: flagged in audit).
     pub multi_audience: bool,
+    /// SHA-256 of the token this principal was verified from, when it came through the
+    /// token cache: it stands for the whole credential in decision-cache keys, so the token
+    /// is hashed once per request, not twice.
+    pub credential_digest: Option<[u8; 32]>,
     /// The Cedar entity, built once.
     pub entity: Arc<cedar_policy::Entity>,
     /// An entity store holding only this principal, built once: a check whose resource
@@ -159,6 +163,7 @@ impl Principal {
             owner,
             groups,
             multi_audience: false,
+            credential_digest: None,
             entities: Arc::new(crate::policy::values::store_of(&entity)?),
             entity: Arc::new(entity),
         })

@@ -225,7 +225,9 @@ impl Verifier {
                 }
                 self.inner.cache.invalidate(&key);
             }
-            let p = Arc::new(self.verify_uncached(token).await?);
+            let mut p = self.verify_uncached(token).await?;
+            p.credential_digest = Some(key);
+            let p = Arc::new(p);
             self.inner.cache.insert(key, Arc::clone(&p));
             return Ok(p);
         }
@@ -652,6 +654,7 @@ fn build_principal(
         owner,
         groups,
         multi_audience: c.aud.len() > 1,
+        credential_digest: None,
         entities: Arc::new(
             crate::policy::values::store_of(&entity)
                 .map_err(|e| IdentityError::ClaimsInvalid(e.to_string()))?,

@@ -115,6 +115,30 @@ pub struct ActionSlice {
     /// Whether any policy of the slice mentions `mandate` (`context.mandate.now`, ...): when
     /// none does, the decision path does not build that record.
     uses_mandate_context: bool,
+    /// The condition of each policy in `policies`, built once here: Cedar's authorizer
+    /// rebuilds (clones) every policy's condition expression on every request, which was
+    /// the largest single cost of a decision.
+    conditions: Vec<Condition>,
+}
+
+/// One policy's whole condition (scope and `when`/`unless`), ready to evaluate.
+#[derive(Debug)]
+pub struct Condition {
+    pub id: String,
+    pub expr: cedar_policy_core::ast::Expr,
+    /// Slot values of a template-linked policy (empty for a static one).
+    pub env: cedar_policy_core::ast::SlotEnv,
+}
+
+impl Condition {
+    fn of(policy: &Policy) -> Self {
+        let ast: &cedar_policy_core::ast::Policy = policy.as_ref();
+        Self {
+            id: policy.id().to_string(),
+            expr: ast.condition(),
+            env: ast.env().clone(),
+        }
+    }
 }
 
 impl ActionSlice {
@@ -132,6 +156,10 @@ impl ActionSlice {
     }
     pub fn uses_mandate_context(&self) -> bool {
         self.uses_mandate_context
+    }
+    /// The conditions of [`Self::policies`], one per policy.
+    pub fn conditions(&self) -> &[Condition] {
+        &self.conditions
     }
 }
 
@@ -655,6 +683,7 @@ fn build_slices(
         let mut policies = PolicySet::new();
         let mut breakglass = PolicySet::new();
         let mut uses_mandate_context = false;
+        let mut conditions = Vec::new();
         for p in parsed {
             if !matches(&p.policy) {
                 continue;
@@ -670,6 +699,7 @@ fn build_slices(
             let target = if is_breakglass {
                 &mut breakglass
             } else {
+                conditions.push(Condition::of(&p.policy));
                 &mut policies
             };
             if let Err(e) = target.add(p.policy.clone()) {
@@ -697,6 +727,7 @@ fn build_slices(
                         breakglass,
                         entities,
                         uses_mandate_context,
+                        conditions,
                     },
                 );
             }

@@ -33,46 +33,99 @@ impl ValueError {
     }
 }
 
-/// Convert one JSON value; `None` for `null` (absent).
-pub fn to_restricted(
-    path: &str,
-    value: &Value,
-) -> Result<Option<RestrictedExpression>, ValueError> {
-    to_restricted_at(path, value, 0)
+/// Where a value sits in the request (`context.items[2].id`), rendered only for an error:
+/// the decision path converts many fields and names almost none of them.
+#[derive(Clone, Copy)]
+enum Path<'a> {
+    Root(&'a str),
+    Key(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
 }
 
-fn to_restricted_at(
-    path: &str,
-    value: &Value,
-    depth: usize,
-) -> Result<Option<RestrictedExpression>, ValueError> {
-    if depth > MAX_DEPTH {
-        return Err(ValueError::new(
-            path,
-            format!("nested deeper than {MAX_DEPTH} levels"),
-        ));
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Root(r) => f.write_str(r),
+            Path::Key(parent, k) => write!(f, "{parent}.{k}"),
+            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
     }
+}
+
+impl ValueError {
+    fn at(path: &Path<'_>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What every JSON value becomes: the checks (depth, integers, no `null` in sets) are made
+/// once, here, for both Cedar representations below.
+enum Scalar<'v> {
+    Bool(bool),
+    Long(i64),
+    String(&'v str),
+}
+
+fn scalar<'v>(path: &Path<'_>, value: &'v Value) -> Result<Option<Scalar<'v>>, ValueError> {
     Ok(Some(match value {
-        Value::Null => return Ok(None),
-        Value::Bool(b) => RestrictedExpression::new_bool(*b),
-        Value::String(s) => RestrictedExpression::new_string(s.clone()),
+        Value::Bool(b) => Scalar::Bool(*b),
+        Value::String(s) => Scalar::String(s),
         Value::Number(n) => match n.as_i64() {
-            Some(i) => RestrictedExpression::new_long(i),
+            Some(i) => Scalar::Long(i),
             None => {
-                return Err(ValueError::new(
+                return Err(ValueError::at(
                     path,
                     format!("`{n}` is not a 64-bit integer (Cedar has no floating point numbers)"),
                 ));
             }
         },
+        _ => return Ok(None),
+    }))
+}
+
+fn check_depth(path: &Path<'_>, depth: usize) -> Result<(), ValueError> {
+    if depth > MAX_DEPTH {
+        return Err(ValueError::at(
+            path,
+            format!("nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    Ok(())
+}
+
+/// Convert one JSON value; `None` for `null` (absent).
+pub fn to_restricted(
+    path: &str,
+    value: &Value,
+) -> Result<Option<RestrictedExpression>, ValueError> {
+    to_restricted_at(&Path::Root(path), value, 0)
+}
+
+fn to_restricted_at(
+    path: &Path<'_>,
+    value: &Value,
+    depth: usize,
+) -> Result<Option<RestrictedExpression>, ValueError> {
+    check_depth(path, depth)?;
+    if let Some(s) = scalar(path, value)? {
+        return Ok(Some(match s {
+            Scalar::Bool(b) => RestrictedExpression::new_bool(b),
+            Scalar::Long(i) => RestrictedExpression::new_long(i),
+            Scalar::String(s) => RestrictedExpression::new_string(s.to_owned()),
+        }));
+    }
+    Ok(Some(match value {
         Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
-                let item_path = format!("{path}[{i}]");
+                let item_path = Path::Index(path, i);
                 match to_restricted_at(&item_path, item, depth + 1)? {
                     Some(v) => out.push(v),
                     None => {
-                        return Err(ValueError::new(&item_path, "null is not allowed in a set"));
+                        return Err(ValueError::at(&item_path, "null is not allowed in a set"));
                     }
                 }
             }
@@ -80,32 +133,97 @@ fn to_restricted_at(
         }
         Value::Object(map) => {
             RestrictedExpression::new_record(record_fields(path, map, depth + 1)?)
-                .map_err(|e| ValueError::new(path, e.to_string()))?
+                .map_err(|e| ValueError::at(path, e.to_string()))?
         }
+        _ => return Ok(None),
     }))
 }
 
 fn record_fields(
-    path: &str,
+    path: &Path<'_>,
     map: &Map<String, Value>,
     depth: usize,
 ) -> Result<Vec<(String, RestrictedExpression)>, ValueError> {
     let mut fields = Vec::with_capacity(map.len());
     for (k, v) in map {
-        let field_path = format!("{path}.{k}");
-        if let Some(expr) = to_restricted_at(&field_path, v, depth)? {
+        if let Some(expr) = to_restricted_at(&Path::Key(path, k), v, depth)? {
             fields.push((k.clone(), expr));
         }
     }
     Ok(fields)
 }
 
-/// The fields of a JSON object as Cedar record fields (for `Context::from_pairs`).
+/// The fields of a JSON object as Cedar record fields.
 pub fn record_pairs(
     path: &str,
     map: &Map<String, Value>,
 ) -> Result<Vec<(String, RestrictedExpression)>, ValueError> {
-    record_fields(path, map, 0)
+    record_fields(&Path::Root(path), map, 0)
+}
+
+/// A Cedar value as the evaluator holds it (`cedar-policy-core`): the decision path builds
+/// the request context straight into these, instead of restricted expressions that Cedar
+/// would then evaluate into the same values.
+pub type CoreValue = cedar_policy_core::ast::Value;
+
+/// The fields of a JSON object as an evaluated Cedar record, with the same mapping and the
+/// same errors as [`record_pairs`]; `extra` fields are added as they are.
+pub fn record_value(
+    path: &str,
+    map: &Map<String, Value>,
+    extra: impl IntoIterator<Item = (&'static str, CoreValue)>,
+) -> Result<CoreValue, ValueError> {
+    let path = Path::Root(path);
+    let mut fields = Vec::with_capacity(map.len() + 1);
+    for (k, v) in map {
+        if let Some(value) = to_value_at(&Path::Key(&path, k), v, 0)? {
+            fields.push((k.as_str(), value));
+        }
+    }
+    for (k, v) in extra {
+        fields.push((k, v));
+    }
+    Ok(CoreValue::record(fields, None))
+}
+
+fn to_value_at(
+    path: &Path<'_>,
+    value: &Value,
+    depth: usize,
+) -> Result<Option<CoreValue>, ValueError> {
+    check_depth(path, depth)?;
+    if let Some(s) = scalar(path, value)? {
+        return Ok(Some(match s {
+            Scalar::Bool(b) => CoreValue::from(b),
+            Scalar::Long(i) => CoreValue::from(i),
+            Scalar::String(s) => CoreValue::from(s),
+        }));
+    }
+    Ok(Some(match value {
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let item_path = Path::Index(path, i);
+                match to_value_at(&item_path, item, depth + 1)? {
+                    Some(v) => out.push(v),
+                    None => {
+                        return Err(ValueError::at(&item_path, "null is not allowed in a set"));
+                    }
+                }
+            }
+            CoreValue::set(out, None)
+        }
+        Value::Object(map) => {
+            let mut fields = Vec::with_capacity(map.len());
+            for (k, v) in map {
+                if let Some(value) = to_value_at(&Path::Key(path, k), v, depth + 1)? {
+                    fields.push((k.as_str(), value));
+                }
+            }
+            CoreValue::record(fields, None)
+        }
+        _ => return Ok(None),
+    }))
 }
 
 /// Type names parsed per thread: parsing one runs Cedar's grammar (~0.4 µs), and a sidecar
@@ -188,8 +306,9 @@ pub fn entity_from_json(
     parents: HashSet<EntityUid>,
 ) -> Result<Entity, ValueError> {
     let uid = entity_uid(path, kind, id)?;
-    let attrs: HashMap<String, RestrictedExpression> =
-        record_fields(path, attrs, 0)?.into_iter().collect();
+    let attrs: HashMap<String, RestrictedExpression> = record_fields(&Path::Root(path), attrs, 0)?
+        .into_iter()
+        .collect();
     Entity::new(uid, attrs, parents).map_err(|e| ValueError::new(path, e.to_string()))
 }
 
