@@ -1746,3 +1746,168 @@ fn k13_server_max_age_never_stretches_the_configured_refresh() {
     let one_s = Duration::from_secs(1);
     assert_eq!(keys::refresh_delay(one_s, Some(Duration::ZERO)), one_s);
 }
+
+// ---------------------------------------------------------------------------------------
+// K-17: the key-set parser under arbitrary and mutated input
+
+mod k17 {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const ALL: &[Algorithm] = &[
+        Algorithm::ES256,
+        Algorithm::ES384,
+        Algorithm::RS256,
+        Algorithm::PS256,
+        Algorithm::EdDSA,
+    ];
+
+    fn ec_jwk() -> &'static Value {
+        static JWK: OnceLock<Value> = OnceLock::new();
+        JWK.get_or_init(|| Ec::new().jwk("good"))
+    }
+
+    fn valid_doc() -> String {
+        json!({"keys": [ec_jwk(), rsa_jwk("rsa", Some("RS256"))]}).to_string()
+    }
+
+    /// Whatever the input: no panic, a bounded key set, or an error saying what was wrong.
+    fn check(bytes: &[u8]) -> Result<jwks::KeySet, jwks::JwksError> {
+        let r = jwks::parse(bytes, ALL, "k17");
+        match &r {
+            Ok(set) => {
+                assert!((1..=jwks::MAX_JWKS_KEYS).contains(&set.len()));
+                assert!(bytes.len() <= jwks::MAX_JWKS_BYTES);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("document "), "{msg}");
+                match e {
+                    jwks::JwksError::Json(why) => assert!(!why.trim().is_empty(), "{msg}"),
+                    jwks::JwksError::Shape(why) => assert!(why.contains("`keys`"), "{msg}"),
+                    _ => {}
+                }
+            }
+        }
+        r
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            // Strict JSON refuses NUL in any string, for the whole document (J-23): left out
+            // here so the property below is about keys, not about that refusal.
+            "[^\\x00]{0,24}".prop_map(Value::from),
+            // Near-valid member values: base64url of plausible lengths.
+            prop::collection::vec(any::<u8>(), 0..70).prop_map(|b| Value::from(B64.encode(b))),
+        ];
+        leaf.prop_recursive(3, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[^\\x00]{0,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn member_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "kty", "crv", "kid", "alg", "use", "key_ops", "x", "y", "n", "e", "d", "k",
+            ])
+            .prop_map(str::to_owned),
+            "[^\\x00]{0,6}",
+        ]
+    }
+
+    fn kty_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            prop::sample::select(vec!["EC", "RSA", "OKP", "oct", ""]).prop_map(Value::from),
+            json_value(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn k17_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = check(&bytes);
+        }
+
+        #[test]
+        fn k17_mutated_valid_documents_never_panic(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 1..10)
+        ) {
+            let mut doc = valid_doc().into_bytes();
+            for (at, byte, op) in edits {
+                if doc.is_empty() {
+                    break;
+                }
+                let i = at.index(doc.len());
+                match op {
+                    0 => doc[i] = byte,
+                    1 => doc.insert(i, byte),
+                    2 => { doc.remove(i); }
+                    _ => doc.truncate(i),
+                }
+            }
+            let _ = check(&doc);
+        }
+
+        /// One arbitrary key beside a good one: the bad key is skipped, the good one stays.
+        #[test]
+        fn k17_arbitrary_key_members_never_take_down_the_good_key(
+            members in prop::collection::btree_map(member_name(), json_value(), 0..10),
+            kty in kty_value(),
+            wrap in any::<bool>(),
+        ) {
+            let mut jwk: Map<String, Value> = members.into_iter().collect();
+            jwk.insert("kty".into(), kty);
+            // Never the good key's kid: a duplicate kid drops both, by design (K-08).
+            if jwk.get("kid") == Some(&json!("good")) {
+                jwk.remove("kid");
+            }
+            let bad = if wrap { Value::Object(jwk) } else { Value::Array(vec![Value::Object(jwk)]) };
+            let doc = json!({"keys": [bad, ec_jwk()]}).to_string();
+            if doc.len() <= jwks::MAX_JWKS_BYTES {
+                let set = check(doc.as_bytes()).unwrap();
+                prop_assert!(matches!(set.lookup(Some("good"), Algorithm::ES256), jwks::Lookup::Found(_)));
+            }
+        }
+
+        /// The size cap is exact: a valid document padded to the limit loads, one byte more
+        /// is refused before parsing.
+        #[test]
+        fn k17_size_cap_is_exact(len in (jwks::MAX_JWKS_BYTES - 64)..(jwks::MAX_JWKS_BYTES + 64)) {
+            let mut doc = valid_doc().into_bytes();
+            doc.resize(len, b' ');
+            match check(&doc) {
+                Ok(_) => prop_assert!(len <= jwks::MAX_JWKS_BYTES),
+                Err(e) => {
+                    prop_assert!(len > jwks::MAX_JWKS_BYTES);
+                    prop_assert_eq!(e, jwks::JwksError::TooLarge);
+                }
+            }
+        }
+
+        /// Deep nesting is refused by the depth limit, never by a stack overflow.
+        #[test]
+        fn k17_deep_nesting_is_refused(depth in 0usize..10_000, object in any::<bool>()) {
+            let (open, close) = if object { (r#"{"a":"#, "}") } else { ("[", "]") };
+            let doc = format!(
+                r#"{{"keys":[{{"kty":"EC","x":{}1{}}}]}}"#,
+                open.repeat(depth),
+                close.repeat(depth)
+            );
+            let r = check(doc.as_bytes());
+            if depth > 6 {
+                prop_assert!(r.is_err());
+            }
+        }
+    }
+}
