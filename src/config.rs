@@ -771,6 +771,8 @@ impl Reader {
                 "jwks_refresh",
                 "jwks_min_refetch_interval",
                 "jwks_max_staleness",
+                "jwks_fetch_timeout",
+                "jwks_ca_file",
                 "hmac_secret_env",
                 "leeway",
                 "max_lifetime",
@@ -874,6 +876,29 @@ impl Reader {
         }
         let jwks_file = self.string(t, p, "jwks_file");
         let jwks_url = self.string(t, p, "jwks_url");
+        let jwks_ca_file = self.string(t, p, "jwks_ca_file");
+        if let Some(url) = &jwks_url
+            && jwks_ca_file.is_some()
+            && !url.starts_with("https://")
+        {
+            self.bad(
+                format!("{p}.jwks_ca_file"),
+                format!("set, but `jwks_url` `{url}` is not https"),
+            );
+        }
+        if jwks_url.is_none() {
+            for key in [
+                "jwks_ca_file",
+                "jwks_fetch_timeout",
+                "jwks_refresh",
+                "jwks_min_refetch_interval",
+                "jwks_max_staleness",
+            ] {
+                if t.contains_key(key) {
+                    self.bad(format!("{p}.{key}"), "only applies with `jwks_url`");
+                }
+            }
+        }
         let jwks = match (jwks_file, jwks_url) {
             (Some(_), Some(_)) => {
                 self.bad(
@@ -890,15 +915,29 @@ impl Reader {
                         format!("`{url}` must be https (plain http only on a loopback host)"),
                     );
                 }
+                let refresh = self.duration(
+                    t,
+                    p,
+                    "jwks_refresh",
+                    Duration::from_secs(300),
+                    Duration::from_secs(3600),
+                );
+                if refresh < Duration::from_secs(1) {
+                    self.bad(format!("{p}.jwks_refresh"), "must be at least 1s");
+                }
+                let fetch_timeout = self.duration(
+                    t,
+                    p,
+                    "jwks_fetch_timeout",
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                );
+                if fetch_timeout.is_zero() {
+                    self.bad(format!("{p}.jwks_fetch_timeout"), "must be above 0");
+                }
                 Some(JwksSource::Url {
                     url,
-                    refresh: self.duration(
-                        t,
-                        p,
-                        "jwks_refresh",
-                        Duration::from_secs(300),
-                        Duration::from_secs(3600),
-                    ),
+                    refresh,
                     min_refetch_interval: self.duration(
                         t,
                         p,
@@ -913,6 +952,8 @@ impl Reader {
                         Duration::from_secs(24 * 3600),
                         Duration::from_secs(7 * 24 * 3600),
                     ),
+                    fetch_timeout,
+                    ca_file: jwks_ca_file.map(|f| self.path(&f)),
                 })
             }
             (None, None) => {
@@ -1240,6 +1281,98 @@ format = "xml"
         assert!(!jwks_url_allowed("http://127.0.0.1.evil.example/jwks"));
         assert!(!jwks_url_allowed("http://localhost@evil.example/jwks"));
         assert!(!jwks_url_allowed("file:///etc/passwd"));
+    }
+
+    fn url_issuer(extra: &str) -> String {
+        GOOD.replace(
+            "jwks_file = \"dev/jwks.json\"\n",
+            &format!("jwks_url = \"https://idp.example/jwks\"\n{extra}"),
+        )
+    }
+
+    #[test]
+    fn k05_jwks_url_defaults_fetch_timeout_and_ca_file() {
+        let c = parse(
+            &url_issuer("jwks_fetch_timeout = \"750ms\"\njwks_ca_file = \"ca/idp.pem\"\njwks_refresh = \"1s\"\n"),
+            &[],
+        )
+        .unwrap();
+        let Some(JwksSource::Url {
+            refresh,
+            fetch_timeout,
+            ca_file,
+            ..
+        }) = &c.issuers[0].jwks
+        else {
+            panic!("url source expected");
+        };
+        assert_eq!(*refresh, Duration::from_secs(1));
+        assert_eq!(*fetch_timeout, Duration::from_millis(750));
+        assert_eq!(
+            ca_file.as_deref(),
+            Some(Path::new("/etc/mandate/ca/idp.pem"))
+        );
+        let c = parse(&url_issuer(""), &[]).unwrap();
+        let Some(JwksSource::Url {
+            refresh,
+            fetch_timeout,
+            ca_file,
+            ..
+        }) = &c.issuers[0].jwks
+        else {
+            panic!("url source expected");
+        };
+        assert_eq!(
+            (*refresh, *fetch_timeout, ca_file.clone()),
+            (Duration::from_secs(300), Duration::from_secs(5), None)
+        );
+    }
+
+    #[test]
+    fn k05_jwks_fetch_timeout_and_refresh_bounds_are_enforced() {
+        for (extra, key) in [
+            (
+                "jwks_fetch_timeout = \"6s\"\n",
+                "issuers[0].jwks_fetch_timeout",
+            ),
+            (
+                "jwks_fetch_timeout = \"0s\"\n",
+                "issuers[0].jwks_fetch_timeout",
+            ),
+            ("jwks_refresh = \"500ms\"\n", "issuers[0].jwks_refresh"),
+        ] {
+            let err = parse(&url_issuer(extra), &[]).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{extra}: {err}");
+            assert_eq!(err.problems[0].key, key, "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn jwks_ca_file_needs_an_https_jwks_url() {
+        let err = parse(
+            &GOOD.replace(
+                "jwks_file = \"dev/jwks.json\"\n",
+                "jwks_url = \"http://127.0.0.1:9/jwks\"\njwks_ca_file = \"ca.pem\"\n",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "issuers[0].jwks_ca_file");
+        assert!(err.problems[0].message.contains("not https"), "{err}");
+        // With a key file there is nothing to fetch: URL-only settings are mistakes.
+        let err = parse(
+            &GOOD.replace(
+                "[issuers.claims]",
+                "jwks_ca_file = \"ca.pem\"\njwks_fetch_timeout = \"1s\"\n[issuers.claims]",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["issuers[0].jwks_ca_file", "issuers[0].jwks_fetch_timeout"]
+        );
     }
 
     #[test]

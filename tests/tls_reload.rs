@@ -12,61 +12,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, config_from, dev_token, example_config, python, repo};
+use common::{TestServer, config_from, dev_token, example_config, make_pki, repo};
 use serde_json::{Value, json};
-
-/// Writes a CA, a server certificate for 127.0.0.1 and a client certificate whose URI SAN
-/// is a SPIFFE ID, all PEM, into argv[1].
-const MAKE_PKI: &str = r#"
-import datetime, sys, ipaddress
-from cryptography import x509
-from cryptography.x509.oid import NameOID, ExtendedKeyUsageOID
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-out = sys.argv[1]
-now = datetime.datetime.now(datetime.timezone.utc)
-
-def key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-def pem_key(k, path):
-    open(path, "wb").write(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-
-def pem_cert(c, path):
-    open(path, "wb").write(c.public_bytes(serialization.Encoding.PEM))
-
-ca_key = key()
-ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mandate test ca")])
-ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-      .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-      .not_valid_after(now + datetime.timedelta(days=1))
-      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-      .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                   key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                   encipher_only=False, decipher_only=False), critical=True)
-      .sign(ca_key, hashes.SHA256()))
-pem_cert(ca, out + "/ca.pem")
-
-def leaf(name, sans, usage):
-    k = key()
-    c = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-         .issuer_name(ca_name).public_key(k.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .sign(ca_key, hashes.SHA256()))
-    return k, c
-
-sk, sc = leaf("localhost", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-              ExtendedKeyUsageOID.SERVER_AUTH)
-pem_key(sk, out + "/server-key.pem"); pem_cert(sc, out + "/server.pem")
-ck, cc = leaf("gateway", [x509.UniformResourceIdentifier("spiffe://example.org/ns/edge/sa/gateway")],
-              ExtendedKeyUsageOID.CLIENT_AUTH)
-pem_key(ck, out + "/client-key.pem"); pem_cert(cc, out + "/client.pem")
-"#;
 
 fn client(dir: &std::path::Path, with_identity: bool) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
@@ -84,7 +31,7 @@ fn client(dir: &std::path::Path, with_identity: bool) -> reqwest::Client {
 #[tokio::test]
 async fn mtls_enforcement_point_is_identified_by_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    python(MAKE_PKI, &[dir.path().to_str().unwrap()]);
+    make_pki(dir.path());
     let text = format!(
         r#"
 [server]

@@ -15,6 +15,14 @@ pub fn healthz() -> Response<Body> {
 pub fn readyz(state: &AppState) -> Response<Body> {
     let bundle = state.engine.bundle();
     let keys = state.verifier.ready();
+    // Why an issuer's keys are missing or getting stale: the URL and the cause (TLS, status,
+    // timeout, bad document), so an operator need not dig through logs.
+    let jwks_errors: serde_json::Map<String, serde_json::Value> = state
+        .verifier
+        .jwks_errors()
+        .into_iter()
+        .map(|(name, e)| (name, serde_json::Value::String(e)))
+        .collect();
     let status = if keys {
         StatusCode::OK
     } else {
@@ -26,6 +34,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
             "ready": keys,
             "policy": {"name": bundle.name(), "version": &*bundle.version(), "policies": bundle.policy_count()},
             "issuers_ready": keys,
+            "jwks_errors": jwks_errors,
         }),
     )
 }

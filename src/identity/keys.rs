@@ -3,6 +3,7 @@
 //! refetch on an unknown `kid`, last-known-good up to a maximum staleness (shared/SECURITY.md
 //! K-01..K-14).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
@@ -10,6 +11,8 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use reqwest::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -22,15 +25,18 @@ use crate::clock::Clock;
 /// decision path must stay far below Envoy's 200 ms ext_authz timeout (K-05); a fetch that
 /// takes longer still completes in the background and serves later requests.
 pub const MISS_WAIT: Duration = Duration::from_millis(100);
-/// Bound on one JWKS fetch, connection included.
+/// Default and largest bound on one JWKS fetch, connection and TLS handshake included.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shortest wait after a failed fetch before the next background attempt.
 pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
 /// Longest wait between background attempts after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Bounds for both the configured refresh period and a server's `Cache-Control: max-age`.
+/// Bounds for a server's `Cache-Control: max-age` (K-14): a remote party can neither make
+/// the sidecar poll it more often than every 30 s nor keep a key set for more than an hour.
 pub const REFRESH_MIN: Duration = Duration::from_secs(30);
 pub const REFRESH_MAX: Duration = Duration::from_secs(3600);
+/// Shortest configurable refresh period (the operator's choice, unlike `max-age`).
+pub const CONFIGURED_REFRESH_MIN: Duration = Duration::from_secs(1);
 
 /// Called when a refresh removed keys, so principals verified with them leave the cache.
 pub type OnKeysRemoved = Arc<dyn Fn() + Send + Sync>;
@@ -59,13 +65,18 @@ struct Flight {
 
 struct UrlSource {
     url: reqwest::Url,
+    /// `url` without userinfo, for logs and errors.
+    shown_url: String,
     refresh: Duration,
     min_refetch_interval: Duration,
     max_staleness: Duration,
+    fetch_timeout: Duration,
     client: reqwest::Client,
     flight: Mutex<Flight>,
     done: watch::Sender<Outcome>,
     fetches: AtomicU64,
+    /// Why the latest fetch failed (naming the URL); `None` after a success.
+    last_error: Mutex<Option<String>>,
 }
 
 /// One issuer's settings and keys.
@@ -92,9 +103,52 @@ fn is_hmac(alg: &Algorithm) -> bool {
     matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
 }
 
-/// The period until the next refresh: a server's `max-age` or the configured period, clamped.
+/// A server's `max-age`, clamped into [`REFRESH_MIN`], [`REFRESH_MAX`].
 pub fn clamp_refresh(d: Duration) -> Duration {
     d.clamp(REFRESH_MIN, REFRESH_MAX)
+}
+
+/// The wait before the next background refresh after a good fetch: the configured period,
+/// shortened (never lengthened) by the server's clamped `max-age`, so a removed key is
+/// dropped within the configured period whatever the server says (K-13, K-14).
+pub fn refresh_delay(configured: Duration, max_age: Option<Duration>) -> Duration {
+    max_age.map_or(configured, |m| clamp_refresh(m).min(configured))
+}
+
+/// An error and its sources, `: `-joined (reqwest's own message omits the TLS cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// The CA certificates in a PEM file, each checked to be a usable trust anchor.
+fn ca_certs(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let shown = path.display();
+    let mut roots = rustls::RootCertStore::empty();
+    let mut certs = Vec::new();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("`{shown}`: {e}"))? {
+        let cert = cert.map_err(|e| format!("`{shown}`: {e}"))?;
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("`{shown}`: not a usable CA certificate: {e}"))?;
+        certs.push(
+            reqwest::Certificate::from_der(cert.as_ref())
+                .map_err(|e| format!("`{shown}`: {}", error_chain(&e)))?,
+        );
+    }
+    if certs.is_empty() {
+        return Err(format!("`{shown}` holds no PEM certificate"));
+    }
+    Ok(certs)
 }
 
 /// `max-age` from a `Cache-Control` value, if there is one.
@@ -203,6 +257,8 @@ impl IssuerKeys {
                     refresh,
                     min_refetch_interval,
                     max_staleness,
+                    fetch_timeout,
+                    ca_file,
                 }),
                 true,
             ) => {
@@ -217,25 +273,52 @@ impl IssuerKeys {
                         format!("`{raw}` must be https (http only on a loopback host)"),
                     ));
                 }
+                if fetch_timeout.is_zero() || *fetch_timeout > FETCH_TIMEOUT {
+                    return Err(invalid(
+                        "jwks_fetch_timeout",
+                        format!(
+                            "must be above 0 and at most {}",
+                            humantime::format_duration(FETCH_TIMEOUT)
+                        ),
+                    ));
+                }
                 let mut builder = reqwest::Client::builder()
                     .redirect(reqwest::redirect::Policy::none())
-                    .timeout(FETCH_TIMEOUT)
-                    .connect_timeout(FETCH_TIMEOUT);
+                    .timeout(*fetch_timeout)
+                    .connect_timeout(*fetch_timeout);
                 if loopback {
                     builder = builder.no_proxy();
+                }
+                if let Some(path) = ca_file {
+                    if parsed.scheme() != "https" {
+                        return Err(invalid(
+                            "jwks_ca_file",
+                            format!("set, but `{raw}` is not https"),
+                        ));
+                    }
+                    // Only these roots: a private issuer's keys are not trusted on the word
+                    // of any public CA.
+                    let certs = ca_certs(path).map_err(|m| invalid("jwks_ca_file", m))?;
+                    builder = builder.tls_certs_only(certs);
                 }
                 let client = builder
                     .build()
                     .map_err(|e| invalid("jwks.url", format!("http client: {e}")))?;
+                let mut shown = parsed.clone();
+                let _ = shown.set_password(None);
+                let _ = shown.set_username("");
                 url = Some(UrlSource {
+                    shown_url: shown.to_string(),
                     url: parsed,
-                    refresh: clamp_refresh(*refresh),
+                    refresh: (*refresh).clamp(CONFIGURED_REFRESH_MIN, REFRESH_MAX),
                     min_refetch_interval: *min_refetch_interval,
                     max_staleness: *max_staleness,
+                    fetch_timeout: *fetch_timeout,
                     client,
                     flight: Mutex::new(Flight::default()),
                     done: watch::Sender::new(Outcome::default()),
                     fetches: AtomicU64::new(0),
+                    last_error: Mutex::new(None),
                 });
             }
         }
@@ -277,6 +360,15 @@ impl IssuerKeys {
     pub fn ready(&self) -> bool {
         let needs_keys = self.settings.algorithms.iter().any(|a| !is_hmac(a));
         !needs_keys || self.current().is_some()
+    }
+
+    /// Why the latest JWKS fetch failed (naming the URL), if it did.
+    pub fn last_error(&self) -> Option<String> {
+        let src = self.url.as_ref()?;
+        src.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// JWKS fetches attempted so far (tests and metrics).
@@ -327,7 +419,7 @@ impl IssuerKeys {
         if start {
             return self.fetch_and_store().await;
         }
-        let wait = FETCH_TIMEOUT + Duration::from_secs(1);
+        let wait = src.fetch_timeout + Duration::from_secs(1);
         match tokio::time::timeout(wait, rx.wait_for(|o| o.generation != seen)).await {
             Ok(Ok(o)) => *o,
             _ => Outcome::default(),
@@ -343,6 +435,9 @@ impl IssuerKeys {
         let result = self.fetch(src).await;
         let (ok, max_age) = match result {
             Ok((set, max_age)) => {
+                *src.last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
                 let removed = self
                     .loaded
                     .load()
@@ -360,8 +455,14 @@ impl IssuerKeys {
             Err(message) => {
                 // Keep the last good keys: an outage or a bad document must not revoke
                 // every key at once (K-04, K-06).
-                tracing::warn!(issuer = %self.settings.name, url = %src.url, %message,
+                tracing::warn!(issuer = %self.settings.name, url = %src.shown_url, %message,
                     "jwks fetch failed; keeping the last good key set");
+                *src.last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(format!(
+                    "jwks fetch from `{}` failed: {message}",
+                    src.shown_url
+                ));
                 (false, None)
             }
         };
@@ -384,7 +485,7 @@ impl IssuerKeys {
             .header(ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| format!("request failed: {e}"))?;
+            .map_err(|e| format!("request failed: {}", error_chain(&e.without_url())))?;
         // Redirects are not followed (K-11): a 3xx is a failure like any non-200.
         if resp.status() != reqwest::StatusCode::OK {
             return Err(format!("status {}", resp.status()));
@@ -406,7 +507,7 @@ impl IssuerKeys {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| format!("reading body: {e}"))?
+            .map_err(|e| format!("reading body: {}", error_chain(&e.without_url())))?
         {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(format!("body is larger than {MAX_JWKS_BYTES} bytes"));
@@ -433,7 +534,7 @@ impl IssuerKeys {
             let mut outcome = first;
             loop {
                 let delay = if outcome.ok {
-                    outcome.max_age.map_or(refresh, clamp_refresh)
+                    refresh_delay(refresh, outcome.max_age)
                 } else {
                     backoff(failures, min_refetch, refresh)
                 };

@@ -87,12 +87,18 @@ pub enum JwksSource {
     File(PathBuf),
     Url {
         url: String,
-        /// Background refresh period (clamped into [30 s, 1 h]).
+        /// Longest time between background refreshes (1 s to 1 h). A server's
+        /// `Cache-Control: max-age` may shorten it (never below 30 s), never lengthen it.
         refresh: Duration,
         /// At most one refetch for an unknown `kid` per this interval.
         min_refetch_interval: Duration,
         /// Last good keys are used at most this long after the last successful fetch.
         max_staleness: Duration,
+        /// Bound on one fetch, connection and TLS handshake included (at most 5 s).
+        fetch_timeout: Duration,
+        /// PEM file of the CA certificates trusted for this URL, instead of the system's
+        /// roots (`None`: the system's roots).
+        ca_file: Option<PathBuf>,
     },
 }
 

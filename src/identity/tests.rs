@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -251,6 +251,8 @@ struct Mock {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     reply: Arc<Mutex<Reply>>,
+    /// Read the request, then never answer (a hung issuer, K-05).
+    hang: Arc<AtomicBool>,
 }
 
 impl Mock {
@@ -260,6 +262,7 @@ impl Mock {
             addr: listener.local_addr().unwrap(),
             hits: Arc::new(AtomicUsize::new(0)),
             reply: Arc::new(Mutex::new(reply)),
+            hang: Arc::new(AtomicBool::new(false)),
         };
         let m = mock.clone();
         tokio::spawn(async move {
@@ -273,6 +276,9 @@ impl Mock {
                         let m = m.clone();
                         async move {
                             m.hits.fetch_add(1, Ordering::SeqCst);
+                            if m.hang.load(Ordering::SeqCst) {
+                                std::future::pending::<()>().await;
+                            }
                             let r = m.reply.lock().unwrap().clone();
                             let mut resp = hyper::Response::builder().status(r.status);
                             for (k, v) in r.headers {
@@ -307,6 +313,8 @@ fn url_source(url: &str, min_refetch: Duration) -> JwksSource {
         refresh: Duration::from_secs(300),
         min_refetch_interval: min_refetch,
         max_staleness: Duration::from_secs(3600),
+        fetch_timeout: keys::FETCH_TIMEOUT,
+        ca_file: None,
     }
 }
 
@@ -1548,4 +1556,358 @@ fn k14_cache_control_max_age_is_clamped() {
     );
     assert_eq!(clamp("no-store"), None);
     assert_eq!(clamp("max-age=abc"), None);
+}
+
+/// Accepts TCP connections and then sends nothing, ever (K-05). Returns the URL and a count
+/// of accepted connections.
+async fn tarpit() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (url, accepted)
+}
+
+/// Generous bound for one decision on a shared, noisy 2-core machine; the code waits at most
+/// [`MISS_WAIT`] (100 ms) on a fetch.
+const FAST: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn k05_tarpit_jwks_at_startup_times_out_and_checks_are_refused_fast() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let (url, accepted) = tarpit().await;
+    let mut src = url_source(&url, Duration::ZERO);
+    if let JwksSource::Url { fetch_timeout, .. } = &mut src {
+        *fetch_timeout = Duration::from_millis(500);
+    }
+    let s = settings("slow", ISS, Profile::Oidc, Some(src));
+    let v = Verifier::new(vec![s], CacheSettings::default(), ManualClock::new(NOW)).unwrap();
+    // The first fetch is bounded by the fetch timeout, not by the tarpit's patience.
+    let t0 = std::time::Instant::now();
+    v.start().await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(accepted.load(Ordering::SeqCst) >= 1);
+    assert!(!v.ready());
+    let errors = v.jwks_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "slow");
+    assert!(
+        errors[0].1.contains(&url) && errors[0].1.contains("timed out"),
+        "{errors:?}"
+    );
+    // Every check while the issuer hangs is refused within the bound, never held for the
+    // fetch (each one starts or joins a fetch: the refetch interval is zero).
+    let ec = Ec::new();
+    let t = sign_raw(&es_header("k1"), &claims(json!({})), Signer::Ec(&ec));
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        assert_eq!(code_of(&v, &t).await, "key_unavailable");
+        assert!(t0.elapsed() < FAST, "{:?}", t0.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k05_hung_jwks_never_holds_a_decision_past_the_miss_wait() {
+    let ec = Ec::new();
+    let mock = Mock::start(Reply::keys(vec![ec.jwk("k1")])).await;
+    // Default 5 s fetch timeout: the decisions below must not depend on it.
+    let (v, _) = url_verifier(&mock.url(), Duration::ZERO);
+    v.start().await;
+    mock.hang.store(true, Ordering::SeqCst);
+    let good = sign_raw(&es_header("k1"), &claims(json!({})), Signer::Ec(&ec));
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        let miss = sign_raw(
+            &es_header(&random_kid(i)),
+            &claims(json!({})),
+            Signer::Ec(&ec),
+        );
+        let t0 = std::time::Instant::now();
+        assert_eq!(code_of(&v, &miss).await, "key_unknown");
+        let took = t0.elapsed();
+        assert!(took < FAST, "unknown kid held for {took:?}");
+        assert!(
+            took >= MISS_WAIT / 2,
+            "the miss waited for no fetch: {took:?}"
+        );
+        // Known keys never wait for anything.
+        let t0 = std::time::Instant::now();
+        assert_eq!(code_of(&v, &good).await, "ok");
+        assert!(t0.elapsed() < FAST, "{:?}", t0.elapsed());
+    }
+    // Concurrent misses join the one hung fetch; none waits for it to finish.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let v = v.clone();
+        let t = sign_raw(
+            &es_header(&random_kid(100 + i)),
+            &claims(json!({})),
+            Signer::Ec(&ec),
+        );
+        tasks.spawn(async move {
+            let t0 = std::time::Instant::now();
+            let code = code_of(&v, &t).await;
+            (code, t0.elapsed())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (code, took) = r.unwrap();
+        assert_eq!(code, "key_unknown");
+        assert!(took < FAST, "{took:?}");
+    }
+    // Single flight: the hung fetch is the only one, well inside its 5 s timeout.
+    assert!(started.elapsed() < keys::FETCH_TIMEOUT);
+    assert_eq!(mock.hits(), 2, "start fetch plus the one hung refetch");
+    assert!(
+        v.ready(),
+        "last good keys stay in use while the issuer hangs"
+    );
+}
+
+#[test]
+fn k05_fetch_timeout_above_five_seconds_or_zero_is_refused() {
+    for bad in [Duration::ZERO, Duration::from_secs(6)] {
+        let mut src = url_source("https://issuer.example/jwks", Duration::ZERO);
+        if let JwksSource::Url { fetch_timeout, .. } = &mut src {
+            *fetch_timeout = bad;
+        }
+        let s = settings("t", ISS, Profile::Oidc, Some(src));
+        let err = Verifier::new(vec![s], CacheSettings::default(), ManualClock::new(NOW))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`jwks_fetch_timeout`"), "{err}");
+    }
+}
+
+#[test]
+fn jwks_ca_file_must_hold_ca_certificates_and_needs_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("missing.pem");
+    for (url, path, expect) in [
+        (
+            "https://issuer.example/jwks",
+            &not_pem,
+            "no PEM certificate",
+        ),
+        ("https://issuer.example/jwks", &garbage, "garbage.pem"),
+        ("https://issuer.example/jwks", &missing, "missing.pem"),
+        ("http://127.0.0.1:9/jwks", &not_pem, "not https"),
+    ] {
+        let mut src = url_source(url, Duration::ZERO);
+        if let JwksSource::Url { ca_file, .. } = &mut src {
+            *ca_file = Some(path.clone());
+        }
+        let s = settings("t", ISS, Profile::Oidc, Some(src));
+        let err = Verifier::new(vec![s], CacheSettings::default(), ManualClock::new(NOW))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`jwks_ca_file`") && err.contains(expect),
+            "{expect}: {err}"
+        );
+    }
+}
+
+#[test]
+fn k13_server_max_age_never_stretches_the_configured_refresh() {
+    let five_min = Duration::from_secs(300);
+    assert_eq!(keys::refresh_delay(five_min, None), five_min);
+    assert_eq!(
+        keys::refresh_delay(five_min, Some(Duration::from_secs(31_536_000))),
+        five_min
+    );
+    assert_eq!(
+        keys::refresh_delay(five_min, Some(Duration::ZERO)),
+        Duration::from_secs(30)
+    );
+    assert_eq!(
+        keys::refresh_delay(five_min, Some(Duration::from_secs(120))),
+        Duration::from_secs(120)
+    );
+    let one_s = Duration::from_secs(1);
+    assert_eq!(keys::refresh_delay(one_s, Some(Duration::ZERO)), one_s);
+}
+
+// ---------------------------------------------------------------------------------------
+// K-17: the key-set parser under arbitrary and mutated input
+
+mod k17 {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const ALL: &[Algorithm] = &[
+        Algorithm::ES256,
+        Algorithm::ES384,
+        Algorithm::RS256,
+        Algorithm::PS256,
+        Algorithm::EdDSA,
+    ];
+
+    fn ec_jwk() -> &'static Value {
+        static JWK: OnceLock<Value> = OnceLock::new();
+        JWK.get_or_init(|| Ec::new().jwk("good"))
+    }
+
+    fn valid_doc() -> String {
+        json!({"keys": [ec_jwk(), rsa_jwk("rsa", Some("RS256"))]}).to_string()
+    }
+
+    /// Whatever the input: no panic, a bounded key set, or an error saying what was wrong.
+    fn check(bytes: &[u8]) -> Result<jwks::KeySet, jwks::JwksError> {
+        let r = jwks::parse(bytes, ALL, "k17");
+        match &r {
+            Ok(set) => {
+                assert!((1..=jwks::MAX_JWKS_KEYS).contains(&set.len()));
+                assert!(bytes.len() <= jwks::MAX_JWKS_BYTES);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("document "), "{msg}");
+                match e {
+                    jwks::JwksError::Json(why) => assert!(!why.trim().is_empty(), "{msg}"),
+                    jwks::JwksError::Shape(why) => assert!(why.contains("`keys`"), "{msg}"),
+                    _ => {}
+                }
+            }
+        }
+        r
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            // Strict JSON refuses NUL in any string, for the whole document (J-23): left out
+            // here so the property below is about keys, not about that refusal.
+            "[^\\x00]{0,24}".prop_map(Value::from),
+            // Near-valid member values: base64url of plausible lengths.
+            prop::collection::vec(any::<u8>(), 0..70).prop_map(|b| Value::from(B64.encode(b))),
+        ];
+        leaf.prop_recursive(3, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[^\\x00]{0,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn member_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "kty", "crv", "kid", "alg", "use", "key_ops", "x", "y", "n", "e", "d", "k",
+            ])
+            .prop_map(str::to_owned),
+            "[^\\x00]{0,6}",
+        ]
+    }
+
+    fn kty_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            prop::sample::select(vec!["EC", "RSA", "OKP", "oct", ""]).prop_map(Value::from),
+            json_value(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn k17_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = check(&bytes);
+        }
+
+        #[test]
+        fn k17_mutated_valid_documents_never_panic(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 1..10)
+        ) {
+            let mut doc = valid_doc().into_bytes();
+            for (at, byte, op) in edits {
+                if doc.is_empty() {
+                    break;
+                }
+                let i = at.index(doc.len());
+                match op {
+                    0 => doc[i] = byte,
+                    1 => doc.insert(i, byte),
+                    2 => { doc.remove(i); }
+                    _ => doc.truncate(i),
+                }
+            }
+            let _ = check(&doc);
+        }
+
+        /// One arbitrary key beside a good one: the bad key is skipped, the good one stays.
+        #[test]
+        fn k17_arbitrary_key_members_never_take_down_the_good_key(
+            members in prop::collection::btree_map(member_name(), json_value(), 0..10),
+            kty in kty_value(),
+            wrap in any::<bool>(),
+        ) {
+            let mut jwk: Map<String, Value> = members.into_iter().collect();
+            jwk.insert("kty".into(), kty);
+            // Never the good key's kid: a duplicate kid drops both, by design (K-08).
+            if jwk.get("kid") == Some(&json!("good")) {
+                jwk.remove("kid");
+            }
+            let bad = if wrap { Value::Object(jwk) } else { Value::Array(vec![Value::Object(jwk)]) };
+            let doc = json!({"keys": [bad, ec_jwk()]}).to_string();
+            if doc.len() <= jwks::MAX_JWKS_BYTES {
+                let set = check(doc.as_bytes()).unwrap();
+                prop_assert!(matches!(set.lookup(Some("good"), Algorithm::ES256), jwks::Lookup::Found(_)));
+            }
+        }
+
+        /// The size cap is exact: a valid document padded to the limit loads, one byte more
+        /// is refused before parsing.
+        #[test]
+        fn k17_size_cap_is_exact(len in (jwks::MAX_JWKS_BYTES - 64)..(jwks::MAX_JWKS_BYTES + 64)) {
+            let mut doc = valid_doc().into_bytes();
+            doc.resize(len, b' ');
+            match check(&doc) {
+                Ok(_) => prop_assert!(len <= jwks::MAX_JWKS_BYTES),
+                Err(e) => {
+                    prop_assert!(len > jwks::MAX_JWKS_BYTES);
+                    prop_assert_eq!(e, jwks::JwksError::TooLarge);
+                }
+            }
+        }
+
+        /// Deep nesting is refused by the depth limit, never by a stack overflow.
+        #[test]
+        fn k17_deep_nesting_is_refused(depth in 0usize..10_000, object in any::<bool>()) {
+            let (open, close) = if object { (r#"{"a":"#, "}") } else { ("[", "]") };
+            let doc = format!(
+                r#"{{"keys":[{{"kty":"EC","x":{}1{}}}]}}"#,
+                open.repeat(depth),
+                close.repeat(depth)
+            );
+            let r = check(doc.as_bytes());
+            if depth > 6 {
+                prop_assert!(r.is_err());
+            }
+        }
+    }
 }

@@ -204,6 +204,15 @@ impl Verifier {
             .collect()
     }
 
+    /// Issuers (by name) whose latest JWKS fetch failed, each with why (naming the URL).
+    pub fn jwks_errors(&self) -> Vec<(String, String)> {
+        self.inner
+            .issuers
+            .iter()
+            .filter_map(|i| i.last_error().map(|e| (i.settings.name.clone(), e)))
+            .collect()
+    }
+
     /// JWKS fetches attempted for `issuer` (by name) so far.
     pub fn fetch_count(&self, issuer: &str) -> u64 {
         self.inner
