@@ -134,6 +134,7 @@ store_suite!(
     cancel_pending_request,
     list_filters_and_paginates,
     r03c_data_survives_reopening,
+    get_grant_and_get_many_read_by_id,
 );
 
 fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
@@ -575,6 +576,41 @@ mod cases {
             Some(T0 + 20),
             "revoking twice keeps the first time"
         );
+    }
+
+    pub async fn get_grant_and_get_many_read_by_id(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let first = create(s, request(250, 1, None)).await;
+        let second = create(s, request(260, 1, None)).await;
+        let grant = s
+            .review(review(&first, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+            .await
+            .unwrap()
+            .grant
+            .unwrap();
+        assert_eq!(s.get_grant(grant.id).await.unwrap(), Some(grant.clone()));
+        assert_eq!(s.get_grant(Uuid::new_v4()).await.unwrap(), None);
+        let revoked = s.revoke_grant(grant.id, T0 + 2).await.unwrap();
+        assert_eq!(
+            s.get_grant(grant.id).await.unwrap(),
+            Some(revoked),
+            "a revoked grant is still found by id"
+        );
+
+        let mut got: Vec<Uuid> = s
+            .get_many(&[second.id, Uuid::new_v4(), first.id, first.id])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        got.sort_unstable();
+        let mut want = vec![first.id, second.id];
+        want.sort_unstable();
+        assert_eq!(got, want, "each known id once, unknown ones left out");
+        assert!(s.get_many(&[]).await.unwrap().is_empty());
+        let one = s.get_many(&[second.id]).await.unwrap();
+        assert_eq!(one, vec![s.get(second.id).await.unwrap().unwrap()]);
     }
 
     pub async fn cancel_pending_request(h: &mut Harness) {

@@ -478,6 +478,10 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
 
     async fn get(&self, id: Uuid) -> Result<Option<ApprovalRequest>, StoreError>;
 
+    /// The requests with these ids, in no particular order; unknown ids are left out. One
+    /// round trip, whatever the number of ids.
+    async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<ApprovalRequest>, StoreError>;
+
     async fn list(&self, filter: ListFilter) -> Result<Vec<ApprovalRequest>, StoreError>;
 
     /// The reviews of a request, in the order they were recorded.
@@ -500,6 +504,9 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// The unrevoked, unexpired grant for exactly this binding hash, if any.
     async fn active_grant(&self, binding_hash: &str, now: i64)
     -> Result<Option<Grant>, StoreError>;
+
+    /// The grant with this id, active or not.
+    async fn get_grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError>;
 
     /// All grants, or only the active ones, oldest first.
     async fn grants(&self, active_only: bool, now: i64) -> Result<Vec<Grant>, StoreError>;
