@@ -3,6 +3,7 @@
 //! implement (shared/DESIGN.md §4). No SQL here: the state machine of a review is decided by
 //! [`apply_review`], so every backend enforces the same rules.
 
+pub mod cache;
 mod canonical;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use uuid::Uuid;
 use crate::decision::{ApprovalRequirement, CheckRequest, Fallback, Resource};
 use crate::identity::Principal;
 
+pub use cache::{ActiveGrant, GrantCache, GrantCacheSettings};
 pub use canonical::{binding_hash, canonical_json};
 
 /// Where an approval request is in its life. Only `Pending` ever changes; the other four are
