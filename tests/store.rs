@@ -763,3 +763,47 @@ async fn sqlite_r03c_synchronous_is_full() {
     }
     store.close().await;
 }
+
+/// PostgreSQL announces grant changes to every sidecar's cache: the transaction that creates a
+/// grant, and the one that revokes it, each send its binding hash on `mandate_grants`
+/// (SECURITY A-12: a revocation must reach every sidecar).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a12_postgres_announces_grant_creation_and_revocation() {
+    let Some(h) = Harness::postgres().await else {
+        return;
+    };
+    let mut listener = sqlx::postgres::PgListener::connect(&h.url).await.unwrap();
+    listener
+        .listen(mandate::store::GRANT_CHANNEL)
+        .await
+        .unwrap();
+    let s = h.store.as_ref();
+    // An amount no other test uses: the channel is shared by every schema of the database.
+    let req = create(s, request(987_654, 1, None)).await;
+    // The approval that creates the grant is announced once it commits ...
+    let grant = s
+        .review(review(&req, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+        .await
+        .unwrap()
+        .grant
+        .unwrap();
+    announced(&mut listener, &req.binding_hash).await;
+    // ... and so is its revocation.
+    s.revoke_grant(grant.id, T0 + 2).await.unwrap();
+    announced(&mut listener, &req.binding_hash).await;
+    drop(listener);
+    h.finish().await;
+}
+
+/// Wait (at most 5 s) for a notification carrying `hash`.
+async fn announced(listener: &mut sqlx::postgres::PgListener, hash: &str) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if listener.recv().await.unwrap().payload() == hash {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("notification within 5 s");
+}

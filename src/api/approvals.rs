@@ -151,8 +151,11 @@ async fn review_inner(
             },
             now,
         )
-        .await
-        .map_err(|e| store_error(&e, &raw))?;
+        .await;
+    // A grant this review created must be visible to the next check at once; invalidated
+    // whatever the outcome, since an error may follow a commit.
+    state.grants.invalidate(&request.binding_hash);
+    let outcome = outcome.map_err(|e| store_error(&e, &raw))?;
 
     let status = outcome.request.status.as_str();
     if matches!(status, "approved" | "denied") {
@@ -556,11 +559,11 @@ pub async fn revoke(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
         if !may_view(&caller, &request) {
             return Err(missing());
         }
-        let revoked = state
-            .store
-            .revoke_grant(id, now)
-            .await
-            .map_err(|e| store_error(&e, &raw))?;
+        let revoked = state.store.revoke_grant(id, now).await;
+        // The next check must not be allowed from the cache (SECURITY A-12); invalidated
+        // whatever the outcome, since an error may follow a commit.
+        state.grants.invalidate(&grant.binding_hash);
+        let revoked = revoked.map_err(|e| store_error(&e, &raw))?;
         let by = match &caller {
             Caller::Agent(p) => p.id.clone(),
             Caller::EnforcementPoint { name } => format!("pep:{name}"),

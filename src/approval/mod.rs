@@ -513,7 +513,9 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// All grants, or only the active ones, oldest first.
     async fn grants(&self, active_only: bool, now: i64) -> Result<Vec<Grant>, StoreError>;
 
-    /// Revoke a grant; revoking a revoked grant returns it unchanged.
+    /// Revoke a grant; revoking a revoked grant returns it unchanged. With PostgreSQL the
+    /// revocation is announced to every sidecar's grant cache in the same transaction, as is
+    /// the grant a final approval creates in [`review`](Self::review).
     async fn revoke_grant(&self, id: Uuid, now: i64) -> Result<Grant, StoreError>;
 }
 
