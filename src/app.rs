@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::AppState;
 use crate::api::server::{self, Listener};
+use crate::approval::GrantCache;
 use crate::audit::{AuditLog, AuditSettings};
 use crate::config::Config;
 use crate::decision::{DecisionCache, Engine};
@@ -71,12 +72,19 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
     let store = crate::store::connect(&config.store.url)
         .await
         .map_err(|e| anyhow::anyhow!("approval store: {e}"))?;
+    // A shared (PostgreSQL) store is trusted only once the change listener `start` runs is
+    // connected; a SQLite file has no other writer.
+    let grants = Arc::new(GrantCache::new(
+        config.store.grant_cache,
+        !crate::store::is_shared(&config.store.url),
+    ));
     Ok(Arc::new(AppState {
         engine,
         verifier,
         audit,
         decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
         store,
+        grants,
         request_ttl: config.store.request_ttl,
         notifier: crate::notify::Notifier::start(config.notifications.clone()),
         enforcement_points: config.enforcement_points.clone(),
@@ -151,6 +159,14 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             Listener::Unix(listener),
             None,
             state.clone(),
+            wait_stop(stopped.clone()),
+        )));
+    }
+    // Grants created or revoked by other sidecars sharing the store reach this one's cache.
+    if crate::store::is_shared(&config.store.url) {
+        tasks.push(tokio::spawn(crate::store::listen_grant_changes(
+            config.store.url.clone(),
+            state.grants.clone(),
             wait_stop(stopped.clone()),
         )));
     }

@@ -114,6 +114,8 @@ pub struct StoreConfig {
     pub request_ttl: Duration,
     /// How often the server moves due requests to their fallback group or to `expired`.
     pub sweep_interval: Duration,
+    /// The grant cache of the hot path (size 0 turns it off).
+    pub grant_cache: crate::approval::GrantCacheSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -556,7 +558,18 @@ impl Reader {
 
     fn store(&mut self, t: &Table) -> StoreConfig {
         let p = "store";
-        self.known(t, p, &["url", "request_ttl", "sweep_interval"]);
+        self.known(
+            t,
+            p,
+            &[
+                "url",
+                "request_ttl",
+                "sweep_interval",
+                "grant_cache_size",
+                "grant_cache_negative_ttl",
+            ],
+        );
+        let cache_defaults = crate::approval::GrantCacheSettings::default();
         let url = match self.string(t, p, "url") {
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
             Some(u) if u.is_empty() => {
@@ -589,6 +602,22 @@ impl Reader {
                 Duration::from_secs(1),
                 Duration::from_secs(60),
             ),
+            grant_cache: crate::approval::GrantCacheSettings {
+                max_entries: self.integer(
+                    t,
+                    p,
+                    "grant_cache_size",
+                    cache_defaults.max_entries,
+                    (0, 10_000_000),
+                ),
+                negative_ttl: self.duration(
+                    t,
+                    p,
+                    "grant_cache_negative_ttl",
+                    cache_defaults.negative_ttl,
+                    crate::approval::cache::MAX_ENTRY_TTL,
+                ),
+            },
         }
     }
 

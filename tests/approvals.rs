@@ -458,6 +458,227 @@ async fn two_sidecars_sharing_postgresql_share_requests_and_grants() {
     admin.close().await;
 }
 
+/// Two sidecars on one PostgreSQL schema of their own, their negative grant-cache entries
+/// kept for a minute (so only a notification can make a new grant visible within a second),
+/// each with its grant listener connected. `None` (after saying so) without
+/// `MANDATE_TEST_POSTGRES_URL`.
+struct Fleet {
+    a: TestServer,
+    b: TestServer,
+    admin: sqlx::PgPool,
+    schema: String,
+}
+
+impl Fleet {
+    async fn start() -> Option<Fleet> {
+        let Ok(base) = std::env::var("MANDATE_TEST_POSTGRES_URL") else {
+            println!(
+                "MANDATE_TEST_POSTGRES_URL is not set: the two-sidecar PostgreSQL test is skipped"
+            );
+            return None;
+        };
+        let schema = format!("mandate_fleet_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&base).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options[search_path]={schema}");
+        let env = [
+            ("MANDATE_STORE__URL", url.as_str()),
+            ("MANDATE_STORE__GRANT_CACHE_NEGATIVE_TTL", "60s"),
+        ];
+        let a = TestServer::start(&example_config(&env)).await;
+        let b = TestServer::start(&example_config(&env)).await;
+        let fleet = Fleet {
+            a,
+            b,
+            admin,
+            schema,
+        };
+        fleet.wait_trusted().await;
+        Some(fleet)
+    }
+
+    fn cache(s: &TestServer) -> &mandate::approval::GrantCache {
+        &s.running.as_ref().unwrap().state.grants
+    }
+
+    /// Until both listeners are connected, the caches are bypassed: wait for them.
+    async fn wait_trusted(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !(Self::cache(&self.a).is_trusted() && Self::cache(&self.b).is_trusted()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "grant listeners not connected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish(self) {
+        self.a.shutdown().await;
+        self.b.shutdown().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.admin)
+        .await
+        .unwrap();
+        self.admin.close().await;
+    }
+}
+
+/// Check `body` on `s` every 25 ms until the decision is `want`; fails after `within`.
+async fn decided_within(s: &TestServer, token: &str, body: &Value, want: &str, within: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let (_, v) = s.post("/v1/check", Some(token), body).await;
+        if v["decision"] == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "not `{want}` within {within:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Check `body` on `s` until `s`'s grant cache holds an entry for `hash` (a grant when
+/// `grant`, else a negative one). Usually the first check does it; a lookup that raced any
+/// invalidation (another test's notification, say) stores nothing, so it may take another.
+async fn cached_on(
+    s: &TestServer,
+    token: &str,
+    body: &Value,
+    hash: &str,
+    grant: bool,
+) -> Option<std::sync::Arc<mandate::approval::ActiveGrant>> {
+    for _ in 0..20 {
+        let (_, v) = s.post("/v1/check", Some(token), body).await;
+        let want = if grant { "allow" } else { "escalate" };
+        assert_eq!(v["decision"], want, "{v}");
+        match Fleet::cache(s).peek(hash) {
+            Some(entry) if entry.is_some() == grant => return entry,
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    panic!(
+        "no {} entry cached",
+        if grant { "grant" } else { "negative" }
+    );
+}
+
+/// The binding hash of an approval request, as its requester sees it.
+async fn binding_hash_of(s: &TestServer, token: &str, id: &str) -> String {
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/approvals/{id}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    v["binding_hash"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a12_two_sidecars_on_postgresql_grants_and_revocations_reach_the_others_cache_within_1s() {
+    let Some(fleet) = Fleet::start().await else {
+        return;
+    };
+    let (a, b) = (&fleet.a, &fleet.b);
+    let t = agent();
+    let body = transfer(910);
+    // B answers the escalation first, and caches that there is no grant.
+    let (_, on_b) = b.post("/v1/check", Some(&t), &body).await;
+    assert_eq!(on_b["decision"], "escalate", "{on_b}");
+    let id = on_b["approval_request"]["id"].as_str().unwrap().to_owned();
+    let hash = binding_hash_of(b, &t, &id).await;
+    cached_on(b, &t, &body, &hash, false).await;
+
+    // Approved through A: B allows within a second, though its negative entry had a minute
+    // to live (the notification invalidated it).
+    let alice = approver("alice", &["finance-approvers"]);
+    let (st, v) = review(
+        a,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-10"}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let grant = v["grant"]["id"].as_str().unwrap().to_owned();
+    decided_within(b, &t, &body, "allow", Duration::from_secs(1)).await;
+    let cached = cached_on(b, &t, &body, &hash, true).await.unwrap();
+    assert_eq!(cached.grant.id.to_string(), grant, "B now caches the grant");
+    assert_eq!(cached.approvers[0].id, "alice");
+    // The allow B answers from its cache names the approver in the audit record.
+    let (_, allowed) = b.post("/v1/check", Some(&t), &body).await;
+    assert_eq!(allowed["grant"]["id"], grant.as_str(), "{allowed}");
+    let log = std::fs::read_to_string(b.running.as_ref().unwrap().state.audit.path()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains(allowed["decision_id"].as_str().unwrap()))
+        .unwrap();
+    assert!(line.contains("\"approvers\":[{\"id\":\"alice\""), "{line}");
+
+    // Revoked through A: B stops allowing within a second (SECURITY A-12), though it had the
+    // grant cached.
+    let (st, v) = a
+        .post(
+            &format!("/v1/grants/{grant}/revoke"),
+            Some(&alice),
+            &json!({}),
+        )
+        .await;
+    assert_eq!((st, v["revoked"].clone()), (200, json!(true)), "{v}");
+    decided_within(b, &t, &body, "escalate", Duration::from_secs(1)).await;
+    let (_, after) = a.post("/v1/check", Some(&t), &body).await;
+    assert_eq!(after["decision"], "escalate", "{after}");
+    let id = after["approval_request"]["id"].as_str().unwrap().to_owned();
+    cached_on(b, &t, &body, &hash, false).await;
+
+    // The listener's connection is cut (every grant listener of the database: other tests'
+    // sidecars reconnect too, and while they do their caches are bypassed, which changes no
+    // answer; this is why it is done here and not in a test of its own running in parallel).
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(mandate::store::LISTENER_APPLICATION_NAME)
+    .execute(&fleet.admin)
+    .await
+    .unwrap();
+    // Notifications sent while it was down are lost: B's listener comes back with a flushed
+    // cache, never with the entries it held before.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Fleet::cache(b).peek(&hash).is_some() || !Fleet::cache(b).is_trusted() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listener did not come back flushed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fleet.wait_trusted().await;
+    // And it hears again: a negative entry cached now is invalidated by A's approval.
+    cached_on(b, &t, &body, &hash, false).await;
+    let (st, v) = review(
+        a,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-11"}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    decided_within(b, &t, &body, "allow", Duration::from_secs(1)).await;
+    fleet.finish().await;
+}
+
 /// `mandate approvals ...` against the server, as an approver would run it.
 fn cli(server: &str, token: &str, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))

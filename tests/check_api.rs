@@ -484,6 +484,9 @@ async fn an_approved_request_is_allowed_by_its_grant_and_a_different_one_escalat
         .await
         .unwrap();
     let grant = outcome.grant.expect("quorum 1 reached: a grant");
+    // Written to the store directly, not through the approvals API (which invalidates the
+    // grant cache itself): the cached "no grant" of the escalation above must go.
+    state.grants.invalidate(&grant.binding_hash);
 
     let (st, allowed) = s.post("/v1/check", Some(&t), &transfer(250)).await;
     assert_eq!(st, 200);

@@ -134,6 +134,7 @@ store_suite!(
     cancel_pending_request,
     list_filters_and_paginates,
     r03c_data_survives_reopening,
+    get_grant_and_get_many_read_by_id,
 );
 
 fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
@@ -577,6 +578,41 @@ mod cases {
         );
     }
 
+    pub async fn get_grant_and_get_many_read_by_id(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let first = create(s, request(250, 1, None)).await;
+        let second = create(s, request(260, 1, None)).await;
+        let grant = s
+            .review(review(&first, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+            .await
+            .unwrap()
+            .grant
+            .unwrap();
+        assert_eq!(s.get_grant(grant.id).await.unwrap(), Some(grant.clone()));
+        assert_eq!(s.get_grant(Uuid::new_v4()).await.unwrap(), None);
+        let revoked = s.revoke_grant(grant.id, T0 + 2).await.unwrap();
+        assert_eq!(
+            s.get_grant(grant.id).await.unwrap(),
+            Some(revoked),
+            "a revoked grant is still found by id"
+        );
+
+        let mut got: Vec<Uuid> = s
+            .get_many(&[second.id, Uuid::new_v4(), first.id, first.id])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        got.sort_unstable();
+        let mut want = vec![first.id, second.id];
+        want.sort_unstable();
+        assert_eq!(got, want, "each known id once, unknown ones left out");
+        assert!(s.get_many(&[]).await.unwrap().is_empty());
+        let one = s.get_many(&[second.id]).await.unwrap();
+        assert_eq!(one, vec![s.get(second.id).await.unwrap().unwrap()]);
+    }
+
     pub async fn cancel_pending_request(h: &mut Harness) {
         let s = h.store.as_ref();
         let req = create(s, request(250, 1, None)).await;
@@ -726,4 +762,48 @@ async fn sqlite_r03c_synchronous_is_full() {
         assert_eq!(fk, 1);
     }
     store.close().await;
+}
+
+/// PostgreSQL announces grant changes to every sidecar's cache: the transaction that creates a
+/// grant, and the one that revokes it, each send its binding hash on `mandate_grants`
+/// (SECURITY A-12: a revocation must reach every sidecar).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a12_postgres_announces_grant_creation_and_revocation() {
+    let Some(h) = Harness::postgres().await else {
+        return;
+    };
+    let mut listener = sqlx::postgres::PgListener::connect(&h.url).await.unwrap();
+    listener
+        .listen(mandate::store::GRANT_CHANNEL)
+        .await
+        .unwrap();
+    let s = h.store.as_ref();
+    // An amount no other test uses: the channel is shared by every schema of the database.
+    let req = create(s, request(987_654, 1, None)).await;
+    // The approval that creates the grant is announced once it commits ...
+    let grant = s
+        .review(review(&req, "alice", Verdict::Approve, T0 + 1), T0 + 1)
+        .await
+        .unwrap()
+        .grant
+        .unwrap();
+    announced(&mut listener, &req.binding_hash).await;
+    // ... and so is its revocation.
+    s.revoke_grant(grant.id, T0 + 2).await.unwrap();
+    announced(&mut listener, &req.binding_hash).await;
+    drop(listener);
+    h.finish().await;
+}
+
+/// Wait (at most 5 s) for a notification carrying `hash`.
+async fn announced(listener: &mut sqlx::postgres::PgListener, hash: &str) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if listener.recv().await.unwrap().payload() == hash {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("notification within 5 s");
 }

@@ -151,8 +151,11 @@ async fn review_inner(
             },
             now,
         )
-        .await
-        .map_err(|e| store_error(&e, &raw))?;
+        .await;
+    // A grant this review created must be visible to the next check at once; invalidated
+    // whatever the outcome, since an error may follow a commit.
+    state.grants.invalidate(&request.binding_hash);
+    let outcome = outcome.map_err(|e| store_error(&e, &raw))?;
 
     let status = outcome.request.status.as_str();
     if matches!(status, "approved" | "denied") {
@@ -494,15 +497,22 @@ pub async fn grants(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             .grants(!all, now)
             .await
             .map_err(|e| store_read_error(&e))?;
+        // The requests behind them in one read, not one per grant.
+        let mut ids: Vec<Uuid> = grants.iter().map(|g| g.request_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let visible: std::collections::HashSet<Uuid> = state
+            .store
+            .get_many(&ids)
+            .await
+            .map_err(|e| store_read_error(&e))?
+            .into_iter()
+            .filter(|r| may_view(&caller, r))
+            .map(|r| r.id)
+            .collect();
         let mut out = Vec::new();
         for g in grants {
-            let visible = state
-                .store
-                .get(g.request_id)
-                .await
-                .map_err(|e| store_read_error(&e))?
-                .is_some_and(|r| may_view(&caller, &r));
-            if visible {
+            if visible.contains(&g.request_id) {
                 let mut v = grant_json(&g);
                 if let Some(obj) = v.as_object_mut() {
                     obj.insert("revoked".into(), json!(g.revoked_at.is_some()));
@@ -536,11 +546,9 @@ pub async fn revoke(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
         let now = state.engine.now();
         let grant = state
             .store
-            .grants(false, now)
+            .get_grant(id)
             .await
             .map_err(|e| store_read_error(&e))?
-            .into_iter()
-            .find(|g| g.id == id)
             .ok_or_else(missing)?;
         let request = state
             .store
@@ -551,11 +559,11 @@ pub async fn revoke(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
         if !may_view(&caller, &request) {
             return Err(missing());
         }
-        let revoked = state
-            .store
-            .revoke_grant(id, now)
-            .await
-            .map_err(|e| store_error(&e, &raw))?;
+        let revoked = state.store.revoke_grant(id, now).await;
+        // The next check must not be allowed from the cache (SECURITY A-12); invalidated
+        // whatever the outcome, since an error may follow a commit.
+        state.grants.invalidate(&grant.binding_hash);
+        let revoked = revoked.map_err(|e| store_error(&e, &raw))?;
         let by = match &caller {
             Caller::Agent(p) => p.id.clone(),
             Caller::EnforcementPoint { name } => format!("pep:{name}"),

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::approval::{ApprovalRequest, ApprovalStore, Grant, NewRequest};
+use crate::approval::{ApprovalRequest, ApprovalStore, Grant, GrantCache, NewRequest};
 use crate::audit::{AuditLog, DecisionRecord};
 use crate::config::{EnforcementPoint, ServerConfig};
 use crate::decision::{CheckRequest, Decision, DecisionCache, Engine, Outcome, Reason};
@@ -43,6 +43,9 @@ pub struct AppState {
     pub decisions: DecisionCache,
     /// Approval requests and grants.
     pub store: Arc<dyn ApprovalStore>,
+    /// Active grants (and their absence) by binding hash, in front of `store` on the hot
+    /// path; whoever changes a grant through this process invalidates its entry.
+    pub grants: Arc<GrantCache>,
     /// How long an approval request stays pending.
     pub request_ttl: std::time::Duration,
     /// Webhooks about approval requests.
@@ -174,10 +177,16 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
         now,
         state.request_ttl,
     );
-    match state.store.active_grant(&new.binding_hash(), now).await {
+    // From the grant cache when it may be trusted, else from the store (shared/DESIGN.md §4).
+    match state
+        .grants
+        .active(state.store.as_ref(), &new.binding_hash(), now)
+        .await
+    {
         // A grant outlives no policy change: under another version the request is asked for
         // again (SECURITY A-09 errs on the side of a new approval).
-        Ok(Some(grant)) if grant.policy_version == *decision.policy_version => {
+        Ok(Some(active)) if active.grant.policy_version == *decision.policy_version => {
+            let grant = active.grant.clone();
             let allowed = Decision {
                 outcome: Outcome::Allow,
                 reasons: vec![Reason {
@@ -194,20 +203,9 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
                 ..decision
             };
             // Who approved, and why, belongs in the record of every decision the grant allows.
-            let approvers = match state.store.reviews(grant.request_id).await {
-                Ok(reviews) => reviews
-                    .into_iter()
-                    .filter(|r| r.verdict == crate::approval::Verdict::Approve)
-                    .map(|r| crate::audit::Approver {
-                        id: r.approver_id,
-                        rationale: r.rationale,
-                    })
-                    .collect(),
-                Err(e) => return store_failure(allowed, &e),
-            };
             return Settled {
                 decision: allowed,
-                approvers,
+                approvers: active.approvers.clone(),
                 approval: None,
                 grant: Some(grant),
             };

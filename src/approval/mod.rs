@@ -3,6 +3,7 @@
 //! implement (shared/DESIGN.md §4). No SQL here: the state machine of a review is decided by
 //! [`apply_review`], so every backend enforces the same rules.
 
+pub mod cache;
 mod canonical;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use uuid::Uuid;
 use crate::decision::{ApprovalRequirement, CheckRequest, Fallback, Resource};
 use crate::identity::Principal;
 
+pub use cache::{ActiveGrant, GrantCache, GrantCacheSettings};
 pub use canonical::{binding_hash, canonical_json};
 
 /// Where an approval request is in its life. Only `Pending` ever changes; the other four are
@@ -478,6 +480,10 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
 
     async fn get(&self, id: Uuid) -> Result<Option<ApprovalRequest>, StoreError>;
 
+    /// The requests with these ids, in no particular order; unknown ids are left out. One
+    /// round trip, whatever the number of ids.
+    async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<ApprovalRequest>, StoreError>;
+
     async fn list(&self, filter: ListFilter) -> Result<Vec<ApprovalRequest>, StoreError>;
 
     /// The reviews of a request, in the order they were recorded.
@@ -501,10 +507,15 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     async fn active_grant(&self, binding_hash: &str, now: i64)
     -> Result<Option<Grant>, StoreError>;
 
+    /// The grant with this id, active or not.
+    async fn get_grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError>;
+
     /// All grants, or only the active ones, oldest first.
     async fn grants(&self, active_only: bool, now: i64) -> Result<Vec<Grant>, StoreError>;
 
-    /// Revoke a grant; revoking a revoked grant returns it unchanged.
+    /// Revoke a grant; revoking a revoked grant returns it unchanged. With PostgreSQL the
+    /// revocation is announced to every sidecar's grant cache in the same transaction, as is
+    /// the grant a final approval creates in [`review`](Self::review).
     async fn revoke_grant(&self, id: Uuid, now: i64) -> Result<Grant, StoreError>;
 }
 

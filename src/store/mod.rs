@@ -14,20 +14,41 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::approval::{ApprovalRequest, ApprovalStore, Grant, Review, Status, StoreError, Verdict};
+use crate::approval::{
+    ApprovalRequest, ApprovalStore, Grant, GrantCache, Review, Status, StoreError, Verdict,
+};
 use crate::decision::Fallback;
 
-pub use postgres::PostgresStore;
+pub use postgres::{GRANT_CHANNEL, LISTENER_APPLICATION_NAME, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// Open the store named by `url` and bring its schema up to date: `postgres://` or
 /// `postgresql://` is PostgreSQL; `sqlite://path`, `sqlite:path` or a plain path is a SQLite
 /// file, created when missing.
 pub async fn connect(url: &str) -> Result<Arc<dyn ApprovalStore>, StoreError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_shared(url) {
         Ok(Arc::new(PostgresStore::connect(url).await?))
     } else {
         Ok(Arc::new(SqliteStore::connect(url).await?))
+    }
+}
+
+/// Whether other processes may change the grants of the store at `url` (PostgreSQL: a
+/// fleet shares it), so a grant cache must hear their changes ([`listen_grant_changes`])
+/// before it may be trusted. A SQLite file belongs to one process.
+pub fn is_shared(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Keep `cache` coherent with grant changes made by other processes, until `stop`: the
+/// PostgreSQL listener for a shared store; nothing to do (returns at once) for SQLite.
+pub async fn listen_grant_changes(
+    url: String,
+    cache: Arc<GrantCache>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    if is_shared(&url) {
+        postgres::listen_grant_changes(url, cache, stop).await;
     }
 }
 

@@ -2,11 +2,18 @@
 //! request row (`SELECT ... FOR UPDATE`) for the whole transaction, so concurrent reviews of
 //! one request are applied one after the other, whichever sidecar receives them; the version
 //! compare-and-swap on the update is the second line of defence.
+//!
+//! Grant changes reach every sidecar's grant cache by LISTEN/NOTIFY: the transaction that
+//! creates or revokes a grant sends its binding hash on [`GRANT_CHANNEL`], and
+//! [`listen_grant_changes`] invalidates it in this process's cache, distrusting the whole
+//! cache whenever the listening connection is not known to be alive.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
@@ -15,8 +22,8 @@ use super::{
     is_unique_violation, migrate_error, not_found_grant, not_found_request, requests, to_json,
 };
 use crate::approval::{
-    ApprovalRequest, ApprovalStore, Grant, ListFilter, NewRequest, Review, ReviewOutcome, Status,
-    StoreError, apply_review,
+    ApprovalRequest, ApprovalStore, Grant, GrantCache, ListFilter, NewRequest, Review,
+    ReviewOutcome, Status, StoreError, apply_review,
 };
 
 /// A statement that runs longer than this is cancelled by the server: a stuck lock must not
@@ -125,6 +132,21 @@ async fn fetch_reviews(
     rows.into_iter().map(Review::try_from).collect()
 }
 
+/// Tell every sidecar's grant cache that the grants of `binding_hash` changed. `pg_notify` in
+/// the transaction: delivered when (and only if) it commits.
+async fn announce_grant_change(
+    tx: &mut Transaction<'static, Postgres>,
+    binding_hash: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(GRANT_CHANNEL)
+        .bind(binding_hash)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
 #[async_trait]
 impl ApprovalStore for PostgresStore {
     async fn create_or_get_pending(
@@ -221,6 +243,23 @@ impl ApprovalStore for PostgresStore {
         row.map(ApprovalRequest::try_from).transpose()
     }
 
+    async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<ApprovalRequest>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let rows: Vec<RequestRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            request_columns!(),
+            " FROM approval_requests WHERE id = ANY($1::uuid[])"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        requests(rows)
+    }
+
     async fn list(&self, filter: ListFilter) -> Result<Vec<ApprovalRequest>, StoreError> {
         // An unknown cursor yields nothing rather than starting over from the beginning.
         let rows: Vec<RequestRow> = sqlx::query_as(concat!(
@@ -309,6 +348,7 @@ impl ApprovalStore for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
+            announce_grant_change(&mut tx, &grant.binding_hash).await?;
         }
         tx.commit().await.map_err(db_error)?;
         Ok(ReviewOutcome {
@@ -391,6 +431,19 @@ impl ApprovalStore for PostgresStore {
         row.map(Grant::try_from).transpose()
     }
 
+    async fn get_grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError> {
+        let row: Option<GrantRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            grant_columns!(),
+            " FROM grants WHERE id = $1::uuid"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(Grant::try_from).transpose()
+    }
+
     async fn grants(&self, active_only: bool, now: i64) -> Result<Vec<Grant>, StoreError> {
         let rows: Vec<GrantRow> = sqlx::query_as(concat!(
             "SELECT ",
@@ -422,9 +475,131 @@ impl ApprovalStore for PostgresStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        row.map(Grant::try_from)
+        let grant = row
+            .map(Grant::try_from)
             .transpose()?
-            .ok_or_else(|| not_found_grant(id))
+            .ok_or_else(|| not_found_grant(id))?;
+        // Announced even when it was revoked already: one more invalidation costs nothing.
+        announce_grant_change(&mut tx, &grant.binding_hash).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(grant)
+    }
+}
+
+/// The notification channel grant changes are announced on, with the binding hash as payload.
+/// Channels belong to the database, not to a schema: fleets in different schemas of one
+/// database now and then invalidate each other's entries, which costs a store read, nothing
+/// more.
+pub const GRANT_CHANNEL: &str = "mandate_grants";
+
+/// `application_name` of the listening connection, so an operator sees it in
+/// `pg_stat_activity` (and a test can cut it).
+pub const LISTENER_APPLICATION_NAME: &str = "mandate-grant-listener";
+
+/// How long the listener waits for a notification before it checks that its connection is
+/// alive (a connection that died silently would deliver nothing, and say nothing).
+const LISTENER_PING_EVERY: Duration = Duration::from_secs(5);
+/// How long that check may take before the connection is given up.
+const LISTENER_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// First and longest wait between two connection attempts of the listener.
+const LISTENER_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// Keep `cache` coherent with the grant changes every process sharing the database at `url`
+/// makes, until `stop`. The cache is distrusted (every lookup reads the store) from the
+/// start and whenever the listening connection is lost or does not answer a ping; it is
+/// flushed and trusted again only once `LISTEN` is in place on a new connection.
+pub async fn listen_grant_changes(
+    url: String,
+    cache: Arc<GrantCache>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut backoff = LISTENER_BACKOFF.0;
+    loop {
+        cache.distrust();
+        let connected = tokio::select! {
+            r = connect_listener(&url) => r,
+            () = &mut stop => return,
+        };
+        match connected {
+            Ok(mut listener) => {
+                // From here on no change goes unheard; what was cached before may be stale.
+                cache.trust();
+                backoff = LISTENER_BACKOFF.0;
+                tracing::info!(
+                    channel = GRANT_CHANNEL,
+                    "grant change listener connected; grant cache in use"
+                );
+                let why = tokio::select! {
+                    why = hear(&mut listener, &cache) => why,
+                    () = &mut stop => return,
+                };
+                cache.distrust();
+                tracing::warn!(
+                    error = %why,
+                    "grant change listener lost; the grant cache is bypassed until it reconnects"
+                );
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "grant change listener cannot connect; the grant cache is bypassed"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = &mut stop => return,
+        }
+        backoff = (backoff * 2).min(LISTENER_BACKOFF.1);
+    }
+}
+
+/// A listener on [`GRANT_CHANNEL`] that reports a lost connection instead of reconnecting
+/// behind our back (notifications sent meanwhile would be lost without a word).
+async fn connect_listener(url: &str) -> Result<PgListener, String> {
+    let options: PgConnectOptions = url
+        .parse::<PgConnectOptions>()
+        .map_err(|e| format!("invalid postgres url: {e}"))?
+        .application_name(LISTENER_APPLICATION_NAME);
+    let connect = async {
+        // A pool of one, as `PgListener::connect` makes, only to name the connection.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.ignore_pool_close_event(true);
+        listener.eager_reconnect(false);
+        listener.listen(GRANT_CHANNEL).await?;
+        Ok::<_, sqlx::Error>(listener)
+    };
+    match tokio::time::timeout(ACQUIRE_TIMEOUT, connect).await {
+        Ok(Ok(listener)) => Ok(listener),
+        // The URL may carry a password: the error names the host, never the URL.
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no connection within {ACQUIRE_TIMEOUT:?}")),
+    }
+}
+
+/// Invalidate the binding hash each notification names; return why the connection can no
+/// longer be relied on.
+async fn hear(listener: &mut PgListener, cache: &GrantCache) -> String {
+    loop {
+        // `try_recv` is cancel-safe: a timeout loses no notification.
+        match tokio::time::timeout(LISTENER_PING_EVERY, listener.try_recv()).await {
+            Ok(Ok(Some(n))) => cache.invalidate(n.payload()),
+            Ok(Ok(None)) => return "connection lost".into(),
+            Ok(Err(e)) => return e.to_string(),
+            Err(_) => {
+                let ping = sqlx::query("SELECT 1").execute(&mut *listener);
+                match tokio::time::timeout(LISTENER_PING_TIMEOUT, ping).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("ping failed: {e}"),
+                    Err(_) => return format!("ping unanswered within {LISTENER_PING_TIMEOUT:?}"),
+                }
+            }
+        }
     }
 }

@@ -210,6 +210,23 @@ impl ApprovalStore for SqliteStore {
         row.map(ApprovalRequest::try_from).transpose()
     }
 
+    async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<ApprovalRequest>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let rows: Vec<RequestRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            request_columns!(),
+            " FROM approval_requests WHERE id IN (SELECT value FROM json_each(?))"
+        ))
+        .bind(to_json(&ids)?)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        requests(rows)
+    }
+
     async fn list(&self, filter: ListFilter) -> Result<Vec<ApprovalRequest>, StoreError> {
         // An unknown cursor yields nothing rather than starting over from the beginning.
         let rows: Vec<RequestRow> = sqlx::query_as(concat!(
@@ -379,6 +396,19 @@ impl ApprovalStore for SqliteStore {
         ))
         .bind(binding_hash)
         .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(Grant::try_from).transpose()
+    }
+
+    async fn get_grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError> {
+        let row: Option<GrantRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            grant_columns!(),
+            " FROM grants WHERE id = ?"
+        ))
+        .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?;
