@@ -822,3 +822,110 @@ async fn a12_a_revoked_grant_allows_nothing_more_and_the_cli_lists_and_revokes()
     );
     s.shutdown().await;
 }
+
+/// The audit events of the log at `path` (`event` and `detail`), in order.
+fn events(path: &std::path::Path) -> Vec<(String, Value)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "event")
+        .map(|v| (v["event"].as_str().unwrap().to_owned(), v["detail"].clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_pending() {
+    // Two sidecars on one SQLite store: `a` audits to a file, `b` to /dev/full.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("approvals.db");
+    let db_s = db.to_str().unwrap().to_owned();
+    let a = TestServer::start(&example_config(&[("MANDATE_STORE__URL", &db_s)])).await;
+    let b = TestServer::start(&example_config(&[
+        ("MANDATE_STORE__URL", &db_s),
+        ("MANDATE_AUDIT__PATH", "/dev/full"),
+    ]))
+    .await;
+    let t = agent();
+    let (_, esc) = a.post("/v1/check", Some(&t), &transfer(480)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let body = json!({"rationale": "matches PO-48", "evidence": {"ticket": "FIN-48"}});
+    let alice = approver("alice", &["finance-approvers"]);
+
+    // Issue 4 point 8: no review takes effect without its audit event on disk.
+    for verb in ["approve", "deny"] {
+        let (st, v) = review(&b, &alice, &id, verb, body.clone()).await;
+        assert_eq!(
+            (st, v["error"].clone()),
+            (503, json!("audit_unavailable")),
+            "{v}"
+        );
+        assert!(
+            v["message"].as_str().unwrap().contains("not recorded"),
+            "{v}"
+        );
+    }
+    let store = &a.running.as_ref().unwrap().state.store;
+    let uuid = uuid::Uuid::parse_str(&id).unwrap();
+    assert_eq!(
+        store.get(uuid).await.unwrap().unwrap().status,
+        mandate::approval::Status::Pending
+    );
+    assert!(store.reviews(uuid).await.unwrap().is_empty());
+    let (_, still) = a.post("/v1/check", Some(&t), &transfer(480)).await;
+    assert_eq!(still["decision"], "escalate", "{still}");
+
+    // Through the sidecar that can audit: the attempt is on disk before the store has it,
+    // then its outcome; a refused attempt is recorded as refused.
+    let (st, v) = review(&a, &alice, &id, "approve", body.clone()).await;
+    assert_eq!(
+        (st, v["request"]["status"].clone()),
+        (200, json!("approved"))
+    );
+    let grant = v["grant"]["id"].clone();
+    let eve = approver("eve", &["finance-approvers"]);
+    let (st, v) = review(&a, &eve, &id, "approve", body.clone()).await;
+    assert_eq!((st, v["error"].clone()), (409, json!("not_pending")), "{v}");
+    let log = a.running.as_ref().unwrap().state.audit.path().to_owned();
+    let evs: Vec<(String, Value)> = events(&log);
+    let names: Vec<&str> = evs.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "approval_review",
+            "approval_review_outcome",
+            "approval_review",
+            "approval_review_outcome"
+        ],
+        "{evs:?}"
+    );
+    assert_eq!(
+        (
+            evs[0].1["approver"]["id"].clone(),
+            evs[0].1["verdict"].clone(),
+            evs[0].1["rationale"].clone(),
+            evs[0].1["request_id"].clone()
+        ),
+        (
+            json!("alice"),
+            json!("approve"),
+            json!("matches PO-48"),
+            json!(id)
+        )
+    );
+    assert_eq!(
+        (
+            evs[1].1["outcome"].clone(),
+            evs[1].1["status"].clone(),
+            evs[1].1["grant_id"].clone()
+        ),
+        (json!("applied"), json!("approved"), grant)
+    );
+    assert_eq!(evs[2].1["approver"]["id"], "eve");
+    assert_eq!(
+        (evs[3].1["outcome"].clone(), evs[3].1["error"].clone()),
+        (json!("refused"), json!("not_pending"))
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
