@@ -823,6 +823,96 @@ async fn a12_a_revoked_grant_allows_nothing_more_and_the_cli_lists_and_revokes()
     s.shutdown().await;
 }
 
+/// The request's policy as the bundle file has it: from its `@id` to the end of its `when`.
+fn source_of(cedar: &str, id: &str, end: &str) -> String {
+    let start = cedar.find(&format!("@id(\"{id}\")")).unwrap();
+    let stop = start + cedar[start..].find(end).unwrap() + end.len();
+    cedar[start..stop].to_owned()
+}
+
+#[tokio::test]
+async fn a07_a23_the_approver_sees_the_policy_text_of_the_requests_version_even_after_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    common::copy_dir(&common::repo().join("config/policies"), &bundle);
+    let bundle_s = bundle.to_str().unwrap().to_owned();
+    let s = TestServer::start(&example_config(&[("MANDATE_POLICY__BUNDLE", &bundle_s)])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let version = esc["policy_version"].as_str().unwrap().to_owned();
+    let cedar = std::fs::read_to_string(bundle.join("payments.cedar")).unwrap();
+    let text = source_of(&cedar, "payments-approval", "<= 10000 };");
+    assert!(text.contains("@approval(\"finance-approvers\")"), "{text}");
+
+    let alice = approver("alice", &["finance-approvers"]);
+    let show = |id: String| {
+        let c = s.client.clone();
+        let url = s.url(&format!("/v1/approvals/{id}"));
+        let alice = alice.clone();
+        async move {
+            let r = c.get(url).bearer_auth(alice).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()
+        }
+    };
+    let v = show(id.clone()).await;
+    assert_eq!(v["policy_version"], version.as_str());
+    assert_eq!(v["policy_ids"], json!(["payments-approval"]));
+    assert_eq!(
+        v["policy_text"],
+        json!({ "payments-approval": text }),
+        "the policy's source, annotations included, byte for byte"
+    );
+
+    // A new bundle revision changes the policy: the pending request still shows the policy
+    // that asked for it; a new escalation shows the new one.
+    let edited = cedar.replace(
+        "need a finance approver and a ticket",
+        "need one finance approver and a ticket (edited)",
+    );
+    assert_ne!(edited, cedar);
+    std::fs::write(bundle.join("payments.cedar"), &edited).unwrap();
+    let new_version = s.running.as_ref().unwrap().reload().unwrap();
+    assert_ne!(*new_version, *version);
+    let v = show(id.clone()).await;
+    assert_eq!(
+        (v["policy_version"].clone(), v["policy_text"].clone()),
+        (json!(version), json!({ "payments-approval": text }))
+    );
+    let (_, esc2) = s.post("/v1/check", Some(&t), &transfer(260)).await;
+    let id2 = esc2["approval_request"]["id"].as_str().unwrap().to_owned();
+    let v2 = show(id2).await;
+    assert_eq!(
+        v2["policy_text"]["payments-approval"],
+        source_of(&edited, "payments-approval", "<= 10000 };").as_str()
+    );
+    assert_eq!(v2["policy_version"], &*new_version);
+
+    // `mandate approvals show` prints the policy verbatim, under its id and version; `--json`
+    // is the API's answer.
+    let (b, a, idc) = (s.base.clone(), alice.clone(), id.clone());
+    let (code, out, err) = tokio::task::spawn_blocking(move || cli(&b, &a, &["show", &idc]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "// policy `payments-approval`, policy version {version}:\n{text}\n"
+        )),
+        "{out}"
+    );
+    let (b, a, idc) = (s.base.clone(), alice, id);
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cli(&b, &a, &["show", &idc, "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["policy_text"]["payments-approval"], text.as_str());
+    s.shutdown().await;
+}
+
 /// The audit events of the log at `path` (`event` and `detail`), in order.
 fn events(path: &std::path::Path) -> Vec<(String, Value)> {
     std::fs::read_to_string(path)

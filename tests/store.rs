@@ -136,6 +136,11 @@ store_suite!(
     r03c_data_survives_reopening,
 );
 
+/// A policy text with what must survive the round trip: newlines, quotes, non-ASCII.
+const POLICY_TEXT: &str = "@id(\"payments-approval\")\n@approval(\"finance-approvers\")\n\
+    permit (principal, action == Action::\"payments:transfer\", resource)\n\
+    when { context.amount > 100 }; // \u{20ac} \\ \"quoted\"";
+
 fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
     let context: Map<String, Value> = match json!({"amount": amount, "currency": "EUR"}) {
         Value::Object(m) => m,
@@ -160,6 +165,7 @@ fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
         context,
         policy_version: "1+43d884fc6f24857e".into(),
         policy_ids: vec!["payments-approval".into()],
+        policy_text: [("payments-approval".to_owned(), POLICY_TEXT.to_owned())].into(),
         groups: vec!["finance-approvers".into()],
         quorum,
         evidence: vec!["ticket".into()],
@@ -694,6 +700,10 @@ mod cases {
             "the pending request still dedupes after reopening"
         );
         assert_eq!(same.id, req.id);
+        assert_eq!(
+            same.policy_text["payments-approval"], POLICY_TEXT,
+            "the policy text round-trips byte for byte"
+        );
     }
 }
 

@@ -531,6 +531,9 @@ fn view(r: &ApprovalRequest) -> serde_json::Value {
         "context": r.context,
         "policy_version": r.policy_version,
         "policy_ids": r.policy_ids,
+        // The Cedar source of each policy that asked, as it was in `policy_version` (issue 4
+        // point 3): the approver reads the rule, not only its name.
+        "policy_text": r.policy_text,
         "groups": r.groups,
         "current_groups": r.current_groups,
         "quorum": r.quorum,

@@ -215,6 +215,18 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
         Ok(_) => {}
         Err(e) => return store_failure(decision, &e),
     }
+    // The approver is shown the policies that asked, as they were in this decision's bundle.
+    let Some(texts) = state
+        .engine
+        .policy_texts(&decision.policy_version, &decision.policy_ids)
+    else {
+        return escalation_denied(
+            decision,
+            ESCALATION_UNAVAILABLE,
+            "the policy bundle was reloaded while deciding: ask again".into(),
+        );
+    };
+    let new = new.with_policy_text(texts);
     match state.store.create_or_get_pending(new).await {
         Ok((request, created)) => {
             if created {
@@ -235,6 +247,15 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
 /// allow and never a silent dead end.
 fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled {
     tracing::error!(error = %e, decision_id = %decision.id, "approval store unavailable; denying");
+    escalation_denied(
+        decision,
+        ESCALATION_UNAVAILABLE,
+        format!("the approval store is unavailable: {}", e.code()),
+    )
+}
+
+/// An escalation that could not become an approval request, as a deny with `code`.
+fn escalation_denied(decision: Decision, code: &'static str, message: String) -> Settled {
     Settled {
         decision: Decision {
             id: decision.id,
@@ -242,9 +263,9 @@ fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled
             policy_version: decision.policy_version,
             policy_ids: decision.policy_ids,
             reasons: vec![Reason {
-                code: ESCALATION_UNAVAILABLE,
+                code,
                 policy_id: None,
-                message: format!("the approval store is unavailable: {}", e.code()),
+                message,
             }],
             approval: None,
         },

@@ -5,6 +5,7 @@
 
 mod canonical;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -116,6 +117,9 @@ pub struct NewRequest {
     pub context: Map<String, Value>,
     pub policy_version: String,
     pub policy_ids: Vec<String>,
+    /// The Cedar source (annotations included) of each of `policy_ids`, as it was in the
+    /// bundle of `policy_version`: what the approver is shown, whatever is loaded later.
+    pub policy_text: BTreeMap<String, String>,
     pub groups: Vec<String>,
     pub quorum: u32,
     pub evidence: Vec<String>,
@@ -143,6 +147,7 @@ impl NewRequest {
             context: check.context.clone(),
             policy_version: policy_version.to_owned(),
             policy_ids: policy_ids.to_vec(),
+            policy_text: BTreeMap::new(),
             groups: requirement.groups.clone(),
             quorum: requirement.quorum,
             evidence: requirement.evidence.clone(),
@@ -151,6 +156,12 @@ impl NewRequest {
             created_at: now,
             expires_at: now.saturating_add(secs(pending_ttl)),
         }
+    }
+
+    /// With the policies' source texts (see [`NewRequest::policy_text`]).
+    pub fn with_policy_text(mut self, policy_text: BTreeMap<String, String>) -> Self {
+        self.policy_text = policy_text;
+        self
     }
 
     /// The binding hash of this request (see [`binding_hash`]).
@@ -182,6 +193,7 @@ impl NewRequest {
             context: self.context,
             policy_version: self.policy_version,
             policy_ids: self.policy_ids,
+            policy_text: self.policy_text,
             current_groups: self.groups.clone(),
             groups: self.groups,
             // A quorum of 0 would approve on nothing; the annotation parser already refuses it,
@@ -220,6 +232,9 @@ pub struct ApprovalRequest {
     pub context: Map<String, Value>,
     pub policy_version: String,
     pub policy_ids: Vec<String>,
+    /// The Cedar source of each policy that asked for approval, from the bundle of
+    /// `policy_version` (empty for requests stored before texts were kept).
+    pub policy_text: BTreeMap<String, String>,
     /// The approver groups the policy named.
     pub groups: Vec<String>,
     /// Who may approve now: `groups`, or the fallback group once it has taken over.

@@ -217,6 +217,7 @@ fn pending(quorum: u32) -> ApprovalRequest {
         context: obj(json!({"amount": 250})),
         policy_version: "1+abc".into(),
         policy_ids: vec!["payments-approval".into()],
+        policy_text: Default::default(),
         groups: vec!["finance-approvers".into()],
         quorum,
         evidence: vec![],

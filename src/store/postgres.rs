@@ -33,7 +33,7 @@ macro_rules! request_columns {
         "id::text AS id, binding_hash, principal::text AS principal, action, \
          action_properties::text AS action_properties, resource::text AS resource, \
          context::text AS context, policy_version, policy_ids::text AS policy_ids, \
-         groups::text AS groups, current_groups::text AS current_groups, quorum, \
+         policy_text::text AS policy_text, groups::text AS groups, current_groups::text AS current_groups, quorum, \
          evidence::text AS evidence, grant_ttl_secs, fallback_group, fallback_after_secs, \
          status, created_at, expires_at, fallback_at, fell_back_at, decided_at, version"
     };
@@ -154,10 +154,10 @@ impl ApprovalStore for PostgresStore {
                  action_properties, resource, context, policy_version, policy_ids, groups, \
                  current_groups, quorum, evidence, grant_ttl_secs, fallback_group, \
                  fallback_after_secs, status, created_at, expires_at, fallback_at, fell_back_at, \
-                 decided_at, version) \
+                 decided_at, version, policy_text) \
                  VALUES ($1::uuid, $2, $3::jsonb, $4, $5::jsonb, $6::jsonb, $7::jsonb, $8, \
                  $9::jsonb, $10::jsonb, $11::jsonb, $12, $13::jsonb, $14, $15, $16, $17, $18, \
-                 $19, $20, $21, $22, $23) \
+                 $19, $20, $21, $22, $23, $24::jsonb) \
                  ON CONFLICT (binding_hash) WHERE status = 'pending' DO NOTHING",
             )
             .bind(request.id.to_string())
@@ -183,6 +183,7 @@ impl ApprovalStore for PostgresStore {
             .bind(request.fell_back_at)
             .bind(request.decided_at)
             .bind(request.version)
+            .bind(&enc.policy_text)
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;

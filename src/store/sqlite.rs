@@ -28,7 +28,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 macro_rules! request_columns {
     () => {
         "id, binding_hash, principal, action, action_properties, resource, context, \
-         policy_version, policy_ids, groups, current_groups, quorum, evidence, grant_ttl_secs, \
+         policy_version, policy_ids, policy_text, groups, current_groups, quorum, evidence, grant_ttl_secs, \
          fallback_group, fallback_after_secs, status, created_at, expires_at, fallback_at, \
          fell_back_at, decided_at, version"
     };
@@ -165,7 +165,7 @@ impl ApprovalStore for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO approval_requests (",
             request_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(request.id.to_string())
         .bind(&request.binding_hash)
@@ -176,6 +176,7 @@ impl ApprovalStore for SqliteStore {
         .bind(&enc.context)
         .bind(&request.policy_version)
         .bind(&enc.policy_ids)
+        .bind(&enc.policy_text)
         .bind(&enc.groups)
         .bind(&enc.current_groups)
         .bind(i64::from(request.quorum))
