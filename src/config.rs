@@ -114,6 +114,8 @@ pub struct StoreConfig {
     pub request_ttl: Duration,
     /// How often the server moves due requests to their fallback group or to `expired`.
     pub sweep_interval: Duration,
+    /// `max_pending_per_principal` and `max_requests_per_hour` (SECURITY A-16).
+    pub escalation_limits: crate::approval::EscalationLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -556,7 +558,17 @@ impl Reader {
 
     fn store(&mut self, t: &Table) -> StoreConfig {
         let p = "store";
-        self.known(t, p, &["url", "request_ttl", "sweep_interval"]);
+        self.known(
+            t,
+            p,
+            &[
+                "url",
+                "request_ttl",
+                "sweep_interval",
+                "max_pending_per_principal",
+                "max_requests_per_hour",
+            ],
+        );
         let url = match self.string(t, p, "url") {
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
             Some(u) if u.is_empty() => {
@@ -589,6 +601,24 @@ impl Reader {
                 Duration::from_secs(1),
                 Duration::from_secs(60),
             ),
+            // SECURITY A-16: at least one (a principal that may never escalate is better said
+            // with a forbid policy), at most what an approver could ever look at.
+            escalation_limits: crate::approval::EscalationLimits {
+                max_pending: self.integer(
+                    t,
+                    p,
+                    "max_pending_per_principal",
+                    u64::from(crate::approval::EscalationLimits::DEFAULT_MAX_PENDING),
+                    (1, 1000),
+                ) as u32,
+                max_per_hour: self.integer(
+                    t,
+                    p,
+                    "max_requests_per_hour",
+                    u64::from(crate::approval::EscalationLimits::DEFAULT_MAX_PER_HOUR),
+                    (1, 10_000),
+                ) as u32,
+            },
         }
     }
 
@@ -1274,6 +1304,43 @@ format = "xml"
         assert_eq!(err.problems[0].key, "audit.group_commit");
         let err = parse("audit = 1\n", &[]).unwrap_err();
         assert_eq!(err.problems[0].key, "audit");
+    }
+
+    #[test]
+    fn a16_escalation_limits_default_validate_and_override() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(
+            c.store.escalation_limits,
+            crate::approval::EscalationLimits {
+                max_pending: 5,
+                max_per_hour: 30
+            }
+        );
+        let c = parse(
+            "[store]\nmax_pending_per_principal = 2\n",
+            &[("MANDATE_STORE__MAX_REQUESTS_PER_HOUR", "7")],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.store.escalation_limits.max_pending,
+                c.store.escalation_limits.max_per_hour
+            ),
+            (2, 7)
+        );
+        let err = parse(
+            "[store]\nmax_pending_per_principal = 0\nmax_requests_per_hour = \"30\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "store.max_pending_per_principal",
+                "store.max_requests_per_hour"
+            ]
+        );
     }
 
     #[test]

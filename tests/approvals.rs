@@ -1019,3 +1019,73 @@ async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_p
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a16_an_approval_flood_is_denied_escalation_rate_limited() {
+    let s = TestServer::start(&example_config(&[
+        ("MANDATE_STORE__MAX_PENDING_PER_PRINCIPAL", "3"),
+        ("MANDATE_STORE__MAX_REQUESTS_PER_HOUR", "4"),
+    ]))
+    .await;
+    let t = agent();
+    let mut ids = Vec::new();
+    for amount in 201..=203 {
+        let (_, v) = s.post("/v1/check", Some(&t), &transfer(amount)).await;
+        assert_eq!(v["decision"], "escalate", "{v}");
+        ids.push(v["approval_request"]["id"].as_str().unwrap().to_owned());
+    }
+    // The fourth pending request is one too many.
+    let (st, v) = s.post("/v1/check", Some(&t), &transfer(204)).await;
+    assert_eq!(st, 200);
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert_eq!(v["reasons"][0]["code"], "escalation_rate_limited", "{v}");
+    let message = v["reasons"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("agent-1") && message.contains("store.max_pending_per_principal"),
+        "{message}"
+    );
+    assert!(v.get("approval_request").is_none(), "{v}");
+    // A repeat of a pending request is that request, not a new one.
+    let (_, v) = s.post("/v1/check", Some(&t), &transfer(201)).await;
+    assert_eq!(
+        (v["decision"].clone(), v["approval_request"]["id"].clone()),
+        (json!("escalate"), json!(ids[0]))
+    );
+    // Another principal is not limited by agent-1's flood.
+    let other = dev_token("agent-2", json!({"owner": "bob"}), Duration::from_secs(300));
+    let (_, v) = s.post("/v1/check", Some(&other), &transfer(204)).await;
+    assert_eq!(v["decision"], "escalate", "{v}");
+    // Cancelling frees pending places, but not places in the hour.
+    for id in &ids[..2] {
+        let (st, _) = s
+            .post(&format!("/v1/approvals/{id}/cancel"), Some(&t), &json!({}))
+            .await;
+        assert_eq!(st, 200);
+    }
+    let (_, v) = s.post("/v1/check", Some(&t), &transfer(204)).await;
+    assert_eq!(v["decision"], "escalate", "{v}");
+    let (_, v) = s.post("/v1/check", Some(&t), &transfer(205)).await;
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert!(
+        v["reasons"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("store.max_requests_per_hour"),
+        "{v}"
+    );
+    // AuthZEN says the same.
+    let (_, v) = s
+        .post(
+            "/access/v1/evaluation",
+            Some(&t),
+            &json!({"subject":{"type":"Agent","id":"agent-1"},"action":{"name":"payments:transfer"},
+                    "resource":{"type":"Account","id":"acct-1"},"context":{"amount":206}}),
+        )
+        .await;
+    assert_eq!(
+        (v["decision"].clone(), v["context"]["reason"].clone()),
+        (json!(false), json!("escalation_rate_limited")),
+        "{v}"
+    );
+    s.shutdown().await;
+}

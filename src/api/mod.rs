@@ -45,6 +45,8 @@ pub struct AppState {
     pub store: Arc<dyn ApprovalStore>,
     /// How long an approval request stays pending.
     pub request_ttl: std::time::Duration,
+    /// Per-principal limits on new approval requests (SECURITY A-16).
+    pub escalation_limits: crate::approval::EscalationLimits,
     /// Webhooks about approval requests.
     pub notifier: crate::notify::Notifier,
     pub enforcement_points: Vec<EnforcementPoint>,
@@ -226,7 +228,9 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
             "the policy bundle was reloaded while deciding: ask again".into(),
         );
     };
-    let new = new.with_policy_text(texts);
+    let new = new
+        .with_policy_text(texts)
+        .with_limits(state.escalation_limits);
     match state.store.create_or_get_pending(new).await {
         Ok((request, created)) => {
             if created {
@@ -244,8 +248,13 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
 }
 
 /// Fail closed (SECURITY R-04a): an escalation the store cannot settle is a deny, never an
-/// allow and never a silent dead end.
+/// allow and never a silent dead end. A principal at its escalation limits (SECURITY A-16) is
+/// told which limit.
 fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled {
+    if let crate::approval::StoreError::RateLimited { .. } = e {
+        tracing::warn!(error = %e, decision_id = %decision.id, "escalation rate limited; denying");
+        return escalation_denied(decision, ESCALATION_RATE_LIMITED, e.to_string());
+    }
     tracing::error!(error = %e, decision_id = %decision.id, "approval store unavailable; denying");
     escalation_denied(
         decision,
@@ -277,6 +286,8 @@ fn escalation_denied(decision: Decision, code: &'static str, message: String) ->
 
 /// Reason code of a deny caused by an approval store that cannot take the request.
 pub const ESCALATION_UNAVAILABLE: &str = "escalation_unavailable";
+/// Reason code of a deny because the principal is at its escalation limits (SECURITY A-16).
+pub const ESCALATION_RATE_LIMITED: &str = "escalation_rate_limited";
 
 /// Record the decision of `settled` about `req` in the audit log; the answer to give (see
 /// [`decide_and_record`]).

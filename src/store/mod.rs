@@ -14,7 +14,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::approval::{ApprovalRequest, ApprovalStore, Grant, Review, Status, StoreError, Verdict};
+use crate::approval::{
+    ApprovalRequest, ApprovalStore, EscalationLimits, Grant, Review, Status, StoreError, Verdict,
+};
 use crate::decision::Fallback;
 
 pub use postgres::PostgresStore;
@@ -261,6 +263,30 @@ impl EncodedRequest {
             fallback_group: r.fallback.as_ref().map(|f| f.group.clone()),
             fallback_after_secs: r.fallback.as_ref().map(|f| crate::approval::secs(f.after)),
         })
+    }
+}
+
+/// What [`EscalationLimits`](crate::approval::EscalationLimits) are checked against, read in
+/// the transaction that inserts: whether the new request's pending twin exists (then it is
+/// returned, not created, and no limit applies), the principal's unexpired pending requests
+/// and its requests created in the last hour.
+#[derive(Debug, sqlx::FromRow)]
+struct LimitCounts {
+    twin: bool,
+    pending: i64,
+    recent: i64,
+}
+
+impl LimitCounts {
+    fn check(
+        &self,
+        request: &ApprovalRequest,
+        limits: &EscalationLimits,
+    ) -> Result<(), StoreError> {
+        if self.twin {
+            return Ok(());
+        }
+        limits.check(&request.principal, self.pending, self.recent)
     }
 }
 
