@@ -86,6 +86,7 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         store,
         grants,
         request_ttl: config.store.request_ttl,
+        escalation_limits: config.store.escalation_limits,
         notifier: crate::notify::Notifier::start(config.notifications.clone()),
         enforcement_points: config.enforcement_points.clone(),
         server: config.server.clone(),

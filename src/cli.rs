@@ -187,6 +187,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn approval_view_prints_policy_texts_verbatim_after_the_request() {
+        let v = serde_json::json!({
+            "id": "r1",
+            "policy_version": "1+abc",
+            "policy_ids": ["p1", "p2"],
+            "policy_text": {"p1": "@id(\"p1\")\npermit (principal, action, resource);\n"},
+        });
+        let out = render_approval(&v);
+        let (json, texts) = out.split_once("\n\n").unwrap();
+        let request: Value = serde_json::from_str(json).unwrap();
+        assert!(request.get("policy_text").is_none(), "{json}");
+        assert_eq!(request["id"], "r1");
+        assert_eq!(
+            texts,
+            "// policy `p1`, policy version 1+abc:\n@id(\"p1\")\npermit (principal, action, resource);\n\
+             \n// policy `p2`, policy version 1+abc:\n// (no policy text was stored with this request)\n"
+        );
+    }
+
+    #[test]
     fn entity_arguments() {
         assert_eq!(
             parse_entity("Agent::agent-1", "x").unwrap(),
@@ -217,18 +237,34 @@ pub struct ApiCall {
     pub path: String,
     /// `None` for a GET.
     pub body: Option<Value>,
+    /// Print a successful answer as an approval request for a human (see
+    /// [`render_approval`]) rather than as JSON.
+    pub approval_view: bool,
 }
 
 impl ApiCall {
     pub fn get(path: String) -> anyhow::Result<Self> {
-        Ok(Self { path, body: None })
+        Ok(Self {
+            path,
+            body: None,
+            approval_view: false,
+        })
     }
 
     pub fn post(path: String, body: Value) -> anyhow::Result<Self> {
         Ok(Self {
             path,
             body: Some(body),
+            approval_view: false,
         })
+    }
+
+    /// Answered as [`render_approval`] prints it.
+    pub fn approval_view(self) -> Self {
+        Self {
+            approval_view: true,
+            ..self
+        }
     }
 
     /// An approve or deny: the rationale and `kind=value` evidence pairs.
@@ -278,7 +314,15 @@ pub fn api(server: &str, token: &str, call: ApiCall) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot reach `{url}`"))?;
         let status = resp.status();
         let text = resp.text().await?;
-        let pretty = serde_json::from_str::<Value>(&text)
+        let parsed = serde_json::from_str::<Value>(&text);
+        if status.is_success()
+            && call.approval_view
+            && let Ok(v) = &parsed
+        {
+            print!("{}", render_approval(v));
+            return Ok(0);
+        }
+        let pretty = parsed
             .and_then(|v| serde_json::to_string_pretty(&v))
             .unwrap_or(text);
         if status.is_success() {
@@ -289,4 +333,37 @@ pub fn api(server: &str, token: &str, call: ApiCall) -> anyhow::Result<u8> {
             Ok(1)
         }
     })
+}
+
+/// An approval request as `mandate approvals show` prints it: the request as pretty JSON
+/// without its `policy_text`, then the Cedar source of each policy that asked for approval,
+/// verbatim, under a header naming the policy and the version it is from.
+pub fn render_approval(v: &Value) -> String {
+    let mut request = v.clone();
+    let texts = request
+        .as_object_mut()
+        .and_then(|o| o.remove("policy_text"))
+        .and_then(|t| match t {
+            Value::Object(m) => Some(m),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let mut out = serde_json::to_string_pretty(&request).unwrap_or_default();
+    out.push('\n');
+    let version = v["policy_version"].as_str().unwrap_or("?");
+    let ids: Vec<&str> = v["policy_ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    for id in ids {
+        out.push_str(&format!("\n// policy `{id}`, policy version {version}:\n"));
+        match texts.get(id).and_then(Value::as_str) {
+            Some(text) => {
+                out.push_str(text.trim_end());
+                out.push('\n');
+            }
+            None => out.push_str("// (no policy text was stored with this request)\n"),
+        }
+    }
+    out
 }

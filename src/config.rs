@@ -116,6 +116,8 @@ pub struct StoreConfig {
     pub sweep_interval: Duration,
     /// The grant cache of the hot path (size 0 turns it off).
     pub grant_cache: crate::approval::GrantCacheSettings,
+    /// `max_pending_per_principal` and `max_requests_per_hour` (SECURITY A-16).
+    pub escalation_limits: crate::approval::EscalationLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -567,6 +569,8 @@ impl Reader {
                 "sweep_interval",
                 "grant_cache_size",
                 "grant_cache_negative_ttl",
+                "max_pending_per_principal",
+                "max_requests_per_hour",
             ],
         );
         let cache_defaults = crate::approval::GrantCacheSettings::default();
@@ -617,6 +621,24 @@ impl Reader {
                     cache_defaults.negative_ttl,
                     crate::approval::cache::MAX_ENTRY_TTL,
                 ),
+            },
+            // SECURITY A-16: at least one (a principal that may never escalate is better said
+            // with a forbid policy), at most what an approver could ever look at.
+            escalation_limits: crate::approval::EscalationLimits {
+                max_pending: self.integer(
+                    t,
+                    p,
+                    "max_pending_per_principal",
+                    u64::from(crate::approval::EscalationLimits::DEFAULT_MAX_PENDING),
+                    (1, 1000),
+                ) as u32,
+                max_per_hour: self.integer(
+                    t,
+                    p,
+                    "max_requests_per_hour",
+                    u64::from(crate::approval::EscalationLimits::DEFAULT_MAX_PER_HOUR),
+                    (1, 10_000),
+                ) as u32,
             },
         }
     }
@@ -1436,6 +1458,43 @@ format = "xml"
         assert_eq!(err.problems[0].key, "audit.group_commit");
         let err = parse("audit = 1\n", &[]).unwrap_err();
         assert_eq!(err.problems[0].key, "audit");
+    }
+
+    #[test]
+    fn a16_escalation_limits_default_validate_and_override() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(
+            c.store.escalation_limits,
+            crate::approval::EscalationLimits {
+                max_pending: 5,
+                max_per_hour: 30
+            }
+        );
+        let c = parse(
+            "[store]\nmax_pending_per_principal = 2\n",
+            &[("MANDATE_STORE__MAX_REQUESTS_PER_HOUR", "7")],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.store.escalation_limits.max_pending,
+                c.store.escalation_limits.max_per_hour
+            ),
+            (2, 7)
+        );
+        let err = parse(
+            "[store]\nmax_pending_per_principal = 0\nmax_requests_per_hour = \"30\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "store.max_pending_per_principal",
+                "store.max_requests_per_hour"
+            ]
+        );
     }
 
     #[test]

@@ -267,6 +267,24 @@ impl Engine {
         self.bundle.load_full()
     }
 
+    /// The Cedar source of each of `ids` in the bundle of policy version `version`: what an
+    /// approval request keeps to show its approvers. `None` when the loaded bundle is no
+    /// longer that version (a reload raced the decision) or lacks one of the ids: the caller
+    /// cannot show the policy as it decided, and must not pretend to.
+    pub fn policy_texts(
+        &self,
+        version: &str,
+        ids: &[String],
+    ) -> Option<std::collections::BTreeMap<String, String>> {
+        let bundle = self.bundle.load();
+        if *bundle.version() != *version {
+            return None;
+        }
+        ids.iter()
+            .map(|id| Some((id.clone(), bundle.policy_text(id)?.to_owned())))
+            .collect()
+    }
+
     /// Make `bundle` the active one for every later decision.
     pub fn swap(&self, bundle: Arc<Bundle>) {
         self.bundle.store(bundle);

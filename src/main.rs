@@ -106,11 +106,15 @@ enum ApprovalsCommand {
         #[arg(long)]
         group: Option<String>,
     },
-    /// One request in full; `--wait 30s` returns as soon as its status changes.
+    /// One request in full, then the Cedar source of the policies that asked for approval;
+    /// `--wait 30s` returns as soon as its status changes.
     Show {
         id: String,
         #[arg(long)]
         wait: Option<String>,
+        /// Print the API's JSON answer only (the policy texts stay in its `policy_text`).
+        #[arg(long)]
+        json: bool,
     },
     /// Approve, with a rationale and the evidence the policy asks for (`--evidence ticket=FIN-1`).
     Approve {
@@ -266,10 +270,11 @@ fn main() -> ExitCode {
                         format!("/v1/approvals?{}", q.join("&"))
                     })
                 }
-                ApprovalsCommand::Show { id, wait } => cli::ApiCall::get(match wait {
+                ApprovalsCommand::Show { id, wait, json } => cli::ApiCall::get(match wait {
                     Some(w) => format!("/v1/approvals/{id}?wait={w}"),
                     None => format!("/v1/approvals/{id}"),
-                }),
+                })
+                .map(|c| if json { c } else { c.approval_view() }),
                 ApprovalsCommand::Approve {
                     id,
                     rationale,

@@ -1043,3 +1043,270 @@ async fn a12_a_revoked_grant_allows_nothing_more_and_the_cli_lists_and_revokes()
     );
     s.shutdown().await;
 }
+
+/// The request's policy as the bundle file has it: from its `@id` to the end of its `when`.
+fn source_of(cedar: &str, id: &str, end: &str) -> String {
+    let start = cedar.find(&format!("@id(\"{id}\")")).unwrap();
+    let stop = start + cedar[start..].find(end).unwrap() + end.len();
+    cedar[start..stop].to_owned()
+}
+
+#[tokio::test]
+async fn a07_a23_the_approver_sees_the_policy_text_of_the_requests_version_even_after_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    common::copy_dir(&common::repo().join("config/policies"), &bundle);
+    let bundle_s = bundle.to_str().unwrap().to_owned();
+    let s = TestServer::start(&example_config(&[("MANDATE_POLICY__BUNDLE", &bundle_s)])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let version = esc["policy_version"].as_str().unwrap().to_owned();
+    let cedar = std::fs::read_to_string(bundle.join("payments.cedar")).unwrap();
+    let text = source_of(&cedar, "payments-approval", "<= 10000 };");
+    assert!(text.contains("@approval(\"finance-approvers\")"), "{text}");
+
+    let alice = approver("alice", &["finance-approvers"]);
+    let show = |id: String| {
+        let c = s.client.clone();
+        let url = s.url(&format!("/v1/approvals/{id}"));
+        let alice = alice.clone();
+        async move {
+            let r = c.get(url).bearer_auth(alice).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()
+        }
+    };
+    let v = show(id.clone()).await;
+    assert_eq!(v["policy_version"], version.as_str());
+    assert_eq!(v["policy_ids"], json!(["payments-approval"]));
+    assert_eq!(
+        v["policy_text"],
+        json!({ "payments-approval": text }),
+        "the policy's source, annotations included, byte for byte"
+    );
+
+    // A new bundle revision changes the policy: the pending request still shows the policy
+    // that asked for it; a new escalation shows the new one.
+    let edited = cedar.replace(
+        "need a finance approver and a ticket",
+        "need one finance approver and a ticket (edited)",
+    );
+    assert_ne!(edited, cedar);
+    std::fs::write(bundle.join("payments.cedar"), &edited).unwrap();
+    let new_version = s.running.as_ref().unwrap().reload().unwrap();
+    assert_ne!(*new_version, *version);
+    let v = show(id.clone()).await;
+    assert_eq!(
+        (v["policy_version"].clone(), v["policy_text"].clone()),
+        (json!(version), json!({ "payments-approval": text }))
+    );
+    let (_, esc2) = s.post("/v1/check", Some(&t), &transfer(260)).await;
+    let id2 = esc2["approval_request"]["id"].as_str().unwrap().to_owned();
+    let v2 = show(id2).await;
+    assert_eq!(
+        v2["policy_text"]["payments-approval"],
+        source_of(&edited, "payments-approval", "<= 10000 };").as_str()
+    );
+    assert_eq!(v2["policy_version"], &*new_version);
+
+    // `mandate approvals show` prints the policy verbatim, under its id and version; `--json`
+    // is the API's answer.
+    let (b, a, idc) = (s.base.clone(), alice.clone(), id.clone());
+    let (code, out, err) = tokio::task::spawn_blocking(move || cli(&b, &a, &["show", &idc]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "// policy `payments-approval`, policy version {version}:\n{text}\n"
+        )),
+        "{out}"
+    );
+    let (b, a, idc) = (s.base.clone(), alice, id);
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cli(&b, &a, &["show", &idc, "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["policy_text"]["payments-approval"], text.as_str());
+    s.shutdown().await;
+}
+
+/// The audit events of the log at `path` (`event` and `detail`), in order.
+fn events(path: &std::path::Path) -> Vec<(String, Value)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "event")
+        .map(|v| (v["event"].as_str().unwrap().to_owned(), v["detail"].clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_pending() {
+    // Two sidecars on one SQLite store: `a` audits to a file, `b` to /dev/full.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("approvals.db");
+    let db_s = db.to_str().unwrap().to_owned();
+    let a = TestServer::start(&example_config(&[("MANDATE_STORE__URL", &db_s)])).await;
+    let b = TestServer::start(&example_config(&[
+        ("MANDATE_STORE__URL", &db_s),
+        ("MANDATE_AUDIT__PATH", "/dev/full"),
+    ]))
+    .await;
+    let t = agent();
+    let (_, esc) = a.post("/v1/check", Some(&t), &transfer(480)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let body = json!({"rationale": "matches PO-48", "evidence": {"ticket": "FIN-48"}});
+    let alice = approver("alice", &["finance-approvers"]);
+
+    // Issue 4 point 8: no review takes effect without its audit event on disk.
+    for verb in ["approve", "deny"] {
+        let (st, v) = review(&b, &alice, &id, verb, body.clone()).await;
+        assert_eq!(
+            (st, v["error"].clone()),
+            (503, json!("audit_unavailable")),
+            "{v}"
+        );
+        assert!(
+            v["message"].as_str().unwrap().contains("not recorded"),
+            "{v}"
+        );
+    }
+    let store = &a.running.as_ref().unwrap().state.store;
+    let uuid = uuid::Uuid::parse_str(&id).unwrap();
+    assert_eq!(
+        store.get(uuid).await.unwrap().unwrap().status,
+        mandate::approval::Status::Pending
+    );
+    assert!(store.reviews(uuid).await.unwrap().is_empty());
+    let (_, still) = a.post("/v1/check", Some(&t), &transfer(480)).await;
+    assert_eq!(still["decision"], "escalate", "{still}");
+
+    // Through the sidecar that can audit: the attempt is on disk before the store has it,
+    // then its outcome; a refused attempt is recorded as refused.
+    let (st, v) = review(&a, &alice, &id, "approve", body.clone()).await;
+    assert_eq!(
+        (st, v["request"]["status"].clone()),
+        (200, json!("approved"))
+    );
+    let grant = v["grant"]["id"].clone();
+    let eve = approver("eve", &["finance-approvers"]);
+    let (st, v) = review(&a, &eve, &id, "approve", body.clone()).await;
+    assert_eq!((st, v["error"].clone()), (409, json!("not_pending")), "{v}");
+    let log = a.running.as_ref().unwrap().state.audit.path().to_owned();
+    let evs: Vec<(String, Value)> = events(&log);
+    let names: Vec<&str> = evs.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "approval_review",
+            "approval_review_outcome",
+            "approval_review",
+            "approval_review_outcome"
+        ],
+        "{evs:?}"
+    );
+    assert_eq!(
+        (
+            evs[0].1["approver"]["id"].clone(),
+            evs[0].1["verdict"].clone(),
+            evs[0].1["rationale"].clone(),
+            evs[0].1["request_id"].clone()
+        ),
+        (
+            json!("alice"),
+            json!("approve"),
+            json!("matches PO-48"),
+            json!(id)
+        )
+    );
+    assert_eq!(
+        (
+            evs[1].1["outcome"].clone(),
+            evs[1].1["status"].clone(),
+            evs[1].1["grant_id"].clone()
+        ),
+        (json!("applied"), json!("approved"), grant)
+    );
+    assert_eq!(evs[2].1["approver"]["id"], "eve");
+    assert_eq!(
+        (evs[3].1["outcome"].clone(), evs[3].1["error"].clone()),
+        (json!("refused"), json!("not_pending"))
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a16_an_approval_flood_is_denied_escalation_rate_limited() {
+    let s = TestServer::start(&example_config(&[
+        ("MANDATE_STORE__MAX_PENDING_PER_PRINCIPAL", "3"),
+        ("MANDATE_STORE__MAX_REQUESTS_PER_HOUR", "4"),
+    ]))
+    .await;
+    let t = agent();
+    let mut ids = Vec::new();
+    for amount in 201..=203 {
+        let (_, v) = s.post("/v1/check", Some(&t), &transfer(amount)).await;
+        assert_eq!(v["decision"], "escalate", "{v}");
+        ids.push(v["approval_request"]["id"].as_str().unwrap().to_owned());
+    }
+    // The fourth pending request is one too many.
+    let (st, v) = s.post("/v1/check", Some(&t), &transfer(204)).await;
+    assert_eq!(st, 200);
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert_eq!(v["reasons"][0]["code"], "escalation_rate_limited", "{v}");
+    let message = v["reasons"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("agent-1") && message.contains("store.max_pending_per_principal"),
+        "{message}"
+    );
+    assert!(v.get("approval_request").is_none(), "{v}");
+    // A repeat of a pending request is that request, not a new one.
+    let (_, v) = s.post("/v1/check", Some(&t), &transfer(201)).await;
+    assert_eq!(
+        (v["decision"].clone(), v["approval_request"]["id"].clone()),
+        (json!("escalate"), json!(ids[0]))
+    );
+    // Another principal is not limited by agent-1's flood.
+    let other = dev_token("agent-2", json!({"owner": "bob"}), Duration::from_secs(300));
+    let (_, v) = s.post("/v1/check", Some(&other), &transfer(204)).await;
+    assert_eq!(v["decision"], "escalate", "{v}");
+    // Cancelling frees pending places, but not places in the hour.
+    for id in &ids[..2] {
+        let (st, _) = s
+            .post(&format!("/v1/approvals/{id}/cancel"), Some(&t), &json!({}))
+            .await;
+        assert_eq!(st, 200);
+    }
+    let (_, v) = s.post("/v1/check", Some(&t), &transfer(204)).await;
+    assert_eq!(v["decision"], "escalate", "{v}");
+    let (_, v) = s.post("/v1/check", Some(&t), &transfer(205)).await;
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert!(
+        v["reasons"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("store.max_requests_per_hour"),
+        "{v}"
+    );
+    // AuthZEN says the same.
+    let (_, v) = s
+        .post(
+            "/access/v1/evaluation",
+            Some(&t),
+            &json!({"subject":{"type":"Agent","id":"agent-1"},"action":{"name":"payments:transfer"},
+                    "resource":{"type":"Account","id":"acct-1"},"context":{"amount":206}}),
+        )
+        .await;
+    assert_eq!(
+        (v["decision"].clone(), v["context"]["reason"].clone()),
+        (json!(false), json!("escalation_rate_limited")),
+        "{v}"
+    );
+    s.shutdown().await;
+}

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mandate::approval::{
-    ApprovalRequest, ApprovalStore, ListFilter, NewRequest, PrincipalSnapshot, ResourceSnapshot,
-    Review, Status, Verdict,
+    ApprovalRequest, ApprovalStore, EscalationLimits, ListFilter, NewRequest, PrincipalSnapshot,
+    RateLimit, ResourceSnapshot, Review, Status, StoreError, Verdict,
 };
 use mandate::decision::Fallback;
 use serde_json::{Map, Value, json};
@@ -135,7 +135,21 @@ store_suite!(
     list_filters_and_paginates,
     r03c_data_survives_reopening,
     get_grant_and_get_many_read_by_id,
+    a16_pending_limit_per_principal,
+    a16_hourly_limit_per_principal,
+    a16_concurrent_creates_respect_the_pending_limit,
 );
+
+/// Limits no test of the other cases reaches: they create many requests for one principal.
+const NO_LIMITS: EscalationLimits = EscalationLimits {
+    max_pending: 1000,
+    max_per_hour: 1000,
+};
+
+/// A policy text with what must survive the round trip: newlines, quotes, non-ASCII.
+const POLICY_TEXT: &str = "@id(\"payments-approval\")\n@approval(\"finance-approvers\")\n\
+    permit (principal, action == Action::\"payments:transfer\", resource)\n\
+    when { context.amount > 100 }; // \u{20ac} \\ \"quoted\"";
 
 fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
     let context: Map<String, Value> = match json!({"amount": amount, "currency": "EUR"}) {
@@ -161,6 +175,7 @@ fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
         context,
         policy_version: "1+43d884fc6f24857e".into(),
         policy_ids: vec!["payments-approval".into()],
+        policy_text: [("payments-approval".to_owned(), POLICY_TEXT.to_owned())].into(),
         groups: vec!["finance-approvers".into()],
         quorum,
         evidence: vec!["ticket".into()],
@@ -168,6 +183,31 @@ fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
         fallback,
         created_at: T0,
         expires_at: T0 + PENDING_TTL,
+        limits: NO_LIMITS,
+    }
+}
+
+/// `request(amount, 1, None)` made at `at` under `limits`.
+fn limited(amount: i64, at: i64, limits: EscalationLimits) -> NewRequest {
+    let mut r = request(amount, 1, None);
+    r.created_at = at;
+    r.expires_at = at + PENDING_TTL;
+    r.limits = limits;
+    r
+}
+
+/// The limit a create was refused for.
+fn rate_limited(r: Result<(ApprovalRequest, bool), StoreError>) -> (RateLimit, u32) {
+    match r {
+        Err(StoreError::RateLimited {
+            limit,
+            max,
+            principal,
+        }) => {
+            assert_eq!(principal, "agent-1");
+            (limit, max)
+        }
+        other => panic!("expected escalation_rate_limited, got {other:?}"),
     }
 }
 
@@ -730,6 +770,135 @@ mod cases {
             "the pending request still dedupes after reopening"
         );
         assert_eq!(same.id, req.id);
+        assert_eq!(
+            same.policy_text["payments-approval"], POLICY_TEXT,
+            "the policy text round-trips byte for byte"
+        );
+    }
+
+    /// SECURITY A-16: at most `max_pending` unexpired pending requests per principal; a
+    /// repeat of a pending one is returned, not refused; other principals are not affected; a
+    /// decided or expired request frees its place.
+    pub async fn a16_pending_limit_per_principal(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let limits = EscalationLimits {
+            max_pending: 2,
+            max_per_hour: 100,
+        };
+        let first = create(s, limited(101, T0, limits)).await;
+        create(s, limited(102, T0 + 1, limits)).await;
+        let refused = s.create_or_get_pending(limited(103, T0 + 2, limits)).await;
+        assert_eq!(rate_limited(refused), (RateLimit::Pending, 2));
+        let refused = s.create_or_get_pending(limited(103, T0 + 2, limits)).await;
+        assert_eq!(
+            code(refused),
+            "escalation_rate_limited",
+            "a refused request was not stored"
+        );
+        let (again, created) = s
+            .create_or_get_pending(limited(101, T0 + 3, limits))
+            .await
+            .unwrap();
+        assert!(!created);
+        assert_eq!(again.id, first.id, "a repeat is the existing request");
+        // Another principal (same id, another issuer) has its own count.
+        let mut other = limited(103, T0 + 3, limits);
+        other.principal.issuer = "other-issuer".into();
+        create(s, other).await;
+        // Denying one frees a place.
+        s.review(review(&first, "alice", Verdict::Deny, T0 + 4), T0 + 4)
+            .await
+            .unwrap();
+        create(s, limited(103, T0 + 5, limits)).await;
+        let refused = s.create_or_get_pending(limited(104, T0 + 6, limits)).await;
+        assert_eq!(rate_limited(refused), (RateLimit::Pending, 2));
+        // Pending but past their expiry: they count no more.
+        let later = T0 + 5 + PENDING_TTL;
+        create(s, limited(104, later, limits)).await;
+        let pending = s
+            .list(ListFilter {
+                status: Some(Status::Pending),
+                limit: 100,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(pending.len(), 4, "{pending:?}");
+    }
+
+    /// SECURITY A-16: at most `max_per_hour` new requests per principal in any hour, whatever
+    /// became of them (cancelling does not give the place back).
+    pub async fn a16_hourly_limit_per_principal(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let limits = EscalationLimits {
+            max_pending: 100,
+            max_per_hour: 3,
+        };
+        for (i, amount) in [201, 202, 203].into_iter().enumerate() {
+            let req = create(s, limited(amount, T0 + 10 * i as i64, limits)).await;
+            s.cancel(req.id, T0 + 10 * i as i64 + 1).await.unwrap();
+        }
+        let refused = s.create_or_get_pending(limited(204, T0 + 30, limits)).await;
+        assert_eq!(rate_limited(refused), (RateLimit::PerHour, 3));
+        let refused = s
+            .create_or_get_pending(limited(204, T0 + 3599, limits))
+            .await;
+        assert_eq!(
+            rate_limited(refused),
+            (RateLimit::PerHour, 3),
+            "the first request still counts a second before the hour is over"
+        );
+        // An hour after the first, it has left the window.
+        create(s, limited(204, T0 + 3600, limits)).await;
+        let refused = s
+            .create_or_get_pending(limited(205, T0 + 3601, limits))
+            .await;
+        assert_eq!(rate_limited(refused), (RateLimit::PerHour, 3));
+    }
+
+    /// SECURITY A-16: 20 different escalations of one principal at once make exactly
+    /// `max_pending` requests; the count and the insert are one transaction. Several rounds,
+    /// each for another principal, so later rounds run on a pool of open connections.
+    pub async fn a16_concurrent_creates_respect_the_pending_limit(h: &mut Harness) {
+        let limits = EscalationLimits {
+            max_pending: 5,
+            max_per_hour: 30,
+        };
+        for round in 0..4 {
+            // All start together, so their transactions overlap as much as they can.
+            let start = Arc::new(tokio::sync::Barrier::new(20));
+            let tasks: Vec<_> = (0..20)
+                .map(|i| {
+                    let store = h.store.clone();
+                    let start = start.clone();
+                    tokio::spawn(async move {
+                        let mut new = limited(300 + i, T0, limits);
+                        new.principal.issuer = format!("issuer-{round}");
+                        start.wait().await;
+                        store.create_or_get_pending(new).await
+                    })
+                })
+                .collect();
+            let (mut created, mut limited_n) = (0, 0);
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok((_, true)) => created += 1,
+                    Err(StoreError::RateLimited { .. }) => limited_n += 1,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!((created, limited_n), (5, 15), "round {round}");
+        }
+        let pending = h
+            .store
+            .list(ListFilter {
+                status: Some(Status::Pending),
+                limit: 100,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(pending.len(), 20);
     }
 }
 

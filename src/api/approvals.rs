@@ -136,8 +136,35 @@ async fn review_inner(
     }
     approve_permitted(state, &approver, &request)?;
 
+    // Ordering of review and audit (issue 4 point 8, SECURITY §0 item 8): no review takes
+    // effect without its audit event. The review as submitted (request, approver, verdict,
+    // rationale, evidence) is written and synced first; only then is it given to the store.
+    // If that event cannot be written, the review is refused (503) and the request is left as
+    // it was. After the store has answered, a second event says what became of the attempt:
+    // `applied` (with the new status and grant), `refused` (the store's reason: another
+    // review won, the request expired...) or `store_error` (the store failed; whether it
+    // committed is the store's to say). An attempt event without an outcome event means the
+    // log failed in between; the store is then the truth. The alternative, holding the store
+    // transaction open across the audit sync, would keep SQLite's write lock during an
+    // fdatasync and put audit I/O inside every backend; this keeps both apart.
     let now = state.engine.now();
-    let outcome = state
+    let attempt = json!({
+        "request_id": id.to_string(),
+        "binding_hash": request.binding_hash,
+        "policy_version": request.policy_version,
+        "approver": {"id": approver.id, "issuer": approver.issuer},
+        "verdict": verdict.as_str(),
+        "rationale": rationale,
+        "evidence": evidence,
+    });
+    append_durable(state, "approval_review", &attempt).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            format!("the review was not recorded, the audit log cannot be written: {e}"),
+        )
+    })?;
+    let result = state
         .store
         .review(
             Review {
@@ -155,23 +182,50 @@ async fn review_inner(
     // A grant this review created must be visible to the next check at once; invalidated
     // whatever the outcome, since an error may follow a commit.
     state.grants.invalidate(&request.binding_hash);
-    let outcome = outcome.map_err(|e| store_error(&e, &raw))?;
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let refused = store_error(&e, &raw);
+            let kind = if refused.status == StatusCode::SERVICE_UNAVAILABLE {
+                "store_error"
+            } else {
+                "refused"
+            };
+            let detail = json!({
+                "request_id": id.to_string(),
+                "approver": {"id": approver.id, "issuer": approver.issuer},
+                "outcome": kind,
+                "error": e.code(),
+            });
+            // The refusal is the answer either way; a log that fails here fails the next
+            // decision too.
+            if let Err(audit) = append_durable(state, "approval_review_outcome", &detail) {
+                tracing::error!(error = %audit, request_id = %id, "review refusal not audited");
+            }
+            return Err(refused);
+        }
+    };
 
     let status = outcome.request.status.as_str();
     if matches!(status, "approved" | "denied") {
         state.notifier.send(status, &outcome.request);
     }
-    // Approval events are on disk before they are acknowledged.
     let detail = json!({
         "request_id": id.to_string(),
         "approver": {"id": approver.id, "issuer": approver.issuer},
-        "verdict": match verdict { Verdict::Approve => "approve", Verdict::Deny => "deny" },
-        "rationale": rationale,
-        "evidence": evidence,
-        "status": outcome.request.status.as_str(),
+        "outcome": "applied",
+        "status": status,
         "grant_id": outcome.grant.as_ref().map(|g| g.id.to_string()),
     });
-    audit_event(state, "approval_review", &detail, "review")?;
+    append_durable(state, "approval_review_outcome", &detail).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            format!(
+                "the review was audited and applied (the request is {status}), but its outcome could not be audited: {e}"
+            ),
+        )
+    })?;
     Ok(json!({
         "request": view(&outcome.request),
         "grant": outcome.grant.as_ref().map(grant_json),
@@ -269,6 +323,18 @@ fn path_id(path: &str, prefix: &str) -> String {
         .to_owned()
 }
 
+/// Write an approval event and sync it to disk.
+fn append_durable(
+    state: &AppState,
+    event: &str,
+    detail: &serde_json::Value,
+) -> Result<(), crate::audit::AuditError> {
+    state
+        .audit
+        .append_durable(&EventRecord::new(event, detail).into())
+        .map(|_| ())
+}
+
 /// Write an approval event and sync it: the change it records was stored, and is not
 /// acknowledged until it is on disk too.
 fn audit_event(
@@ -277,17 +343,13 @@ fn audit_event(
     detail: &serde_json::Value,
     what: &str,
 ) -> Result<(), ApiError> {
-    state
-        .audit
-        .append_durable(&EventRecord::new(event, detail).into())
-        .map(|_| ())
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_unavailable",
-                format!("the {what} was stored but could not be audited: {e}"),
-            )
-        })
+    append_durable(state, event, detail).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            format!("the {what} was stored but could not be audited: {e}"),
+        )
+    })
 }
 
 /// Longest a status request may wait for a change (`?wait=`).
@@ -472,6 +534,9 @@ fn view(r: &ApprovalRequest) -> serde_json::Value {
         "context": r.context,
         "policy_version": r.policy_version,
         "policy_ids": r.policy_ids,
+        // The Cedar source of each policy that asked, as it was in `policy_version` (issue 4
+        // point 3): the approver reads the rule, not only its name.
+        "policy_text": r.policy_text,
         "groups": r.groups,
         "current_groups": r.current_groups,
         "quorum": r.quorum,

@@ -48,6 +48,8 @@ pub struct AppState {
     pub grants: Arc<GrantCache>,
     /// How long an approval request stays pending.
     pub request_ttl: std::time::Duration,
+    /// Per-principal limits on new approval requests (SECURITY A-16).
+    pub escalation_limits: crate::approval::EscalationLimits,
     /// Webhooks about approval requests.
     pub notifier: crate::notify::Notifier,
     pub enforcement_points: Vec<EnforcementPoint>,
@@ -213,6 +215,20 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
         Ok(_) => {}
         Err(e) => return store_failure(decision, &e),
     }
+    // The approver is shown the policies that asked, as they were in this decision's bundle.
+    let Some(texts) = state
+        .engine
+        .policy_texts(&decision.policy_version, &decision.policy_ids)
+    else {
+        return escalation_denied(
+            decision,
+            ESCALATION_UNAVAILABLE,
+            "the policy bundle was reloaded while deciding: ask again".into(),
+        );
+    };
+    let new = new
+        .with_policy_text(texts)
+        .with_limits(state.escalation_limits);
     match state.store.create_or_get_pending(new).await {
         Ok((request, created)) => {
             if created {
@@ -230,9 +246,23 @@ async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decis
 }
 
 /// Fail closed (SECURITY R-04a): an escalation the store cannot settle is a deny, never an
-/// allow and never a silent dead end.
+/// allow and never a silent dead end. A principal at its escalation limits (SECURITY A-16) is
+/// told which limit.
 fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled {
+    if let crate::approval::StoreError::RateLimited { .. } = e {
+        tracing::warn!(error = %e, decision_id = %decision.id, "escalation rate limited; denying");
+        return escalation_denied(decision, ESCALATION_RATE_LIMITED, e.to_string());
+    }
     tracing::error!(error = %e, decision_id = %decision.id, "approval store unavailable; denying");
+    escalation_denied(
+        decision,
+        ESCALATION_UNAVAILABLE,
+        format!("the approval store is unavailable: {}", e.code()),
+    )
+}
+
+/// An escalation that could not become an approval request, as a deny with `code`.
+fn escalation_denied(decision: Decision, code: &'static str, message: String) -> Settled {
     Settled {
         decision: Decision {
             id: decision.id,
@@ -240,9 +270,9 @@ fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled
             policy_version: decision.policy_version,
             policy_ids: decision.policy_ids,
             reasons: vec![Reason {
-                code: ESCALATION_UNAVAILABLE,
+                code,
                 policy_id: None,
-                message: format!("the approval store is unavailable: {}", e.code()),
+                message,
             }],
             approval: None,
         },
@@ -254,6 +284,8 @@ fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled
 
 /// Reason code of a deny caused by an approval store that cannot take the request.
 pub const ESCALATION_UNAVAILABLE: &str = "escalation_unavailable";
+/// Reason code of a deny because the principal is at its escalation limits (SECURITY A-16).
+pub const ESCALATION_RATE_LIMITED: &str = "escalation_rate_limited";
 
 /// Record the decision of `settled` about `req` in the audit log; the answer to give (see
 /// [`decide_and_record`]).

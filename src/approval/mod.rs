@@ -6,6 +6,7 @@
 pub mod cache;
 mod canonical;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -118,6 +119,9 @@ pub struct NewRequest {
     pub context: Map<String, Value>,
     pub policy_version: String,
     pub policy_ids: Vec<String>,
+    /// The Cedar source (annotations included) of each of `policy_ids`, as it was in the
+    /// bundle of `policy_version`: what the approver is shown, whatever is loaded later.
+    pub policy_text: BTreeMap<String, String>,
     pub groups: Vec<String>,
     pub quorum: u32,
     pub evidence: Vec<String>,
@@ -125,6 +129,9 @@ pub struct NewRequest {
     pub fallback: Option<Fallback>,
     pub created_at: i64,
     pub expires_at: i64,
+    /// The per-principal limits the store enforces when this creates a new request
+    /// (SECURITY A-16). Not stored.
+    pub limits: EscalationLimits,
 }
 
 impl NewRequest {
@@ -145,6 +152,7 @@ impl NewRequest {
             context: check.context.clone(),
             policy_version: policy_version.to_owned(),
             policy_ids: policy_ids.to_vec(),
+            policy_text: BTreeMap::new(),
             groups: requirement.groups.clone(),
             quorum: requirement.quorum,
             evidence: requirement.evidence.clone(),
@@ -152,7 +160,20 @@ impl NewRequest {
             fallback: requirement.fallback.clone(),
             created_at: now,
             expires_at: now.saturating_add(secs(pending_ttl)),
+            limits: EscalationLimits::default(),
         }
+    }
+
+    /// With the policies' source texts (see [`NewRequest::policy_text`]).
+    pub fn with_policy_text(mut self, policy_text: BTreeMap<String, String>) -> Self {
+        self.policy_text = policy_text;
+        self
+    }
+
+    /// With these per-principal limits instead of the defaults.
+    pub fn with_limits(mut self, limits: EscalationLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The binding hash of this request (see [`binding_hash`]).
@@ -184,6 +205,7 @@ impl NewRequest {
             context: self.context,
             policy_version: self.policy_version,
             policy_ids: self.policy_ids,
+            policy_text: self.policy_text,
             current_groups: self.groups.clone(),
             groups: self.groups,
             // A quorum of 0 would approve on nothing; the annotation parser already refuses it,
@@ -200,6 +222,77 @@ impl NewRequest {
             decided_at: None,
             version: 0,
         }
+    }
+}
+
+/// Per-principal limits on escalations (SECURITY A-16, approval flood): how many approval
+/// requests one requesting principal (type, issuer and id) may have pending, and how many new
+/// ones it may make in any hour. A repeat of an identical pending request is not a new one.
+/// The store checks them in the transaction that inserts, so concurrent escalations cannot
+/// overshoot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EscalationLimits {
+    /// `store.max_pending_per_principal`.
+    pub max_pending: u32,
+    /// `store.max_requests_per_hour`.
+    pub max_per_hour: u32,
+}
+
+impl EscalationLimits {
+    pub const DEFAULT_MAX_PENDING: u32 = 5;
+    pub const DEFAULT_MAX_PER_HOUR: u32 = 30;
+    /// The window of `max_per_hour`, in seconds.
+    pub const WINDOW_SECS: i64 = 3600;
+
+    /// Refuse a new request for `principal`, which has `pending` unexpired pending requests
+    /// and made `recent` requests in the last hour, when either is already at its limit.
+    pub fn check(
+        &self,
+        principal: &PrincipalSnapshot,
+        pending: i64,
+        recent: i64,
+    ) -> Result<(), StoreError> {
+        let refuse = |limit: RateLimit, max: u32| {
+            Err(StoreError::RateLimited {
+                principal: principal.id.clone(),
+                limit,
+                max,
+            })
+        };
+        if pending >= i64::from(self.max_pending) {
+            return refuse(RateLimit::Pending, self.max_pending);
+        }
+        if recent >= i64::from(self.max_per_hour) {
+            return refuse(RateLimit::PerHour, self.max_per_hour);
+        }
+        Ok(())
+    }
+}
+
+impl Default for EscalationLimits {
+    fn default() -> Self {
+        Self {
+            max_pending: Self::DEFAULT_MAX_PENDING,
+            max_per_hour: Self::DEFAULT_MAX_PER_HOUR,
+        }
+    }
+}
+
+/// Which of the [`EscalationLimits`] refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimit {
+    Pending,
+    PerHour,
+}
+
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RateLimit::Pending => "pending approval requests (store.max_pending_per_principal)",
+            RateLimit::PerHour => {
+                "new approval requests in the last hour (store.max_requests_per_hour)"
+            }
+        })
     }
 }
 
@@ -222,6 +315,9 @@ pub struct ApprovalRequest {
     pub context: Map<String, Value>,
     pub policy_version: String,
     pub policy_ids: Vec<String>,
+    /// The Cedar source of each policy that asked for approval, from the bundle of
+    /// `policy_version` (empty for requests stored before texts were kept).
+    pub policy_text: BTreeMap<String, String>,
     /// The approver groups the policy named.
     pub groups: Vec<String>,
     /// Who may approve now: `groups`, or the fallback group once it has taken over.
@@ -356,6 +452,12 @@ pub enum StoreError {
     AlreadyReviewed { id: Uuid, approver: String },
     #[error("approval request `{0}` changed concurrently")]
     Conflict(String),
+    #[error("principal `{principal}` is at its limit of {max} {limit}")]
+    RateLimited {
+        principal: String,
+        limit: RateLimit,
+        max: u32,
+    },
     #[error("approval store unavailable: {0}")]
     Unavailable(String),
     #[error("approval store holds a row that does not decode: {0}")]
@@ -370,6 +472,7 @@ impl StoreError {
             StoreError::NotPending { .. } => "not_pending",
             StoreError::AlreadyReviewed { .. } => "already_reviewed",
             StoreError::Conflict(_) => "conflict",
+            StoreError::RateLimited { .. } => "escalation_rate_limited",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Corrupt(_) => "corrupt",
         }
@@ -472,7 +575,10 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// Insert a pending request, or return the existing pending one with the same binding hash
     /// (no approval flood from a retrying agent). Atomic under concurrency. A pending request
     /// with that hash that is already past its expiry is expired first, so the caller gets a
-    /// fresh one. Returns the request and whether it was created now.
+    /// fresh one. A new request is refused with [`StoreError::RateLimited`] when its
+    /// principal is at one of `req.limits`, counted in the same transaction as the insert
+    /// (SECURITY A-16); the existing twin is returned whatever the limits. Returns the request
+    /// and whether it was created now.
     async fn create_or_get_pending(
         &self,
         req: NewRequest,

@@ -217,6 +217,7 @@ fn pending(quorum: u32) -> ApprovalRequest {
         context: obj(json!({"amount": 250})),
         policy_version: "1+abc".into(),
         policy_ids: vec!["payments-approval".into()],
+        policy_text: Default::default(),
         groups: vec!["finance-approvers".into()],
         quorum,
         evidence: vec![],
@@ -224,6 +225,7 @@ fn pending(quorum: u32) -> ApprovalRequest {
         fallback: None,
         created_at: 1000,
         expires_at: 2000,
+        limits: Default::default(),
     }
     .into_pending()
 }
@@ -303,4 +305,35 @@ fn a22_request_ids_are_random_v4() {
     assert_ne!(a.id, b.id);
     assert_eq!(a.binding_hash, b.binding_hash);
     assert_ne!(a.id, Uuid::nil());
+}
+
+#[test]
+fn a16_limits_refuse_at_the_limit_not_before() {
+    let limits = EscalationLimits {
+        max_pending: 2,
+        max_per_hour: 3,
+    };
+    let p = principal();
+    assert_eq!(limits.check(&p, 1, 2), Ok(()));
+    let refused = limits.check(&p, 2, 0).unwrap_err();
+    assert_eq!(refused.code(), "escalation_rate_limited");
+    assert_eq!(
+        refused.to_string(),
+        "principal `agent-1` is at its limit of 2 pending approval requests (store.max_pending_per_principal)"
+    );
+    assert_eq!(
+        limits.check(&p, 0, 3),
+        Err(StoreError::RateLimited {
+            principal: "agent-1".into(),
+            limit: RateLimit::PerHour,
+            max: 3,
+        })
+    );
+    assert_eq!(
+        EscalationLimits::default(),
+        EscalationLimits {
+            max_pending: 5,
+            max_per_hour: 30
+        }
+    );
 }

@@ -534,7 +534,8 @@ impl Bundle {
     pub fn policies_meta(&self) -> impl Iterator<Item = &PolicyMeta> {
         self.meta.values()
     }
-    /// The policy's source text, as written in its file.
+    /// The policy's source text, as written in its file: annotations included, byte for byte
+    /// (Cedar keeps the text it parsed; the bundle id in `@id` is unchanged).
     pub fn policy_text(&self, id: &str) -> Option<&str> {
         self.texts.get(id).map(String::as_str)
     }

@@ -15,7 +15,8 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::approval::{
-    ApprovalRequest, ApprovalStore, Grant, GrantCache, Review, Status, StoreError, Verdict,
+    ApprovalRequest, ApprovalStore, EscalationLimits, Grant, GrantCache, Review, Status,
+    StoreError, Verdict,
 };
 use crate::decision::Fallback;
 
@@ -111,6 +112,7 @@ struct RequestRow {
     context: String,
     policy_version: String,
     policy_ids: String,
+    policy_text: String,
     groups: String,
     current_groups: String,
     quorum: i64,
@@ -158,6 +160,7 @@ impl TryFrom<RequestRow> for ApprovalRequest {
             context: from_json("context", &r.context)?,
             policy_version: r.policy_version,
             policy_ids: from_json("policy_ids", &r.policy_ids)?,
+            policy_text: from_json("policy_text", &r.policy_text)?,
             groups: from_json("groups", &r.groups)?,
             current_groups: from_json("current_groups", &r.current_groups)?,
             quorum: u32::try_from(r.quorum)
@@ -255,6 +258,7 @@ struct EncodedRequest {
     resource: String,
     context: String,
     policy_ids: String,
+    policy_text: String,
     groups: String,
     current_groups: String,
     evidence: String,
@@ -271,6 +275,7 @@ impl EncodedRequest {
             resource: to_json(&r.resource)?,
             context: to_json(&r.context)?,
             policy_ids: to_json(&r.policy_ids)?,
+            policy_text: to_json(&r.policy_text)?,
             groups: to_json(&r.groups)?,
             current_groups: to_json(&r.current_groups)?,
             evidence: to_json(&r.evidence)?,
@@ -278,6 +283,30 @@ impl EncodedRequest {
             fallback_group: r.fallback.as_ref().map(|f| f.group.clone()),
             fallback_after_secs: r.fallback.as_ref().map(|f| crate::approval::secs(f.after)),
         })
+    }
+}
+
+/// What [`EscalationLimits`](crate::approval::EscalationLimits) are checked against, read in
+/// the transaction that inserts: whether the new request's pending twin exists (then it is
+/// returned, not created, and no limit applies), the principal's unexpired pending requests
+/// and its requests created in the last hour.
+#[derive(Debug, sqlx::FromRow)]
+struct LimitCounts {
+    twin: bool,
+    pending: i64,
+    recent: i64,
+}
+
+impl LimitCounts {
+    fn check(
+        &self,
+        request: &ApprovalRequest,
+        limits: &EscalationLimits,
+    ) -> Result<(), StoreError> {
+        if self.twin {
+            return Ok(());
+        }
+        limits.check(&request.principal, self.pending, self.recent)
     }
 }
 

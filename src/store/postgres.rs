@@ -18,12 +18,13 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{
-    ACQUIRE_TIMEOUT, EncodedRequest, GrantRow, RequestRow, ReviewRow, db_error, grants,
-    is_unique_violation, migrate_error, not_found_grant, not_found_request, requests, to_json,
+    ACQUIRE_TIMEOUT, EncodedRequest, GrantRow, LimitCounts, RequestRow, ReviewRow, db_error,
+    grants, is_unique_violation, migrate_error, not_found_grant, not_found_request, requests,
+    to_json,
 };
 use crate::approval::{
-    ApprovalRequest, ApprovalStore, Grant, GrantCache, ListFilter, NewRequest, Review,
-    ReviewOutcome, Status, StoreError, apply_review,
+    ApprovalRequest, ApprovalStore, EscalationLimits, Grant, GrantCache, ListFilter, NewRequest,
+    Review, ReviewOutcome, Status, StoreError, apply_review,
 };
 
 /// A statement that runs longer than this is cancelled by the server: a stuck lock must not
@@ -40,7 +41,7 @@ macro_rules! request_columns {
         "id::text AS id, binding_hash, principal::text AS principal, action, \
          action_properties::text AS action_properties, resource::text AS resource, \
          context::text AS context, policy_version, policy_ids::text AS policy_ids, \
-         groups::text AS groups, current_groups::text AS current_groups, quorum, \
+         policy_text::text AS policy_text, groups::text AS groups, current_groups::text AS current_groups, quorum, \
          evidence::text AS evidence, grant_ttl_secs, fallback_group, fallback_after_secs, \
          status, created_at, expires_at, fallback_at, fell_back_at, decided_at, version"
     };
@@ -147,16 +148,68 @@ async fn announce_grant_change(
     Ok(())
 }
 
+/// First key of the advisory locks that serialize the creation of one principal's requests
+/// (the two-key form keeps them apart from single-key locks such as sqlx's migration lock).
+const REQUESTER_LOCK_CLASS: i32 = 0x4d41_4e44; // "MAND"
+
+/// The counts the escalation limits of `request`'s principal are checked against. The
+/// `principal->>'id'` expression is the one indexed by `approval_requests_requester`.
+async fn limit_counts(
+    tx: &mut Transaction<'static, Postgres>,
+    request: &ApprovalRequest,
+) -> Result<LimitCounts, StoreError> {
+    sqlx::query_as(
+        "SELECT \
+           EXISTS (SELECT 1 FROM approval_requests \
+                   WHERE binding_hash = $1 AND status = 'pending') AS twin, \
+           (SELECT COUNT(*) FROM approval_requests \
+             WHERE principal->>'id' = $2 AND principal->>'issuer' = $3 \
+               AND principal->>'kind' = $4 \
+               AND status = 'pending' AND expires_at > $5) AS pending, \
+           (SELECT COUNT(*) FROM approval_requests \
+             WHERE principal->>'id' = $2 AND principal->>'issuer' = $3 \
+               AND principal->>'kind' = $4 \
+               AND created_at > $6) AS recent",
+    )
+    .bind(&request.binding_hash)
+    .bind(&request.principal.id)
+    .bind(&request.principal.issuer)
+    .bind(&request.principal.kind)
+    .bind(request.created_at)
+    .bind(
+        request
+            .created_at
+            .saturating_sub(EscalationLimits::WINDOW_SECS),
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_error)
+}
+
 #[async_trait]
 impl ApprovalStore for PostgresStore {
     async fn create_or_get_pending(
         &self,
         req: NewRequest,
     ) -> Result<(ApprovalRequest, bool), StoreError> {
+        let limits = req.limits;
         let request = req.into_pending();
         let enc = EncodedRequest::new(&request)?;
         for _ in 0..CREATE_ATTEMPTS {
             let mut tx = self.tx().await?;
+            // SECURITY A-16: creators for one principal take turns (a transaction-scoped
+            // advisory lock, across the fleet), so the count below cannot be overtaken by a
+            // concurrent insert before this one commits.
+            sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+                .bind(REQUESTER_LOCK_CLASS)
+                .bind(to_json(&[
+                    &request.principal.kind,
+                    &request.principal.issuer,
+                    &request.principal.id,
+                ])?)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
             // A pending twin already past its expiry would refuse every review: expire it so
             // the agent's retry gets a fresh request.
             sqlx::query(
@@ -169,6 +222,9 @@ impl ApprovalStore for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
+            limit_counts(&mut tx, &request)
+                .await?
+                .check(&request, &limits)?;
             // The partial unique index decides between concurrent creators: the loser's insert
             // waits for the winner's commit and then does nothing.
             let inserted = sqlx::query(
@@ -176,10 +232,10 @@ impl ApprovalStore for PostgresStore {
                  action_properties, resource, context, policy_version, policy_ids, groups, \
                  current_groups, quorum, evidence, grant_ttl_secs, fallback_group, \
                  fallback_after_secs, status, created_at, expires_at, fallback_at, fell_back_at, \
-                 decided_at, version) \
+                 decided_at, version, policy_text) \
                  VALUES ($1::uuid, $2, $3::jsonb, $4, $5::jsonb, $6::jsonb, $7::jsonb, $8, \
                  $9::jsonb, $10::jsonb, $11::jsonb, $12, $13::jsonb, $14, $15, $16, $17, $18, \
-                 $19, $20, $21, $22, $23) \
+                 $19, $20, $21, $22, $23, $24::jsonb) \
                  ON CONFLICT (binding_hash) WHERE status = 'pending' DO NOTHING",
             )
             .bind(request.id.to_string())
@@ -205,6 +261,7 @@ impl ApprovalStore for PostgresStore {
             .bind(request.fell_back_at)
             .bind(request.decided_at)
             .bind(request.version)
+            .bind(&enc.policy_text)
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;

@@ -14,12 +14,13 @@ use sqlx::{Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    ACQUIRE_TIMEOUT, EncodedRequest, GrantRow, RequestRow, ReviewRow, db_error, grants,
-    is_unique_violation, migrate_error, not_found_grant, not_found_request, requests, to_json,
+    ACQUIRE_TIMEOUT, EncodedRequest, GrantRow, LimitCounts, RequestRow, ReviewRow, db_error,
+    grants, is_unique_violation, migrate_error, not_found_grant, not_found_request, requests,
+    to_json,
 };
 use crate::approval::{
-    ApprovalRequest, ApprovalStore, Grant, ListFilter, NewRequest, Review, ReviewOutcome, Status,
-    StoreError, apply_review,
+    ApprovalRequest, ApprovalStore, EscalationLimits, Grant, ListFilter, NewRequest, Review,
+    ReviewOutcome, Status, StoreError, apply_review,
 };
 
 /// How long a writer waits for the file's write lock.
@@ -28,7 +29,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 macro_rules! request_columns {
     () => {
         "id, binding_hash, principal, action, action_properties, resource, context, \
-         policy_version, policy_ids, groups, current_groups, quorum, evidence, grant_ttl_secs, \
+         policy_version, policy_ids, policy_text, groups, current_groups, quorum, evidence, grant_ttl_secs, \
          fallback_group, fallback_after_secs, status, created_at, expires_at, fallback_at, \
          fell_back_at, decided_at, version"
     };
@@ -127,12 +128,50 @@ async fn fetch_reviews(
     rows.into_iter().map(Review::try_from).collect()
 }
 
+/// The counts the escalation limits of `request`'s principal are checked against. The
+/// `json_extract(principal, '$.id')` expression is the one indexed by
+/// `approval_requests_requester`.
+async fn limit_counts(
+    tx: &mut Transaction<'static, Sqlite>,
+    request: &ApprovalRequest,
+) -> Result<LimitCounts, StoreError> {
+    sqlx::query_as(
+        "SELECT \
+           EXISTS (SELECT 1 FROM approval_requests \
+                   WHERE binding_hash = ?1 AND status = 'pending') AS twin, \
+           (SELECT COUNT(*) FROM approval_requests \
+             WHERE json_extract(principal, '$.id') = ?2 \
+               AND json_extract(principal, '$.issuer') = ?3 \
+               AND json_extract(principal, '$.kind') = ?4 \
+               AND status = 'pending' AND expires_at > ?5) AS pending, \
+           (SELECT COUNT(*) FROM approval_requests \
+             WHERE json_extract(principal, '$.id') = ?2 \
+               AND json_extract(principal, '$.issuer') = ?3 \
+               AND json_extract(principal, '$.kind') = ?4 \
+               AND created_at > ?6) AS recent",
+    )
+    .bind(&request.binding_hash)
+    .bind(&request.principal.id)
+    .bind(&request.principal.issuer)
+    .bind(&request.principal.kind)
+    .bind(request.created_at)
+    .bind(
+        request
+            .created_at
+            .saturating_sub(EscalationLimits::WINDOW_SECS),
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_error)
+}
+
 #[async_trait]
 impl ApprovalStore for SqliteStore {
     async fn create_or_get_pending(
         &self,
         req: NewRequest,
     ) -> Result<(ApprovalRequest, bool), StoreError> {
+        let limits = req.limits;
         let request = req.into_pending();
         let enc = EncodedRequest::new(&request)?;
         let mut tx = self.write_tx().await?;
@@ -162,10 +201,15 @@ impl ApprovalStore for SqliteStore {
             tx.commit().await.map_err(db_error)?;
             return Ok((ApprovalRequest::try_from(row)?, false));
         }
+        // SECURITY A-16: counted under the write lock `BEGIN IMMEDIATE` took, so no other
+        // creator can slip in between the count and the insert.
+        limit_counts(&mut tx, &request)
+            .await?
+            .check(&request, &limits)?;
         sqlx::query(concat!(
             "INSERT INTO approval_requests (",
             request_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(request.id.to_string())
         .bind(&request.binding_hash)
@@ -176,6 +220,7 @@ impl ApprovalStore for SqliteStore {
         .bind(&enc.context)
         .bind(&request.policy_version)
         .bind(&enc.policy_ids)
+        .bind(&enc.policy_text)
         .bind(&enc.groups)
         .bind(&enc.current_groups)
         .bind(i64::from(request.quorum))
