@@ -273,6 +273,7 @@ impl ApiCall {
         verb: &str,
         rationale: &str,
         evidence: &[String],
+        binding_hash: Option<&str>,
     ) -> anyhow::Result<Self> {
         let mut ev = Map::new();
         for e in evidence {
@@ -281,10 +282,11 @@ impl ApiCall {
             };
             ev.insert(k.to_owned(), Value::String(v.to_owned()));
         }
-        Self::post(
-            format!("/v1/approvals/{id}/{verb}"),
-            serde_json::json!({"rationale": rationale, "evidence": ev}),
-        )
+        let mut body = serde_json::json!({"rationale": rationale, "evidence": ev});
+        if let (Some(hash), Some(obj)) = (binding_hash, body.as_object_mut()) {
+            obj.insert("binding_hash".into(), Value::String(hash.to_owned()));
+        }
+        Self::post(format!("/v1/approvals/{id}/{verb}"), body)
     }
 }
 

@@ -123,12 +123,18 @@ enum ApprovalsCommand {
         rationale: String,
         #[arg(long = "evidence")]
         evidence: Vec<String>,
+        /// The binding hash `show` printed: the review is refused if the request is another.
+        #[arg(long)]
+        binding_hash: Option<String>,
     },
     /// Deny, with a rationale.
     Deny {
         id: String,
         #[arg(long)]
         rationale: String,
+        /// The binding hash `show` printed: the review is refused if the request is another.
+        #[arg(long)]
+        binding_hash: Option<String>,
     },
     /// Withdraw your own pending request.
     Cancel { id: String },
@@ -279,10 +285,19 @@ fn main() -> ExitCode {
                     id,
                     rationale,
                     evidence,
-                } => cli::ApiCall::review(&id, "approve", &rationale, &evidence),
-                ApprovalsCommand::Deny { id, rationale } => {
-                    cli::ApiCall::review(&id, "deny", &rationale, &[])
-                }
+                    binding_hash,
+                } => cli::ApiCall::review(
+                    &id,
+                    "approve",
+                    &rationale,
+                    &evidence,
+                    binding_hash.as_deref(),
+                ),
+                ApprovalsCommand::Deny {
+                    id,
+                    rationale,
+                    binding_hash,
+                } => cli::ApiCall::review(&id, "deny", &rationale, &[], binding_hash.as_deref()),
                 ApprovalsCommand::Cancel { id } => {
                     cli::ApiCall::post(format!("/v1/approvals/{id}/cancel"), serde_json::json!({}))
                 }

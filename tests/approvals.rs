@@ -1310,3 +1310,64 @@ async fn a16_an_approval_flood_is_denied_escalation_rate_limited() {
     );
     s.shutdown().await;
 }
+
+/// on the approver's side: a review names the binding hash it was shown; aimed
+/// at another request (a swapped id, a link to the wrong request), it is refused and changes
+/// nothing. The right hash, shown by the view, goes through.
+#[tokio::test]
+async fn a06_a07_approving_a_request_other_than_the_one_shown_is_refused() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = agent();
+    let (_, small) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    let (_, big) = s.post("/v1/check", Some(&t), &transfer(9000)).await;
+    let small_id = small["approval_request"]["id"].as_str().unwrap().to_owned();
+    let big_id = big["approval_request"]["id"].as_str().unwrap().to_owned();
+    assert_ne!(small_id, big_id);
+    let alice = approver("alice", &["finance-approvers"]);
+    // Alice was shown the 250 request, and her approval is sent to the 9,000 one.
+    let shown = binding_hash_of(&s, &alice, &small_id).await;
+    let (st, v) = review(
+        &s,
+        &alice,
+        &big_id,
+        "approve",
+        json!({"rationale": "looked fine", "evidence": {"ticket": "FIN-1"}, "binding_hash": shown}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"].clone()),
+        (409, json!("request_mismatch")),
+        "{v}"
+    );
+    assert!(v["message"].as_str().unwrap().contains(&shown), "{v}");
+    let (_, still) = s.post("/v1/check", Some(&t), &transfer(9000)).await;
+    assert_eq!(still["decision"], "escalate", "{still}");
+    assert_eq!(still["approval_request"]["status"], "pending", "{still}");
+    // A binding hash that is not a string is a field error.
+    let (st, v) = review(
+        &s,
+        &alice,
+        &small_id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-1"}, "binding_hash": 7}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["field"].clone()),
+        (400, json!("binding_hash")),
+        "{v}"
+    );
+    // The hash she was shown, on the request she was shown: approved.
+    let (st, v) = review(
+        &s,
+        &alice,
+        &small_id,
+        "approve",
+        json!({"rationale": "ticket checked", "evidence": {"ticket": "FIN-1"}, "binding_hash": shown}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, allowed) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    s.shutdown().await;
+}

@@ -200,6 +200,10 @@ async fn au02_an_unwritable_audit_log_turns_an_allow_into_a_deny() {
     }
     let failures = s.running.as_ref().unwrap().state.audit.write_failures();
     assert_eq!(failures, 4);
+    // The count is visible to operators.
+    let r = s.client.get(s.url("/readyz")).send().await.unwrap();
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["audit"]["write_failures"], 4, "{v}");
     s.shutdown().await;
 }
 

@@ -35,6 +35,9 @@ pub fn readyz(state: &AppState) -> Response<Body> {
             "policy": {"name": bundle.name(), "version": &*bundle.version(), "policies": bundle.policy_count()},
             "issuers_ready": keys,
             "jwks_errors": jwks_errors,
+            // Decisions denied and events refused because the log could not be written
+            // (SECURITY §0 item 2): counted here, so an operator sees an audit outage.
+            "audit": {"write_failures": state.audit.write_failures()},
         }),
     )
 }

@@ -77,7 +77,14 @@ async fn review_inner(
     };
     let map =
         body::read_json_object(req, &state.server, WrongTypeStatus::UnsupportedMediaType).await?;
-    body::only_known(&map, "", &["rationale", "evidence"])?;
+    body::only_known(&map, "", &["rationale", "evidence", "binding_hash"])?;
+    // What the approver was shown (`binding_hash` of the view), when the client sends it: a
+    // review lands only on exactly that request (issue 4: approving a request other than the
+    // one shown is refused).
+    let shown = match map.get("binding_hash") {
+        None => None,
+        Some(_) => Some(body::string(&map, "", "binding_hash")?.to_owned()),
+    };
     let rationale = body::string(&map, "", "rationale")?.trim().to_owned();
     if rationale.is_empty() {
         return Err(ApiError::field("rationale", "must say why"));
@@ -135,6 +142,17 @@ async fn review_inner(
         }
     }
     approve_permitted(state, &approver, &request)?;
+
+    if let Some(shown) = shown.filter(|h| *h != request.binding_hash) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "request_mismatch",
+            format!(
+                "approval request `{id}` is not the request that was shown: its binding hash is `{}`, the review names `{shown}`",
+                request.binding_hash
+            ),
+        ));
+    }
 
     // Ordering of review and audit (issue 4 point 8, SECURITY §0 item 8): no review takes
     // effect without its audit event. The review as submitted (request, approver, verdict,
