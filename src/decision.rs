@@ -412,8 +412,20 @@ impl Engine {
             }
             (false, resource) => {
                 let mut extra = Vec::with_capacity(2);
-                if !(req.principal.attributes.is_empty() && base.get(&principal_uid).is_some()) {
-                    extra.push((*req.principal.entity).clone());
+                let in_bundle = base.get(&principal_uid);
+                if !(req.principal.attributes.is_empty() && in_bundle.is_some()) {
+                    // The token says what the principal is; the bundle's entity data says
+                    // what it belongs to (`principal in Team::"..."`): both count.
+                    let principal = match in_bundle {
+                        Some(known) => {
+                            let (uid, attrs, _) = (*req.principal.entity).clone().into_inner();
+                            let parents = known.clone().into_inner().2;
+                            cedar_policy::Entity::new(uid, attrs, parents)
+                                .map_err(|e| invalid(format!("principal: {e}")))?
+                        }
+                        None => (*req.principal.entity).clone(),
+                    };
+                    extra.push(principal);
                 }
                 extra.extend(resource);
                 if extra.is_empty() {

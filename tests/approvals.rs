@@ -1371,3 +1371,90 @@ async fn a06_a07_approving_a_request_other_than_the_one_shown_is_refused() {
     assert_eq!(allowed["decision"], "allow", "{allowed}");
     s.shutdown().await;
 }
+
+/// Issue 4 point 4: approver groups come from the token's claim *or* from the bundle's entity
+/// data. Carol's token names no group; the bundle puts `Agent::"carol"` in
+/// `Team::"finance-approvers"`, and the bundle's approve policy asks for exactly that
+/// membership (`principal in Team::...`), which Cedar sees even though Carol's token carries
+/// attributes of its own. Dave, in neither, is refused.
+#[tokio::test]
+async fn approver_groups_from_the_bundles_entity_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    common::copy_dir(&common::repo().join("config/policies"), &bundle);
+    let schema = std::fs::read_to_string(bundle.join("schema.cedarschema")).unwrap();
+    assert!(schema.contains("entity Agent = {"));
+    std::fs::write(
+        bundle.join("schema.cedarschema"),
+        schema.replace(
+            "entity Agent = {",
+            "entity Team;\n\nentity Agent in [Team] = {",
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        bundle.join("entities.json"),
+        r#"[{"uid": {"type": "Agent", "id": "carol"}, "attrs": {},
+             "parents": [{"type": "Team", "id": "finance-approvers"}]}]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        bundle.join("approvals.cedar"),
+        r#"@id("approve-by-team")
+permit (
+  principal in Team::"finance-approvers",
+  action == Action::"approve",
+  resource is ApprovalRequest
+);
+"#,
+    )
+    .unwrap();
+    let bundle_s = bundle.to_str().unwrap().to_owned();
+    let s = TestServer::start(&example_config(&[("MANDATE_POLICY__BUNDLE", &bundle_s)])).await;
+    let t = agent();
+    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+
+    let dave = dev_token("dave", json!({"team": "finance"}), Duration::from_secs(600));
+    let (st, v) = review(
+        &s,
+        &dave,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-1"}}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"].clone()),
+        (403, json!("not_an_approver")),
+        "{v}"
+    );
+
+    let carol = dev_token(
+        "carol",
+        json!({"team": "finance"}),
+        Duration::from_secs(600),
+    );
+    // The request is listed and shown to her as an approver of `finance-approvers`.
+    let r = s
+        .client
+        .get(s.url("/v1/approvals?group=finance-approvers"))
+        .bearer_auth(&carol)
+        .send()
+        .await
+        .unwrap();
+    let listed: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert!(listed.to_string().contains(&id), "{listed}");
+    let (st, v) = review(
+        &s,
+        &carol,
+        &id,
+        "approve",
+        json!({"rationale": "ticket checked", "evidence": {"ticket": "FIN-1"}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, allowed) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    s.shutdown().await;
+}

@@ -114,8 +114,7 @@ async fn review_inner(
             ),
         ));
     }
-    if !approver
-        .groups
+    if !approver_groups(state, &approver)
         .iter()
         .any(|g| request.current_groups.contains(g))
     {
@@ -317,10 +316,27 @@ fn store_read_error(e: &StoreError) -> ApiError {
 
 /// The requester sees its own request; an approver of its current groups sees what it is
 /// asked to approve. Everyone else is told it does not exist.
-fn may_view(caller: &Caller, request: &ApprovalRequest) -> bool {
+fn may_view(state: &AppState, caller: &Caller, request: &ApprovalRequest) -> bool {
     is_requester(caller, request)
         || matches!(caller, Caller::Agent(p)
-            if p.groups.iter().any(|g| request.current_groups.contains(g)))
+            if approver_groups(state, p).iter().any(|g| request.current_groups.contains(g)))
+}
+
+/// The groups `p` approves for: its token's groups claim, and the entities the bundle's
+/// entity data puts it in (`Agent::"alice"` with parent `Team::"finance-approvers"` is in
+/// `finance-approvers`), so membership can live in the identity provider or in the bundle.
+pub fn approver_groups(state: &AppState, p: &Principal) -> Vec<String> {
+    let mut groups = p.groups.clone();
+    let bundle = state.engine.bundle();
+    if let Some(ancestors) = bundle.entities().ancestors(&p.entity.uid()) {
+        for a in ancestors {
+            let id = a.id().unescaped();
+            if !groups.iter().any(|g| g == id) {
+                groups.push(id.to_owned());
+            }
+        }
+    }
+    groups
 }
 
 /// The caller is the principal the request was made for (same type, id and issuer).
@@ -400,7 +416,7 @@ async fn show_inner(
         .await
         .map_err(|e| store_read_error(&e))?
         .ok_or_else(|| not_found(&raw))?;
-    if !may_view(&caller, &request) {
+    if !may_view(state, &caller, &request) {
         return Err(not_found(&raw));
     }
     let Some(wait) = wait else {
@@ -495,15 +511,16 @@ pub async fn list(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -> 
                     .map_err(|_| ApiError::field("after", format!("`{a}` is not a request id")))?,
             ),
         };
+        let member_of = approver_groups(state, &caller);
         let groups: Vec<String> = match query_param(q, "group") {
-            Some(g) if caller.groups.contains(&g) => vec![g],
+            Some(g) if member_of.contains(&g) => vec![g],
             Some(g) => {
                 return Err(forbidden(
                     "not_an_approver",
                     format!("`{}` is not in group `{g}`", caller.id),
                 ));
             }
-            None => caller.groups.clone(),
+            None => member_of,
         };
         let mut out: Vec<ApprovalRequest> = Vec::new();
         for group in groups {
@@ -590,7 +607,7 @@ pub async fn grants(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             .await
             .map_err(|e| store_read_error(&e))?
             .into_iter()
-            .filter(|r| may_view(&caller, r))
+            .filter(|r| may_view(state, &caller, r))
             .map(|r| r.id)
             .collect();
         let mut out = Vec::new();
@@ -639,7 +656,7 @@ pub async fn revoke(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             .await
             .map_err(|e| store_read_error(&e))?
             .ok_or_else(missing)?;
-        if !may_view(&caller, &request) {
+        if !may_view(state, &caller, &request) {
             return Err(missing());
         }
         let revoked = state.store.revoke_grant(id, now).await;
