@@ -61,8 +61,7 @@ impl ValueError {
     }
 }
 
-/// What every JSON value becomes: the checks (depth, integers, no `null` in sets) are made
-/// once, here, for both Cedar representations below.
+/// A JSON scalar, checked (integers only) on its way to either Cedar representation.
 enum Scalar<'v> {
     Bool(bool),
     Long(i64),
@@ -86,144 +85,113 @@ fn scalar<'v>(path: &Path<'_>, value: &'v Value) -> Result<Option<Scalar<'v>>, V
     }))
 }
 
-fn check_depth(path: &Path<'_>, depth: usize) -> Result<(), ValueError> {
+/// The two Cedar representations JSON becomes: restricted expressions for entity attributes
+/// (what `Entity::new` takes) and evaluated values for the request context (what Cedar's
+/// evaluator reads, with no evaluation step in between). One walk, [`convert`], makes the
+/// checks (depth, integers, no `null` in sets) for both.
+trait Cedar: Sized {
+    fn scalar(s: Scalar<'_>) -> Self;
+    fn set(items: Vec<Self>) -> Self;
+    fn record(path: &Path<'_>, fields: Vec<(&str, Self)>) -> Result<Self, ValueError>;
+}
+
+impl Cedar for RestrictedExpression {
+    fn scalar(s: Scalar<'_>) -> Self {
+        match s {
+            Scalar::Bool(b) => Self::new_bool(b),
+            Scalar::Long(i) => Self::new_long(i),
+            Scalar::String(s) => Self::new_string(s.to_owned()),
+        }
+    }
+    fn set(items: Vec<Self>) -> Self {
+        Self::new_set(items)
+    }
+    fn record(path: &Path<'_>, fields: Vec<(&str, Self)>) -> Result<Self, ValueError> {
+        Self::new_record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)))
+            .map_err(|e| ValueError::at(path, e.to_string()))
+    }
+}
+
+/// A Cedar value as the evaluator holds it (`cedar-policy-core`).
+pub type CoreValue = cedar_policy_core::ast::Value;
+
+impl Cedar for CoreValue {
+    fn scalar(s: Scalar<'_>) -> Self {
+        match s {
+            Scalar::Bool(b) => Self::from(b),
+            Scalar::Long(i) => Self::from(i),
+            Scalar::String(s) => Self::from(s),
+        }
+    }
+    fn set(items: Vec<Self>) -> Self {
+        Self::set(items, None)
+    }
+    fn record(_: &Path<'_>, fields: Vec<(&str, Self)>) -> Result<Self, ValueError> {
+        Ok(Self::record(fields, None))
+    }
+}
+
+/// Convert one JSON value; `None` for `null` (absent).
+fn convert<T: Cedar>(
+    path: &Path<'_>,
+    value: &Value,
+    depth: usize,
+) -> Result<Option<T>, ValueError> {
     if depth > MAX_DEPTH {
         return Err(ValueError::at(
             path,
             format!("nested deeper than {MAX_DEPTH} levels"),
         ));
     }
-    Ok(())
-}
-
-/// Convert one JSON value; `None` for `null` (absent).
-pub fn to_restricted(
-    path: &str,
-    value: &Value,
-) -> Result<Option<RestrictedExpression>, ValueError> {
-    to_restricted_at(&Path::Root(path), value, 0)
-}
-
-fn to_restricted_at(
-    path: &Path<'_>,
-    value: &Value,
-    depth: usize,
-) -> Result<Option<RestrictedExpression>, ValueError> {
-    check_depth(path, depth)?;
     if let Some(s) = scalar(path, value)? {
-        return Ok(Some(match s {
-            Scalar::Bool(b) => RestrictedExpression::new_bool(b),
-            Scalar::Long(i) => RestrictedExpression::new_long(i),
-            Scalar::String(s) => RestrictedExpression::new_string(s.to_owned()),
-        }));
+        return Ok(Some(T::scalar(s)));
     }
     Ok(Some(match value {
         Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
                 let item_path = Path::Index(path, i);
-                match to_restricted_at(&item_path, item, depth + 1)? {
+                match convert(&item_path, item, depth + 1)? {
                     Some(v) => out.push(v),
                     None => {
                         return Err(ValueError::at(&item_path, "null is not allowed in a set"));
                     }
                 }
             }
-            RestrictedExpression::new_set(out)
+            T::set(out)
         }
-        Value::Object(map) => {
-            RestrictedExpression::new_record(record_fields(path, map, depth + 1)?)
-                .map_err(|e| ValueError::at(path, e.to_string()))?
-        }
+        Value::Object(map) => T::record(path, fields(path, map, depth + 1)?)?,
         _ => return Ok(None),
     }))
 }
 
-fn record_fields(
+/// The fields of a JSON object, `null` ones left out (absent).
+fn fields<'v, T: Cedar>(
     path: &Path<'_>,
-    map: &Map<String, Value>,
+    map: &'v Map<String, Value>,
     depth: usize,
-) -> Result<Vec<(String, RestrictedExpression)>, ValueError> {
-    let mut fields = Vec::with_capacity(map.len());
+) -> Result<Vec<(&'v str, T)>, ValueError> {
+    let mut out = Vec::with_capacity(map.len() + 1);
     for (k, v) in map {
-        if let Some(expr) = to_restricted_at(&Path::Key(path, k), v, depth)? {
-            fields.push((k.clone(), expr));
+        if let Some(value) = convert(&Path::Key(path, k), v, depth)? {
+            out.push((k.as_str(), value));
         }
     }
-    Ok(fields)
+    Ok(out)
 }
 
-/// The fields of a JSON object as Cedar record fields.
-pub fn record_pairs(
-    path: &str,
-    map: &Map<String, Value>,
-) -> Result<Vec<(String, RestrictedExpression)>, ValueError> {
-    record_fields(&Path::Root(path), map, 0)
-}
-
-/// A Cedar value as the evaluator holds it (`cedar-policy-core`): the decision path builds
-/// the request context straight into these, instead of restricted expressions that Cedar
-/// would then evaluate into the same values.
-pub type CoreValue = cedar_policy_core::ast::Value;
-
-/// The fields of a JSON object as an evaluated Cedar record, with the same mapping and the
-/// same errors as [`record_pairs`]; `extra` fields are added as they are.
+/// The fields of a JSON object as an evaluated Cedar record (the request context is built
+/// straight into these); `extra` fields are added as they are.
 pub fn record_value(
     path: &str,
     map: &Map<String, Value>,
     extra: impl IntoIterator<Item = (&'static str, CoreValue)>,
 ) -> Result<CoreValue, ValueError> {
-    let path = Path::Root(path);
-    let mut fields = Vec::with_capacity(map.len() + 1);
-    for (k, v) in map {
-        if let Some(value) = to_value_at(&Path::Key(&path, k), v, 0)? {
-            fields.push((k.as_str(), value));
-        }
-    }
+    let mut fields = fields(&Path::Root(path), map, 0)?;
     for (k, v) in extra {
         fields.push((k, v));
     }
     Ok(CoreValue::record(fields, None))
-}
-
-fn to_value_at(
-    path: &Path<'_>,
-    value: &Value,
-    depth: usize,
-) -> Result<Option<CoreValue>, ValueError> {
-    check_depth(path, depth)?;
-    if let Some(s) = scalar(path, value)? {
-        return Ok(Some(match s {
-            Scalar::Bool(b) => CoreValue::from(b),
-            Scalar::Long(i) => CoreValue::from(i),
-            Scalar::String(s) => CoreValue::from(s),
-        }));
-    }
-    Ok(Some(match value {
-        Value::Array(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                let item_path = Path::Index(path, i);
-                match to_value_at(&item_path, item, depth + 1)? {
-                    Some(v) => out.push(v),
-                    None => {
-                        return Err(ValueError::at(&item_path, "null is not allowed in a set"));
-                    }
-                }
-            }
-            CoreValue::set(out, None)
-        }
-        Value::Object(map) => {
-            let mut fields = Vec::with_capacity(map.len());
-            for (k, v) in map {
-                if let Some(value) = to_value_at(&Path::Key(path, k), v, depth + 1)? {
-                    fields.push((k.as_str(), value));
-                }
-            }
-            CoreValue::record(fields, None)
-        }
-        _ => return Ok(None),
-    }))
 }
 
 /// Type names parsed per thread: parsing one runs Cedar's grammar (~0.4 µs), and a sidecar
@@ -306,8 +274,9 @@ pub fn entity_from_json(
     parents: HashSet<EntityUid>,
 ) -> Result<Entity, ValueError> {
     let uid = entity_uid(path, kind, id)?;
-    let attrs: HashMap<String, RestrictedExpression> = record_fields(&Path::Root(path), attrs, 0)?
+    let attrs: HashMap<String, RestrictedExpression> = fields(&Path::Root(path), attrs, 0)?
         .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
         .collect();
     Entity::new(uid, attrs, parents).map_err(|e| ValueError::new(path, e.to_string()))
 }
@@ -336,9 +305,18 @@ mod tests {
         assert!(e.attr("gone").is_none());
     }
 
+    /// The error of converting `map` as a request context and as entity attributes: the
+    /// two representations are checked alike.
+    fn refusal(map: &Map<String, Value>) -> Option<ValueError> {
+        let as_context = record_value("context", map, []).err();
+        let as_attributes = entity_from_json("context", "Agent", "a", map, HashSet::new()).err();
+        assert_eq!(as_context, as_attributes);
+        as_context
+    }
+
     #[test]
     fn float_is_refused_with_its_path() {
-        let err = record_pairs("context", &obj(json!({"amount": 2.5}))).err();
+        let err = refusal(&obj(json!({"amount": 2.5})));
         assert_eq!(
             err.map(|e| e.to_string()),
             Some("`context.amount`: `2.5` is not a 64-bit integer (Cedar has no floating point numbers)".into())
@@ -347,7 +325,7 @@ mod tests {
 
     #[test]
     fn null_in_set_is_refused() {
-        let err = record_pairs("context", &obj(json!({"xs": [1, null]}))).err();
+        let err = refusal(&obj(json!({"xs": [1, null]})));
         assert_eq!(err.map(|e| e.path), Some("context.xs[1]".into()));
     }
 
@@ -357,7 +335,7 @@ mod tests {
         for _ in 0..40 {
             v = json!({ "a": v });
         }
-        assert!(record_pairs("context", &obj(json!({"deep": v}))).is_err());
+        assert!(refusal(&obj(json!({"deep": v}))).is_some());
     }
 
     #[test]
