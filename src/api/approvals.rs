@@ -315,11 +315,16 @@ fn store_read_error(e: &StoreError) -> ApiError {
 }
 
 /// The requester sees its own request; an approver of its current groups sees what it is
-/// asked to approve. Everyone else is told it does not exist.
-fn may_view(state: &AppState, caller: &Caller, request: &ApprovalRequest) -> bool {
-    is_requester(caller, request)
-        || matches!(caller, Caller::Agent(p)
-            if approver_groups(state, p).iter().any(|g| request.current_groups.contains(g)))
+/// asked to approve. Everyone else is told it does not exist. The caller's approver groups
+/// are worked out once, for every request it is asked about.
+fn viewer<'c>(state: &AppState, caller: &'c Caller) -> impl Fn(&ApprovalRequest) -> bool + 'c {
+    let groups = match caller {
+        Caller::Agent(p) => approver_groups(state, p),
+        Caller::EnforcementPoint { .. } => Vec::new(),
+    };
+    move |request| {
+        is_requester(caller, request) || groups.iter().any(|g| request.current_groups.contains(g))
+    }
 }
 
 /// The groups `p` approves for: its token's groups claim, and the entities the bundle's
@@ -416,7 +421,7 @@ async fn show_inner(
         .await
         .map_err(|e| store_read_error(&e))?
         .ok_or_else(|| not_found(&raw))?;
-    if !may_view(state, &caller, &request) {
+    if !viewer(state, &caller)(&request) {
         return Err(not_found(&raw));
     }
     let Some(wait) = wait else {
@@ -598,6 +603,7 @@ pub async fn grants(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             .await
             .map_err(|e| store_read_error(&e))?;
         // The requests behind them in one read, not one per grant.
+        let may_view = viewer(state, &caller);
         let mut ids: Vec<Uuid> = grants.iter().map(|g| g.request_id).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -607,7 +613,7 @@ pub async fn grants(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             .await
             .map_err(|e| store_read_error(&e))?
             .into_iter()
-            .filter(|r| may_view(state, &caller, r))
+            .filter(|r| may_view(r))
             .map(|r| r.id)
             .collect();
         let mut out = Vec::new();
@@ -656,7 +662,7 @@ pub async fn revoke(state: &AppState, conn: &ConnInfo, req: Request<Incoming>) -
             .await
             .map_err(|e| store_read_error(&e))?
             .ok_or_else(missing)?;
-        if !may_view(state, &caller, &request) {
+        if !viewer(state, &caller)(&request) {
             return Err(missing());
         }
         let revoked = state.store.revoke_grant(id, now).await;
