@@ -16,8 +16,8 @@ use serde_json::{Map, Value};
 
 use crate::clock::Clock;
 use crate::identity::Principal;
-use crate::policy::values;
 use crate::policy::{Bundle, PolicyKind};
+use crate::policy::{fast, values};
 
 /// The three outcomes of a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -357,7 +357,7 @@ impl Engine {
             .map_err(invalid_value)?
             .value
         {
-            ValueKind::Record(fields) => ast::Context::Value(fields),
+            ValueKind::Record(fields) => fields,
             _ => return Err(invalid("`context` is not a record".to_owned())),
         };
 
@@ -440,23 +440,44 @@ impl Engine {
             }
         };
 
-        // No schema here: AuthZEN callers may send properties the schema does not declare;
-        // the policies themselves were validated strictly at load.
-        let uid = |u: &cedar_policy::EntityUid| {
-            ast::EntityUIDEntry::known(AsRef::<ast::EntityUID>::as_ref(u).clone(), None)
-        };
-        let request = ast::Request::new_unchecked(
-            uid(&principal_uid),
-            uid(slice.uid()),
-            uid(&resource_uid),
-            Some(context),
+        // The fast path answers the conditions it can (`policy::fast`), exactly as Cedar
+        // would; Cedar's own evaluator, built only when needed, answers the rest.
+        let (principal, action, resource): (&ast::EntityUID, &ast::EntityUID, &ast::EntityUID) = (
+            principal_uid.as_ref(),
+            slice.uid().as_ref(),
+            resource_uid.as_ref(),
         );
-        // Cedar's authorizer, minus its per-request rebuild of every condition: each policy of
-        // the slice is satisfied (its condition is `true`), not satisfied, or in error.
-        let evaluator = Evaluator::new(request, entities.as_ref(), Extensions::all_available());
+        let input = fast::Input {
+            principal,
+            resource,
+            context: &context,
+            entities: entities.as_ref(),
+        };
+        let mut evaluator = None;
         let mut satisfied = Vec::new();
         let mut errors = Vec::new();
         for condition in slice.conditions() {
+            if let Some(b) = condition.fast.as_ref().and_then(|f| f.eval(&input)) {
+                if b {
+                    satisfied.push(condition.id.as_str());
+                }
+                continue;
+            }
+            // No schema here: AuthZEN callers may send properties the schema does not
+            // declare; the policies themselves were validated strictly at load.
+            let evaluator = evaluator.get_or_insert_with(|| {
+                let known = |u: &ast::EntityUID| ast::EntityUIDEntry::known(u.clone(), None);
+                let request = ast::Request::new_unchecked(
+                    known(principal),
+                    known(action),
+                    known(resource),
+                    Some(ast::Context::Value(Arc::clone(&context))),
+                );
+                Evaluator::new(request, entities.as_ref(), Extensions::all_available())
+            });
+            // Cedar's authorizer, minus its per-request rebuild of every condition: each
+            // policy of the slice is satisfied (its condition is `true`), not satisfied, or in
+            // error.
             match evaluator.interpret(&condition.expr, &condition.env) {
                 Ok(ast::Value {
                     value: ValueKind::Lit(ast::Literal::Bool(b)),

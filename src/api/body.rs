@@ -232,6 +232,44 @@ pub fn entity_ref(
     })
 }
 
+/// The usual native check body, `{"action", "resource", "context"?}`, read in one typed
+/// pass. `None` for anything else (a `subject`, an unknown field, a wrong type, an empty
+/// string, the reserved context key, a duplicate field): the field-by-field reader then takes
+/// the body and names what is wrong. Wherever this answers, it answers what that reader would.
+pub fn quick_check(bytes: &[u8]) -> Option<(String, EntityRef, Map<String, Value>)> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        action: String,
+        resource: Entity,
+        context: Option<Map<String, Value>>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entity {
+        #[serde(rename = "type")]
+        kind: String,
+        id: String,
+        properties: Option<Map<String, Value>>,
+    }
+    let body: Body = serde_json::from_slice(bytes).ok()?;
+    let context = body.context.unwrap_or_default();
+    let r = body.resource;
+    if body.action.is_empty()
+        || r.kind.is_empty()
+        || r.id.is_empty()
+        || context.contains_key("mandate")
+    {
+        return None;
+    }
+    let resource = EntityRef {
+        kind: r.kind,
+        id: r.id,
+        properties: r.properties.unwrap_or_default(),
+    };
+    Some((body.action, resource, context))
+}
+
 /// The caller's context; the key `mandate` is reserved for what Mandate adds itself.
 pub fn context(map: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
     let ctx = opt_object(map, "", "context")?.cloned().unwrap_or_default();

@@ -355,13 +355,17 @@ pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 /// Serialize `value` as a JSON response. Serialization of our own types cannot fail; if it
 /// ever did, the client gets a 500 with no decision in it, never an allow.
 pub fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let (status, bytes) = match serde_json::to_vec(value) {
-        Ok(b) => (status, b),
-        Err(_) => (
+    match serde_json::to_vec(value) {
+        Ok(b) => json_bytes_response(status, b),
+        Err(_) => json_bytes_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             br#"{"error":"internal","message":"response serialization failed"}"#.to_vec(),
         ),
-    };
+    }
+}
+
+/// A response whose body is JSON already serialized.
+pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
     resp.headers_mut()

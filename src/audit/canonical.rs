@@ -41,6 +41,24 @@ impl Serialize for CanonicalMap<'_> {
     }
 }
 
+/// Append `s` as a JSON string, byte for byte as serde_json writes it: text with nothing to
+/// escape (no control character, quote or backslash) is copied as it is.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    // No early exit: the whole scan vectorizes, and most texts are short and clean.
+    let escape = s.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !escape {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a string into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
 /// Write the canonical JSON of `value` to `out`.
 pub fn write_canonical<W: io::Write>(out: W, value: &Value) -> serde_json::Result<()> {
     serde_json::to_writer(out, &Canonical(value))

@@ -25,7 +25,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use canonical::{context_digest, write_canonical};
+pub use canonical::{context_digest, write_canonical, write_str};
 pub use log::{AuditError, AuditLog, AuditSettings};
 pub use record::{Approver, DecisionRecord, EntityName, EventRecord, Record, Timestamp};
 pub use verify::{Broken, VerifyError, VerifyReport, verify};

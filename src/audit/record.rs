@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 use serde_json::Value;
 
-use super::canonical::{Canonical, context_digest};
+use super::canonical::{Canonical, context_digest, write_str};
 use crate::decision::{CheckRequest, Decision, Outcome, Reason};
 
 /// A UTC instant with millisecond precision, written as RFC 3339 (`2025-06-01T12:00:00.123Z`).
@@ -263,24 +263,27 @@ impl Sealed<'_, '_> {
                 );
             }
         };
-        let text = |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s);
+        let text = |out: &mut Vec<u8>, s: &str| {
+            write_str(out, s);
+            Ok::<_, serde_json::Error>(())
+        };
         let texts = |out: &mut Vec<u8>, items: &mut dyn Iterator<Item = &str>| {
             out.push(b'[');
             for (i, s) in items.enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                serde_json::to_writer(&mut *out, s)?;
+                write_str(out, s);
             }
             out.push(b']');
             Ok::<_, serde_json::Error>(())
         };
-        let optional = |out: &mut Vec<u8>, s: Option<&str>| match s {
-            Some(s) => serde_json::to_writer(out, s),
-            None => {
-                out.extend_from_slice(b"null");
-                Ok(())
+        let optional = |out: &mut Vec<u8>, s: Option<&str>| {
+            match s {
+                Some(s) => write_str(out, s),
+                None => out.extend_from_slice(b"null"),
             }
+            Ok::<_, serde_json::Error>(())
         };
         let entity = |out: &mut Vec<u8>, e: &EntityName<'_>| {
             out.extend_from_slice(b"{\"id\":");

@@ -22,6 +22,7 @@
 //! them all.
 
 pub mod annotations;
+pub mod fast;
 pub mod testing;
 pub mod values;
 
@@ -128,15 +129,22 @@ pub struct Condition {
     pub expr: cedar_policy_core::ast::Expr,
     /// Slot values of a template-linked policy (empty for a static one).
     pub env: cedar_policy_core::ast::SlotEnv,
+    /// The same condition compiled for the fast path, when it is in its subset
+    /// ([`fast`]); Cedar evaluates `expr` wherever the fast path cannot answer.
+    pub fast: Option<fast::Fast>,
 }
 
 impl Condition {
-    fn of(policy: &Policy) -> Self {
+    /// `policy`'s condition, for the slice of `action`.
+    fn of(policy: &Policy, action: &EntityUid) -> Self {
         let ast: &cedar_policy_core::ast::Policy = policy.as_ref();
+        let expr = ast.condition();
+        let env = ast.env().clone();
         Self {
             id: policy.id().to_string(),
-            expr: ast.condition(),
-            env: ast.env().clone(),
+            fast: fast::Fast::compile(&expr, &env, action.as_ref()),
+            expr,
+            env,
         }
     }
 }
@@ -700,7 +708,7 @@ fn build_slices(
             let target = if is_breakglass {
                 &mut breakglass
             } else {
-                conditions.push(Condition::of(&p.policy));
+                conditions.push(Condition::of(&p.policy, &uid));
                 &mut policies
             };
             if let Err(e) = target.add(p.policy.clone()) {
