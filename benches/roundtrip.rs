@@ -25,6 +25,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 const ROUND_TRIPS: usize = 5_000;
+const WARM_UP: usize = 500;
+/// Calls per stream and round.
+const STEPS: usize = WARM_UP + ROUND_TRIPS;
+const ROUNDS: usize = 3;
 const MEMORY_CHECKS: usize = 10_000;
 const DISTINCT_TOKENS: usize = 1_000;
 
@@ -201,27 +205,58 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// p50-sorted samples of `ROUND_TRIPS` calls; `requests` are cycled (one request: the same
-/// check repeated; `ROUND_TRIPS` distinct ones: every check a new one).
-fn measure(addr: SocketAddr, requests: &[Vec<u8>], expect: &[u8]) -> Vec<Duration> {
-    let mut conn = Conn::new(addr);
-    for request in requests.iter().cycle().take(500) {
-        let (status, body) = conn.call(request);
+/// One measured stream: a keep-alive connection and the requests it cycles through (one
+/// request: the same check repeated; `ROUND_TRIPS` distinct ones: every check a new one).
+struct Stream<'a> {
+    conn: Conn,
+    /// Where in `requests` this round starts (requests never repeat across rounds).
+    start: usize,
+    requests: &'a [Vec<u8>],
+    expect: &'a [u8],
+    samples: Vec<Duration>,
+}
+
+impl<'a> Stream<'a> {
+    fn new(addr: SocketAddr, start: usize, requests: &'a [Vec<u8>], expect: &'a [u8]) -> Self {
+        Self {
+            conn: Conn::new(addr),
+            start,
+            requests,
+            expect,
+            samples: Vec::with_capacity(ROUND_TRIPS),
+        }
+    }
+
+    fn call(&mut self, i: usize, record: bool) {
+        let request = &self.requests[(self.start + i) % self.requests.len()];
+        let t = Instant::now();
+        let (status, body) = self.conn.call(request);
+        let elapsed = t.elapsed();
         assert_eq!(status, 200);
         assert!(
-            find(&body, expect).is_some(),
+            find(&body, self.expect).is_some(),
             "{}",
             String::from_utf8_lossy(&body)
         );
+        if record {
+            self.samples.push(elapsed);
+        }
     }
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for request in requests.iter().cycle().take(ROUND_TRIPS) {
-        let t = Instant::now();
-        let _ = conn.call(request);
-        samples.push(t.elapsed());
+
+    fn p50(&mut self) -> Duration {
+        self.samples.sort();
+        percentile(&self.samples, 0.5)
     }
-    samples.sort();
-    samples
+}
+
+/// Sample the streams in turn, one call each per step, so that whatever else the machine is
+/// doing at any moment weighs on all of them alike; the warm-up steps are not recorded.
+fn measure(streams: &mut [Stream<'_>]) {
+    for i in 0..STEPS {
+        for s in streams.iter_mut() {
+            s.call(i, i >= WARM_UP);
+        }
+    }
 }
 
 fn main() {
@@ -260,7 +295,7 @@ fn main() {
 
     // Every check distinct (another resource id each time): each one is decided, none is a
     // repeat the decision cache could answer.
-    let distinct: Vec<Vec<u8>> = (0..ROUND_TRIPS)
+    let distinct: Vec<Vec<u8>> = (0..ROUNDS * STEPS)
         .map(|i| {
             let body = format!(
                 r#"{{"action":"payments:transfer","resource":{{"type":"Account","id":"acct-{i}"}},"context":{{"amount":50}}}}"#
@@ -269,19 +304,25 @@ fn main() {
         })
         .collect();
     let same = vec![check.clone()];
-    // Interleave the measurements so drift on a shared machine hits them alike.
+    // Interleave the measurements call by call so drift on a shared machine hits them alike;
+    // three rounds, and the median round of each.
     let mut bare_p50 = Vec::new();
     let mut mandate_p50 = Vec::new();
     let mut mandate_p99 = Vec::new();
     let mut distinct_p50 = Vec::new();
-    for _ in 0..3 {
-        let b = measure(bare, &same, b"\"allow\"");
-        let s = measure(m.addr, &same, b"\"allow\"");
-        let d = measure(m.addr, &distinct, b"\"allow\"");
-        bare_p50.push(percentile(&b, 0.5));
-        mandate_p50.push(percentile(&s, 0.5));
-        mandate_p99.push(percentile(&s, 0.99));
-        distinct_p50.push(percentile(&d, 0.5));
+    for round in 0..ROUNDS {
+        let start = round * STEPS;
+        let mut streams = [
+            Stream::new(bare, 0, &same, b"\"allow\""),
+            Stream::new(m.addr, 0, &same, b"\"allow\""),
+            Stream::new(m.addr, start, &distinct, b"\"allow\""),
+        ];
+        measure(&mut streams);
+        let [b, s, d] = &mut streams;
+        bare_p50.push(b.p50());
+        mandate_p50.push(s.p50());
+        mandate_p99.push(percentile(&s.samples, 0.99));
+        distinct_p50.push(d.p50());
     }
     bare_p50.sort();
     mandate_p50.sort();
@@ -309,7 +350,7 @@ fn main() {
     let _ = m.child.wait();
 
     println!(
-        "mandate roundtrip benchmark (loopback, one keep-alive connection, {ROUND_TRIPS} requests x 3 rounds)"
+        "mandate roundtrip benchmark (loopback, keep-alive connections sampled in turn, {ROUND_TRIPS} requests each x 3 rounds)"
     );
     println!(
         "  ready after start          {:>10.1} ms   (target < 200 ms)",

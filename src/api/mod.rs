@@ -143,7 +143,9 @@ pub async fn settle(
     started: Instant,
 ) -> Settled {
     let mut settled = settle_escalation(state, req, decision).await;
-    settled.decision = record(state, req, &settled, started);
+    if let Some(deny) = record(state, req, &settled, started) {
+        settled.decision = deny;
+    }
     if settled.decision.outcome != Outcome::Escalate {
         settled.approval = None;
     }
@@ -287,15 +289,15 @@ pub const ESCALATION_UNAVAILABLE: &str = "escalation_unavailable";
 /// Reason code of a deny because the principal is at its escalation limits (SECURITY A-16).
 pub const ESCALATION_RATE_LIMITED: &str = "escalation_rate_limited";
 
-/// Record the decision of `settled` about `req` in the audit log; the answer to give (see
-/// [`decide_and_record`]).
+/// Record the decision of `settled` about `req` in the audit log. `Some(deny)` when it could
+/// not be recorded: that deny is the answer instead (see [`decide_and_record`]).
 pub fn record(
     state: &AppState,
     req: &CheckRequest,
     settled: &Settled,
     started: Instant,
-) -> Decision {
-    let decision = settled.decision.clone();
+) -> Option<Decision> {
+    let decision = &settled.decision;
     let approval_id = settled
         .approval
         .as_ref()
@@ -303,21 +305,21 @@ pub fn record(
         .or(settled.grant.as_ref().map(|g| g.request_id))
         .map(|id| id.to_string());
     let grant_id = settled.grant.as_ref().map(|g| g.id.to_string());
-    let mut record = DecisionRecord::new(req, &decision, started.elapsed());
+    let mut record = DecisionRecord::new(req, decision, started.elapsed());
     record.approval_id = approval_id.as_deref();
     record.grant_id = grant_id.as_deref();
     record.approvers = &settled.approvers;
     match state.audit.append(&record.into()) {
-        Ok(_) => decision,
+        Ok(_) => None,
         // Fail closed (SECURITY §0 item 2, P-04): no decision is answered without its audit
         // record, so whatever policy said, the answer is a deny. The failure is counted
         // (`AuditLog::write_failures`); this deny itself cannot be recorded.
         Err(e) => {
             tracing::error!(error = %e, decision_id = %decision.id, "audit record not written; denying");
-            Decision {
+            Some(Decision {
                 id: decision.id,
                 outcome: Outcome::Deny,
-                policy_version: decision.policy_version,
+                policy_version: decision.policy_version.clone(),
                 policy_ids: Vec::new(),
                 reasons: vec![Reason {
                     code: AUDIT_UNAVAILABLE,
@@ -325,7 +327,7 @@ pub fn record(
                     message: "the decision could not be recorded in the audit log".into(),
                 }],
                 approval: None,
-            }
+            })
         }
     }
 }

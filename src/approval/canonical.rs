@@ -7,56 +7,12 @@ use sha2::{Digest, Sha256};
 
 use super::{PrincipalSnapshot, ResourceSnapshot};
 
-/// `value` as canonical JSON: object keys sorted (by their UTF-8 bytes) at every depth, no
-/// whitespace, strings escaped as serde_json escapes them, numbers as serde_json prints them.
+/// `value` as canonical JSON (the audit log's: [`crate::audit::write_canonical_value`]).
 pub fn canonical_json(value: &Value) -> String {
-    let mut out = String::new();
-    write_canonical(value, &mut out);
-    out
-}
-
-fn write_canonical(value: &Value, out: &mut String) {
-    match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => out.push_str(&n.to_string()),
-        Value::String(s) => write_string(s, out),
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
-        }
-        Value::Object(map) => {
-            // Sorted here rather than trusting the map's order: serde_json keeps insertion
-            // order when any crate in the build enables `preserve_order`.
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(k, out);
-                out.push(':');
-                write_canonical(v, out);
-            }
-            out.push('}');
-        }
-    }
-}
-
-fn write_string(s: &str, out: &mut String) {
-    // Serializing a `&str` cannot fail; the fallback keeps the function total without a panic
-    // and still distinguishes strings.
-    match serde_json::to_string(s) {
-        Ok(quoted) => out.push_str(&quoted),
-        Err(_) => out.push_str(&format!("{s:?}")),
-    }
+    let mut out = Vec::new();
+    crate::audit::write_canonical_value(&mut out, value);
+    // Built from `&str`s and serde_json's own output: always UTF-8.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Hex SHA-256 of the canonical JSON of

@@ -3,42 +3,48 @@
 
 use std::io;
 
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-/// A JSON value that serializes with its object keys sorted, whatever order the map keeps
-/// (serde_json's `preserve_order` feature may be switched on by any crate in the build).
-pub(crate) struct Canonical<'a>(pub &'a Value);
-
-struct CanonicalMap<'a>(&'a Map<String, Value>);
-
-impl Serialize for Canonical<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Value::Object(m) => CanonicalMap(m).serialize(s),
-            Value::Array(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(&Canonical(item))?;
-                }
-                seq.end()
-            }
-            other => other.serialize(s),
+/// Append the canonical JSON of `value`: object keys sorted (by their UTF-8 bytes) at every
+/// depth, whatever order the map keeps (serde_json's `preserve_order` may be on in the
+/// build), no whitespace, strings escaped and numbers printed as serde_json does.
+pub fn write_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        // Writing a number into a `Vec` cannot fail.
+        Value::Number(n) => {
+            let _ = serde_json::to_writer(&mut *out, n);
         }
+        Value::String(s) => write_str(out, s),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, item);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => write_map(out, map),
     }
 }
 
-impl Serialize for CanonicalMap<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut entries: Vec<(&String, &Value)> = self.0.iter().collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut map = s.serialize_map(Some(entries.len()))?;
-        for (k, v) in entries {
-            map.serialize_entry(k, &Canonical(v))?;
+fn write_map(out: &mut Vec<u8>, map: &Map<String, Value>) {
+    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    out.push(b'{');
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        map.end()
+        write_str(out, k);
+        out.push(b':');
+        write_value(out, v);
     }
+    out.push(b'}');
 }
 
 /// Append `s` as a JSON string, byte for byte as serde_json writes it: text with nothing to
@@ -60,30 +66,16 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Write the canonical JSON of `value` to `out`.
-pub fn write_canonical<W: io::Write>(out: W, value: &Value) -> serde_json::Result<()> {
-    serde_json::to_writer(out, &Canonical(value))
-}
-
-/// Feeds serialized bytes straight into the hash: the digest needs no intermediate buffer.
-struct HashWriter<'a>(&'a mut Sha256);
-
-impl io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+pub fn write_canonical<W: io::Write>(mut out: W, value: &Value) -> io::Result<()> {
+    let mut buf = Vec::new();
+    write_value(&mut buf, value);
+    out.write_all(&buf)
 }
 
 /// SHA-256 of the canonical JSON of a request context. Two contexts that differ only in key
 /// order or whitespace have the same digest; any differing value changes it.
 pub fn context_digest(context: &Map<String, Value>) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    // Writing into a hasher cannot fail, and serializing a `Value` cannot either (its keys
-    // are strings); were it ever to, the digest would differ and nothing would be hidden.
-    let _ = serde_json::to_writer(HashWriter(&mut hasher), &CanonicalMap(context));
-    hasher.finalize().into()
+    let mut buf = Vec::with_capacity(128);
+    write_map(&mut buf, context);
+    Sha256::digest(&buf).into()
 }

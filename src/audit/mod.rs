@@ -25,7 +25,9 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use canonical::{context_digest, write_canonical, write_str};
+pub use canonical::{
+    context_digest, write_canonical, write_str, write_value as write_canonical_value,
+};
 pub use log::{AuditError, AuditLog, AuditSettings};
 pub use record::{Approver, DecisionRecord, EntityName, EventRecord, Record, Timestamp};
 pub use verify::{Broken, VerifyError, VerifyReport, verify};

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 use serde_json::Value;
 
-use super::canonical::{Canonical, context_digest, write_str};
+use super::canonical::{context_digest, write_str, write_value};
 use crate::decision::{CheckRequest, Decision, Outcome, Reason};
 
 /// A UTC instant with millisecond precision, written as RFC 3339 (`2025-06-01T12:00:00.123Z`).
@@ -250,17 +250,23 @@ impl Sealed<'_, '_> {
     /// numbers) are plain ASCII and need no escaping; every text from a caller, a token or a
     /// policy goes through serde_json.
     pub(crate) fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let mut num = itoa::Buffer::new();
         let d = match self.record {
             Record::Decision(d) => d,
+            // Keys in canonical (byte-sorted) order, like a decision's below.
             Record::Event(e) => {
-                return serde_json::to_writer(
-                    out,
-                    &SealedEvent {
-                        e,
-                        seq: self.seq,
-                        prev_hash: self.prev_hash,
-                    },
-                );
+                out.extend_from_slice(b"{\"detail\":");
+                write_value(out, e.detail);
+                out.extend_from_slice(b",\"event\":");
+                write_str(out, e.event);
+                out.extend_from_slice(b",\"kind\":\"event\",\"prev_hash\":");
+                write_str(out, self.prev_hash);
+                out.extend_from_slice(b",\"seq\":");
+                out.extend_from_slice(num.format(self.seq).as_bytes());
+                out.extend_from_slice(b",\"time\":\"");
+                out.extend_from_slice(&e.time.rfc3339());
+                out.extend_from_slice(b"\"}");
+                return Ok(());
             }
         };
         let text = |out: &mut Vec<u8>, s: &str| {
@@ -295,7 +301,6 @@ impl Sealed<'_, '_> {
         };
         let mut hex = [0u8; 64];
         let mut uuid = uuid::Uuid::encode_buffer();
-        let mut num = itoa::Buffer::new();
 
         out.extend_from_slice(b"{\"action\":");
         text(out, d.action)?;
@@ -353,27 +358,5 @@ impl Sealed<'_, '_> {
         optional(out, d.token_id)?;
         out.push(b'}');
         Ok(())
-    }
-}
-
-/// An event record with its place in the chain.
-struct SealedEvent<'r, 'a> {
-    e: &'r EventRecord<'a>,
-    seq: u64,
-    prev_hash: &'r str,
-}
-
-impl Serialize for SealedEvent<'_, '_> {
-    /// Fields in canonical (byte-sorted) key order, like [`Sealed::write_json`].
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let e = self.e;
-        let mut st = s.serialize_struct("EventRecord", 6)?;
-        st.serialize_field("detail", &Canonical(e.detail))?;
-        st.serialize_field("event", e.event)?;
-        st.serialize_field("kind", "event")?;
-        st.serialize_field("prev_hash", self.prev_hash)?;
-        st.serialize_field("seq", &self.seq)?;
-        st.serialize_field("time", &e.time)?;
-        st.end()
     }
 }

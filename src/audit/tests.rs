@@ -465,3 +465,58 @@ fn eight_threads_appending_keep_seq_contiguous() {
         .collect();
     assert_eq!(seqs, (1..=4000).collect::<Vec<_>>());
 }
+
+/// The reference: serde_json writing maps whose keys a `BTreeMap` keeps in byte order.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Sorted<'a> {
+    Leaf(&'a Value),
+    Array(Vec<Sorted<'a>>),
+    Object(std::collections::BTreeMap<&'a str, Sorted<'a>>),
+}
+
+fn sorted(v: &Value) -> Sorted<'_> {
+    match v {
+        Value::Array(items) => Sorted::Array(items.iter().map(sorted).collect()),
+        Value::Object(m) => {
+            Sorted::Object(m.iter().map(|(k, v)| (k.as_str(), sorted(v))).collect())
+        }
+        leaf => Sorted::Leaf(leaf),
+    }
+}
+
+fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        any::<String>().prop_map(Value::String),
+        "[a-z\"\\\\\u{0}-\u{1f}\u{7f}é😀]{0,6}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::vec((any::<String>(), inner.clone()), 0..4)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            proptest::collection::vec(("[a-cé😀A-C]{0,2}", inner), 0..4)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+proptest::proptest! {
+    /// The canonical writer (audit records, context digests, approval binding hashes) writes
+    /// exactly what serde_json writes for the same value with its keys in byte order.
+    #[test]
+    fn canonical_json_is_serde_json_with_sorted_keys(v in any_json()) {
+        let mut out = Vec::new();
+        write_canonical(&mut out, &v).unwrap();
+        let reference = serde_json::to_string(&sorted(&v)).unwrap();
+        proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), reference);
+    }
+}
