@@ -1,12 +1,13 @@
 //! A fast path for the conditions most policies are made of: scope tests (`principal is
 //! Agent`, `action == Action::"x"`, `resource in Folder::"y"`), attribute reads, `has`,
-//! comparisons and arithmetic on longs, string patterns, `&&`, `||`, `!` and `if`.
+//! comparisons and arithmetic on longs, string patterns, set membership (`contains`,
+//! `containsAll`, `containsAny`, `isEmpty`, literal sets), `&&`, `||`, `!` and `if`.
 //!
 //! Each policy's condition is compiled once at load into a small tree ([`Fast`]) when every
 //! node of it is in that subset. Evaluating it answers `Some(bool)` only where Cedar's own
 //! evaluator would answer exactly that boolean; wherever Cedar would raise an error (a missing
 //! attribute, a type error, an overflow) or the values are of a kind the fast path does not
-//! handle (sets, records compared with `<`, extension values), it answers `None`, and the
+//! handle (extension values, records compared with `<`), it answers `None`, and the
 //! caller evaluates the condition with Cedar, which produces the verdict and the error text.
 //! So the fast path changes how quickly a decision is made, never what it is; the
 //! differential property test beside it checks that against Cedar on random policies.
@@ -14,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use cedar_policy_core::ast::{
-    BinaryOp, EntityType, EntityUID, Expr, ExprKind, Literal, PartialValue, Pattern, SlotEnv,
+    BinaryOp, EntityType, EntityUID, Expr, ExprKind, Literal, PartialValue, Pattern, Set, SlotEnv,
     UnaryOp, Value, ValueKind, Var,
 };
 use cedar_policy_core::entities::{Dereference, Entities};
@@ -30,12 +31,15 @@ pub enum Fast {
     Long(i64),
     Str(SmolStr),
     Entity(EntityUID),
+    /// A set literal whose elements are all literals.
+    Set(Set),
     Var(Var),
     And(Box<Fast>, Box<Fast>),
     Or(Box<Fast>, Box<Fast>),
     If(Box<(Fast, Fast, Fast)>),
     Not(Box<Fast>),
     Neg(Box<Fast>),
+    IsEmpty(Box<Fast>),
     Binary(BinaryOp, Box<Fast>, Box<Fast>),
     /// `lhs in [A, B, ...]` with a literal set of entities on the right.
     InAny(Box<Fast>, Vec<EntityUID>),
@@ -66,6 +70,7 @@ enum V<'a> {
     Str(&'a str),
     Entity(&'a EntityUID),
     Record(&'a BTreeMap<SmolStr, Value>),
+    Set(&'a Set),
 }
 
 impl<'a> V<'a> {
@@ -77,7 +82,8 @@ impl<'a> V<'a> {
             ValueKind::Lit(Literal::String(s)) => V::Str(s.as_str()),
             ValueKind::Lit(Literal::EntityUID(uid)) => V::Entity(uid),
             ValueKind::Record(fields) => V::Record(fields),
-            ValueKind::Set(_) | ValueKind::ExtensionValue(_) => return None,
+            ValueKind::Set(set) => V::Set(set),
+            ValueKind::ExtensionValue(_) => return None,
         })
     }
 
@@ -91,6 +97,13 @@ impl<'a> V<'a> {
     fn long(self) -> Option<i64> {
         match self {
             V::Long(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    fn set(self) -> Option<&'a Set> {
+        match self {
+            V::Set(s) => Some(s),
             _ => None,
         }
     }
@@ -110,6 +123,7 @@ impl<'a> V<'a> {
             (V::Str(a), V::Str(b)) => a == b,
             (V::Entity(a), V::Entity(b)) => a == b,
             (V::Record(a), V::Record(b)) => a == b,
+            (V::Set(a), V::Set(b)) => a == b,
             _ => false,
         }
     }
@@ -138,6 +152,7 @@ impl Fast {
             Fast::Long(i) => V::Long(*i),
             Fast::Str(s) => V::Str(s),
             Fast::Entity(uid) => V::Entity(uid),
+            Fast::Set(set) => V::Set(set),
             Fast::Var(var) => match var {
                 Var::Principal => V::Entity(input.principal),
                 Var::Resource => V::Entity(input.resource),
@@ -171,6 +186,7 @@ impl Fast {
             }
             Fast::Not(arg) => V::Bool(!arg.value(input)?.bool()?),
             Fast::Neg(arg) => V::Long(arg.value(input)?.long()?.checked_neg()?),
+            Fast::IsEmpty(arg) => V::Bool(arg.value(input)?.set()?.is_empty()),
             Fast::Binary(op, arg1, arg2) => {
                 // Cedar evaluates both operands before applying any binary operator.
                 let (a, b) = (arg1.value(input)?, arg2.value(input)?);
@@ -187,6 +203,15 @@ impl Fast {
                         let (child, parent) = (a.entity()?, b.entity()?);
                         V::Bool(is_in(input, child, std::slice::from_ref(parent)))
                     }
+                    // Membership is Cedar's equality, element by element (an element the
+                    // fast path cannot hold, an extension value, equals nothing it can).
+                    BinaryOp::Contains => V::Bool(
+                        a.set()?
+                            .iter()
+                            .any(|e| V::of(e).is_some_and(|e| e.equals(b))),
+                    ),
+                    BinaryOp::ContainsAll => V::Bool(b.set()?.is_subset(a.set()?)),
+                    BinaryOp::ContainsAny => V::Bool(!a.set()?.is_disjoint(b.set()?)),
                     // Compilation admits no other operator.
                     _ => return None,
                 }
@@ -269,7 +294,7 @@ fn compile(expr: &Expr, scope: &Scope<'_>, depth: usize) -> Option<Fast> {
         ExprKind::UnaryApp { op, arg } => match op {
             UnaryOp::Not => Fast::Not(sub(arg)?),
             UnaryOp::Neg => Fast::Neg(sub(arg)?),
-            UnaryOp::IsEmpty => return None,
+            UnaryOp::IsEmpty => Fast::IsEmpty(sub(arg)?),
         },
         ExprKind::BinaryApp { op, arg1, arg2 } => match op {
             BinaryOp::Eq
@@ -277,7 +302,10 @@ fn compile(expr: &Expr, scope: &Scope<'_>, depth: usize) -> Option<Fast> {
             | BinaryOp::LessEq
             | BinaryOp::Add
             | BinaryOp::Sub
-            | BinaryOp::Mul => Fast::Binary(*op, sub(arg1)?, sub(arg2)?),
+            | BinaryOp::Mul
+            | BinaryOp::Contains
+            | BinaryOp::ContainsAll
+            | BinaryOp::ContainsAny => Fast::Binary(*op, sub(arg1)?, sub(arg2)?),
             BinaryOp::In => match arg2.expr_kind() {
                 ExprKind::Set(items) => {
                     let parents = items
@@ -298,6 +326,17 @@ fn compile(expr: &Expr, scope: &Scope<'_>, depth: usize) -> Option<Fast> {
         ExprKind::HasAttr { expr, attr } => Fast::HasAttr(sub(expr)?, attr.clone()),
         ExprKind::Like { expr, pattern } => Fast::Like(sub(expr)?, pattern.clone()),
         ExprKind::Is { expr, entity_type } => Fast::Is(sub(expr)?, entity_type.clone()),
+        // A set of literals is built once here, as Cedar would build it on every request.
+        ExprKind::Set(items) => Fast::Set(Set::from_lits(
+            items
+                .iter()
+                .map(|item| match item.expr_kind() {
+                    ExprKind::Lit(lit) => Some(lit.clone()),
+                    ExprKind::Slot(id) => env.get(id).map(|uid| Literal::from(uid.clone())),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?,
+        )),
         _ => return None,
     }))
 }
