@@ -216,18 +216,30 @@ async fn a13_quorum_of_two_needs_two_distinct_approvers() {
     s.shutdown().await;
 }
 
+/// A copy of the example bundle under `dir`, for a test to change.
+fn example_bundle(dir: &std::path::Path) -> std::path::PathBuf {
+    let bundle = dir.join("bundle");
+    common::copy_dir(&common::repo().join("config/policies"), &bundle);
+    bundle
+}
+
+/// Replace `from`, which must be in `file`, with `to`.
+fn edit(file: &std::path::Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains(from), "`{from}` is not in {}", file.display());
+    std::fs::write(file, text.replace(from, to)).unwrap();
+}
+
 #[tokio::test]
 async fn a11_fallback_then_expiry_move_the_request_and_an_expired_one_is_never_approved() {
     // The example bundle with the fallback after one second instead of thirty minutes.
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    common::copy_dir(&common::repo().join("config/policies"), &bundle);
-    let payments = std::fs::read_to_string(bundle.join("payments.cedar")).unwrap();
-    std::fs::write(
-        bundle.join("payments.cedar"),
-        payments.replace("@fallback_after(\"30m\")", "@fallback_after(\"1s\")"),
-    )
-    .unwrap();
+    let bundle = example_bundle(dir.path());
+    edit(
+        &bundle.join("payments.cedar"),
+        "@fallback_after(\"30m\")",
+        "@fallback_after(\"1s\")",
+    );
     let bundle_s = bundle.to_str().unwrap().to_owned();
     let cfg = example_config(&[
         ("MANDATE_POLICY__BUNDLE", &bundle_s),
@@ -1054,8 +1066,7 @@ fn source_of(cedar: &str, id: &str, end: &str) -> String {
 #[tokio::test]
 async fn a07_a23_the_approver_sees_the_policy_text_of_the_requests_version_even_after_a_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    common::copy_dir(&common::repo().join("config/policies"), &bundle);
+    let bundle = example_bundle(dir.path());
     let bundle_s = bundle.to_str().unwrap().to_owned();
     let s = TestServer::start(&example_config(&[("MANDATE_POLICY__BUNDLE", &bundle_s)])).await;
     let t = agent();
@@ -1380,18 +1391,12 @@ async fn a06_a07_approving_a_request_other_than_the_one_shown_is_refused() {
 #[tokio::test]
 async fn approver_groups_from_the_bundles_entity_data() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    common::copy_dir(&common::repo().join("config/policies"), &bundle);
-    let schema = std::fs::read_to_string(bundle.join("schema.cedarschema")).unwrap();
-    assert!(schema.contains("entity Agent = {"));
-    std::fs::write(
-        bundle.join("schema.cedarschema"),
-        schema.replace(
-            "entity Agent = {",
-            "entity Team;\n\nentity Agent in [Team] = {",
-        ),
-    )
-    .unwrap();
+    let bundle = example_bundle(dir.path());
+    edit(
+        &bundle.join("schema.cedarschema"),
+        "entity Agent = {",
+        "entity Team;\n\nentity Agent in [Team] = {",
+    );
     std::fs::write(
         bundle.join("entities.json"),
         r#"[{"uid": {"type": "Agent", "id": "carol"}, "attrs": {},

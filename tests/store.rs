@@ -240,6 +240,17 @@ fn code<T: std::fmt::Debug>(r: Result<T, mandate::approval::StoreError>) -> &'st
 mod cases {
     use super::*;
 
+    /// The requests in `status` (at most 100: more than any case makes).
+    async fn with_status(s: &dyn ApprovalStore, status: Status) -> Vec<ApprovalRequest> {
+        s.list(ListFilter {
+            status: Some(status),
+            limit: 100,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap()
+    }
+
     pub async fn create_dedupes_by_binding_hash(h: &mut Harness) {
         let s = h.store.as_ref();
         let (first, created) = s
@@ -290,15 +301,7 @@ mod cases {
         assert_eq!(created, 1, "exactly one create wins");
         ids.dedup();
         assert_eq!(ids.len(), 1, "every caller gets the same request");
-        let pending = h
-            .store
-            .list(ListFilter {
-                status: Some(Status::Pending),
-                limit: 100,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
+        let pending = with_status(h.store.as_ref(), Status::Pending).await;
         assert_eq!(pending.len(), 1);
     }
 
@@ -699,26 +702,12 @@ mod cases {
                 .is_empty()
         );
 
-        let pending = s
-            .list(ListFilter {
-                status: Some(Status::Pending),
-                limit: 10,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
+        let pending = with_status(s, Status::Pending).await;
         assert_eq!(
             pending.iter().map(|r| r.id).collect::<Vec<_>>(),
             [ids[0], ids[2]]
         );
-        let cancelled = s
-            .list(ListFilter {
-                status: Some(Status::Cancelled),
-                limit: 10,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
+        let cancelled = with_status(s, Status::Cancelled).await;
         assert_eq!(cancelled.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[1]]);
     }
 
@@ -815,14 +804,7 @@ mod cases {
         // Pending but past their expiry: they count no more.
         let later = T0 + 5 + PENDING_TTL;
         create(s, limited(104, later, limits)).await;
-        let pending = s
-            .list(ListFilter {
-                status: Some(Status::Pending),
-                limit: 100,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
+        let pending = with_status(s, Status::Pending).await;
         assert_eq!(pending.len(), 4, "{pending:?}");
     }
 
@@ -889,15 +871,7 @@ mod cases {
             }
             assert_eq!((created, limited_n), (5, 15), "round {round}");
         }
-        let pending = h
-            .store
-            .list(ListFilter {
-                status: Some(Status::Pending),
-                limit: 100,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
+        let pending = with_status(h.store.as_ref(), Status::Pending).await;
         assert_eq!(pending.len(), 20);
     }
 }
