@@ -20,6 +20,14 @@ fn transfer(amount: i64) -> Value {
     json!({"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":amount}})
 }
 
+/// The id of the approval request an escalation answer created.
+fn request_id(answer: &Value) -> String {
+    match answer["approval_request"]["id"].as_str() {
+        Some(id) => id.to_owned(),
+        None => panic!("no approval request in {answer}"),
+    }
+}
+
 fn agent() -> String {
     dev_token("agent-1", json!({"owner": "bob"}), Duration::from_secs(300))
 }
@@ -39,7 +47,7 @@ async fn escalate_approve_allowed_then_a_different_amount_escalates_again() {
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;
     assert_eq!(esc["decision"], "escalate", "{esc}");
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let alice = approver("alice", &["finance-approvers"]);
     let (st, v) = review(
         &s,
@@ -90,7 +98,7 @@ async fn refusals_name_what_is_wrong() {
     let s = TestServer::start(&example_config(&[])).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(300)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let ok_body = json!({"rationale": "checked", "evidence": {"ticket": "FIN-9"}});
 
     // a01/a02: the requesting agent itself, even holding the approver group.
@@ -180,7 +188,7 @@ async fn a13_quorum_of_two_needs_two_distinct_approvers() {
     let export = json!({"action":"crm:export","resource":{"type":"CrmRecord","id":"all"}});
     let (_, esc) = s.post("/v1/check", Some(&t), &export).await;
     assert_eq!(esc["approval"]["quorum"], 2, "{esc}");
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let dana = approver("dana", &["data-owners"]);
     let (st, v) = review(
         &s,
@@ -249,7 +257,7 @@ async fn a11_fallback_then_expiry_move_the_request_and_an_expired_one_is_never_a
     let s = TestServer::start(&cfg).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(400)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let status = |s: &TestServer| {
         let c = s.client.clone();
         let url = s.url(&format!("/v1/approvals/{id}"));
@@ -305,7 +313,7 @@ async fn approvers_list_and_see_the_full_request_and_a_waiting_requester_hears_a
     let s = TestServer::start(&example_config(&[])).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(700)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let alice = approver("alice", &["finance-approvers"]);
     let get = |token: String, path: String| {
         let c = s.client.clone();
@@ -385,7 +393,7 @@ async fn only_the_requester_cancels_and_a_cancelled_request_is_never_approved() 
     let s = TestServer::start(&example_config(&[])).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(800)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let alice = approver("alice", &["finance-approvers"]);
     let (st, _) = s
         .post(
@@ -432,7 +440,7 @@ async fn two_sidecars_sharing_postgresql_share_requests_and_grants() {
     let t = agent();
     let (_, on_a) = a.post("/v1/check", Some(&t), &transfer(900)).await;
     let (_, on_b) = b.post("/v1/check", Some(&t), &transfer(900)).await;
-    let id = on_a["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&on_a);
     assert_eq!(
         on_b["approval_request"]["id"],
         id.as_str(),
@@ -608,7 +616,7 @@ async fn a12_two_sidecars_on_postgresql_grants_and_revocations_reach_the_others_
     // B answers the escalation first, and caches that there is no grant.
     let (_, on_b) = b.post("/v1/check", Some(&t), &body).await;
     assert_eq!(on_b["decision"], "escalate", "{on_b}");
-    let id = on_b["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&on_b);
     let hash = binding_hash_of(b, &t, &id).await;
     cached_on(b, &t, &body, &hash, false).await;
 
@@ -652,7 +660,7 @@ async fn a12_two_sidecars_on_postgresql_grants_and_revocations_reach_the_others_
     decided_within(b, &t, &body, "escalate", Duration::from_secs(1)).await;
     let (_, after) = a.post("/v1/check", Some(&t), &body).await;
     assert_eq!(after["decision"], "escalate", "{after}");
-    let id = after["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&after);
     cached_on(b, &t, &body, &hash, false).await;
 
     // The listener's connection is cut (every grant listener of the database: other tests'
@@ -711,7 +719,7 @@ async fn the_approvals_cli_lists_shows_and_approves() {
     let s = TestServer::start(&example_config(&[])).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(650)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let alice = approver("alice", &["finance-approvers"]);
     let base = s.base.clone();
     let (a, b, idc) = (alice.clone(), base.clone(), id.clone());
@@ -908,7 +916,7 @@ async fn webhooks_tell_approvers_and_a_failing_webhook_loses_no_approval() {
     let s = TestServer::start(&cfg).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(444)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     // The first delivery fails (500): the request exists regardless and is approvable.
     let alice = approver("alice", &["finance-approvers"]);
     let (st, _) = review(
@@ -961,7 +969,7 @@ async fn a14_two_approvers_racing_on_a_quorum_of_one_give_exactly_one_grant() {
     let t = agent();
     for round in 0..5 {
         let (_, esc) = s.post("/v1/check", Some(&t), &transfer(1000 + round)).await;
-        let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+        let id = request_id(&esc);
         let racers: Vec<_> = ["alice", "erin"]
             .into_iter()
             .map(|who| {
@@ -1001,7 +1009,7 @@ async fn a12_a_revoked_grant_allows_nothing_more_and_the_cli_lists_and_revokes()
     let s = TestServer::start(&example_config(&[])).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(333)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let alice = approver("alice", &["finance-approvers"]);
     let (_, v) = review(
         &s,
@@ -1071,7 +1079,7 @@ async fn a07_a23_the_approver_sees_the_policy_text_of_the_requests_version_even_
     let s = TestServer::start(&example_config(&[("MANDATE_POLICY__BUNDLE", &bundle_s)])).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let version = esc["policy_version"].as_str().unwrap().to_owned();
     let cedar = std::fs::read_to_string(bundle.join("payments.cedar")).unwrap();
     let text = source_of(&cedar, "payments-approval", "<= 10000 };");
@@ -1113,7 +1121,7 @@ async fn a07_a23_the_approver_sees_the_policy_text_of_the_requests_version_even_
         (json!(version), json!({ "payments-approval": text }))
     );
     let (_, esc2) = s.post("/v1/check", Some(&t), &transfer(260)).await;
-    let id2 = esc2["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id2 = request_id(&esc2);
     let v2 = show(id2).await;
     assert_eq!(
         v2["policy_text"]["payments-approval"],
@@ -1170,7 +1178,7 @@ async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_p
     .await;
     let t = agent();
     let (_, esc) = a.post("/v1/check", Some(&t), &transfer(480)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
     let body = json!({"rationale": "matches PO-48", "evidence": {"ticket": "FIN-48"}});
     let alice = approver("alice", &["finance-approvers"]);
 
@@ -1264,7 +1272,7 @@ async fn a16_an_approval_flood_is_denied_escalation_rate_limited() {
     for amount in 201..=203 {
         let (_, v) = s.post("/v1/check", Some(&t), &transfer(amount)).await;
         assert_eq!(v["decision"], "escalate", "{v}");
-        ids.push(v["approval_request"]["id"].as_str().unwrap().to_owned());
+        ids.push(request_id(&v));
     }
     // The fourth pending request is one too many.
     let (st, v) = s.post("/v1/check", Some(&t), &transfer(204)).await;
@@ -1331,8 +1339,8 @@ async fn a06_a07_approving_a_request_other_than_the_one_shown_is_refused() {
     let t = agent();
     let (_, small) = s.post("/v1/check", Some(&t), &transfer(250)).await;
     let (_, big) = s.post("/v1/check", Some(&t), &transfer(9000)).await;
-    let small_id = small["approval_request"]["id"].as_str().unwrap().to_owned();
-    let big_id = big["approval_request"]["id"].as_str().unwrap().to_owned();
+    let small_id = request_id(&small);
+    let big_id = request_id(&big);
     assert_ne!(small_id, big_id);
     let alice = approver("alice", &["finance-approvers"]);
     // Alice was shown the 250 request, and her approval is sent to the 9,000 one.
@@ -1418,7 +1426,7 @@ permit (
     let s = TestServer::start(&example_config(&[("MANDATE_POLICY__BUNDLE", &bundle_s)])).await;
     let t = agent();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;
-    let id = esc["approval_request"]["id"].as_str().unwrap().to_owned();
+    let id = request_id(&esc);
 
     let dave = dev_token("dave", json!({"team": "finance"}), Duration::from_secs(600));
     let (st, v) = review(
