@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use mandate::audit::{AuditLog, AuditSettings, DecisionRecord};
 use mandate::clock::SystemClock;
-use mandate::decision::{CheckRequest, Engine, Outcome, Resource};
-use mandate::identity::Principal;
+use mandate::decision::Engine;
 use mandate::policy::Bundle;
+use mandate::vocabulary::Principal;
+use mandate::vocabulary::{CheckRequest, Outcome, Resource};
 use serde_json::{Map, Value, json};
 
 const FILLER_ACTIONS: usize = 100;

@@ -14,14 +14,12 @@ use crate::api::AppState;
 use crate::api::server::{self, Listener};
 use crate::approval::GrantCache;
 use crate::audit::{AuditLog, AuditSettings};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::decision::{DecisionCache, Engine};
 use crate::identity::{CacheSettings, Verifier};
 use crate::policy::{Bundle, BundleError};
-
-/// Distinct checks whose verdict is kept for a repeat within the same second: bounded small,
-/// since each entry holds a whole request (the sidecar must stay within its memory budget).
-const DECISION_CACHE_ENTRIES: usize = 1_024;
+use crate::service::{DECISION_CACHE_ENTRIES, Service};
 
 /// Install aws-lc-rs as the process's rustls provider, and check jsonwebtoken found its
 /// backend. A second TLS backend in the build (ring, OpenSSL) would make rustls panic at run
@@ -39,10 +37,10 @@ pub fn install_crypto() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Load the bundle and the issuers' keys, and build the shared state.
-pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
+/// Load the bundle and the issuers' keys, open the audit log and the store, and build the
+/// service every adapter shares. Every expiry reads `clock`.
+pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Service> {
     install_crypto()?;
-    let clock = crate::clock::system();
     let bundle = Bundle::load(&config.policy.bundle).map_err(|e| {
         anyhow::anyhow!(
             "policy bundle `{}` is invalid:\n{e}",
@@ -78,7 +76,7 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         config.store.grant_cache,
         !crate::store::is_shared(&config.store.url),
     ));
-    Ok(Arc::new(AppState {
+    Ok(Service {
         engine,
         verifier,
         audit,
@@ -89,8 +87,7 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         escalation_limits: config.store.escalation_limits,
         notifier: crate::notify::Notifier::start(config.notifications.clone()),
         enforcement_points: config.enforcement_points.clone(),
-        server: config.server.clone(),
-    }))
+    })
 }
 
 /// A running server.
@@ -98,7 +95,8 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
 pub struct Running {
     /// The bound TCP address (port 0 resolved), when TCP is configured.
     pub local_addr: Option<SocketAddr>,
-    pub state: Arc<AppState>,
+    /// The core service the listeners call.
+    pub service: Arc<Service>,
     bundle_dir: PathBuf,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -111,7 +109,7 @@ impl Running {
     pub fn reload(&self) -> Result<Arc<str>, BundleError> {
         let bundle = Bundle::load(&self.bundle_dir)?;
         let version = bundle.version();
-        self.state.engine.swap(Arc::new(bundle));
+        self.service.engine.swap(Arc::new(bundle));
         Ok(version)
     }
 
@@ -124,9 +122,15 @@ impl Running {
     }
 }
 
-/// Build the state, bind every configured listener, and serve in background tasks.
-pub async fn start(config: &Config) -> anyhow::Result<Running> {
-    let state = build_state(config).await?;
+/// Build the service, bind every configured listener, and serve in background tasks. Every
+/// expiry (tokens, approval requests, grants, recertification dates) reads `clock`, so tests
+/// can move time instead of sleeping.
+pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let service = Arc::new(build_service(config, clock).await?);
+    let state = Arc::new(AppState {
+        service: service.clone(),
+        server: config.server.clone(),
+    });
     let tls = match &config.server.tls {
         Some(t) => Some(server::tls_acceptor(t).context("server.tls")?),
         None => None,
@@ -167,36 +171,37 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     if crate::store::is_shared(&config.store.url) {
         tasks.push(tokio::spawn(crate::store::listen_grant_changes(
             config.store.url.clone(),
-            state.grants.clone(),
+            service.grants.clone(),
             wait_stop(stopped.clone()),
         )));
     }
     // Approval timers live in the store (expires_at, fallback_at), so they survive a restart:
     // this task only acts on them when due.
     tasks.push(tokio::spawn(sweep_loop(
-        state.clone(),
+        service.clone(),
         config.store.sweep_interval,
         wait_stop(stopped.clone()),
     )));
-    let bundle = state.engine.bundle();
+    let bundle = service.engine.bundle();
     tracing::info!(
         bundle = bundle.name(),
         version = &*bundle.version(),
         policies = bundle.policy_count(),
-        ready = state.verifier.ready(),
+        ready = service.verifier.ready(),
         "mandate started"
     );
     Ok(Running {
         local_addr,
-        state,
+        service,
         bundle_dir: config.policy.bundle.clone(),
         stop,
         tasks,
     })
 }
 
+/// Sweep approval requests every `every` until `stop` (see [`Service::sweep`]).
 async fn sweep_loop(
-    state: Arc<AppState>,
+    service: Arc<Service>,
     every: std::time::Duration,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -205,50 +210,9 @@ async fn sweep_loop(
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = tick.tick() => { sweep(&state).await; }
+            _ = tick.tick() => { service.sweep().await; }
             () = &mut stop => break,
         }
-    }
-}
-
-/// Move pending requests past their `@fallback_after` to the fallback group, and those past
-/// their expiry to `expired` (never approved), recording each move in the audit log.
-/// Returns how many requests moved (fallback, expired).
-pub async fn sweep(state: &AppState) -> (usize, usize) {
-    let now = state.engine.now();
-    let fallback = match state.store.fallback_due(now).await {
-        Ok(moved) => moved,
-        Err(e) => {
-            tracing::warn!(error = %e, "fallback sweep failed; retrying at the next tick");
-            Vec::new()
-        }
-    };
-    for r in &fallback {
-        state.notifier.send("fallback", r);
-        let detail =
-            serde_json::json!({"request_id": r.id.to_string(), "groups": r.current_groups});
-        audit_event(state, "approval_fallback", &detail);
-    }
-    let expired = match state.store.expire_due(now).await {
-        Ok(moved) => moved,
-        Err(e) => {
-            tracing::warn!(error = %e, "expiry sweep failed; retrying at the next tick");
-            Vec::new()
-        }
-    };
-    for r in &expired {
-        state.notifier.send("expired", r);
-        let detail =
-            serde_json::json!({"request_id": r.id.to_string(), "expires_at": r.expires_at});
-        audit_event(state, "approval_expired", &detail);
-    }
-    (fallback.len(), expired.len())
-}
-
-fn audit_event(state: &AppState, event: &str, detail: &serde_json::Value) {
-    let record = crate::audit::EventRecord::new(event, detail);
-    if let Err(e) = state.audit.append_durable(&record.into()) {
-        tracing::error!(error = %e, event, "approval event not written to the audit log");
     }
 }
 
@@ -258,7 +222,7 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
 
 /// `mandate serve`: run until SIGINT or SIGTERM; SIGHUP reloads the policy bundle.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let running = start(&config).await?;
+    let running = start(&config, crate::clock::system()).await?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
     let stop = shutdown_signal();
@@ -270,7 +234,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 Ok(version) => tracing::info!(version = &*version, "policy bundle reloaded"),
                 Err(e) => tracing::error!(
                     error = %e,
-                    active = &*running.state.engine.bundle().version(),
+                    active = &*running.service.engine.bundle().version(),
                     "policy bundle refused; the active bundle stays"
                 ),
             },

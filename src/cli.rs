@@ -10,9 +10,10 @@ use anyhow::{Context as _, bail};
 use serde_json::{Map, Value};
 
 use crate::config::Config;
-use crate::decision::{CheckRequest, Engine, Outcome, Resource};
-use crate::identity::Principal;
-use crate::policy::{self, Bundle};
+use crate::decision::Engine;
+use crate::policy::Bundle;
+use crate::vocabulary::Principal;
+use crate::vocabulary::{CheckRequest, Outcome, Resource};
 
 /// Exit codes of `mandate check`, so scripts can branch on the outcome.
 pub const EXIT_ALLOW: u8 = 0;
@@ -116,7 +117,7 @@ pub fn policy_validate(dir: &Path) -> anyhow::Result<u8> {
 pub fn policy_test(dir: &Path) -> anyhow::Result<u8> {
     crate::app::install_crypto()?;
     let bundle = Arc::new(load_bundle(dir)?);
-    let report = policy::testing::run(&bundle);
+    let report = crate::decision::cases::run(&bundle);
     println!("{report}");
     Ok(if report.failed.is_empty() { 0 } else { 1 })
 }

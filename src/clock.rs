@@ -51,3 +51,13 @@ impl Clock for ManualClock {
 pub fn system() -> Arc<dyn Clock> {
     Arc::new(SystemClock)
 }
+
+/// `unix` seconds as an RFC 3339 UTC time (`2026-11-29T17:00:00Z`); empty for a time the
+/// calendar cannot hold.
+pub fn rfc3339(unix: i64) -> String {
+    use time::format_description::well_known::Rfc3339;
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}

@@ -2,27 +2,39 @@
 //!
 //! # Layout
 //!
-//! Dependencies point inward: the `api` adapters turn wire types into the core's types and
-//! back; the core (`identity`, `policy`, `decision`) knows nothing of hyper or JSON bodies.
+//! Dependencies point inward and downward; there is no import cycle among these modules.
+//! Adapters (`api`, `cli`) parse wire input into core types, call [`service`], and render
+//! its result; the core knows nothing of hyper, SQL or JSON bodies.
 //!
+//! - [`vocabulary`]: the leaf every module speaks: [`vocabulary::Principal`],
+//!   [`vocabulary::CheckRequest`], [`vocabulary::Decision`] with its outcome, reasons and
+//!   approval requirement, and the reserved context key. Imports no other module.
+//! - [`clock`]: injectable time; every expiry reads it, so tests move it instead of sleeping.
 //! - [`config`]: the TOML file plus `MANDATE_SECTION__KEY` overrides, parsed whole; every bad
 //!   value is reported with its key path before start-up fails.
 //! - [`identity`]: workload identity. Strict JWS parsing before any cryptography, trusted
 //!   issuers with their JWKS (file or URL, refreshed in the background), SPIFFE / Kubernetes /
 //!   OIDC profiles, and the verified-token cache that makes microsecond checks possible.
 //! - [`policy`]: the Cedar policy bundle: load and validate, annotations (`@approval`, ...),
-//!   per-action slices, the policy version, and the bundle's own test cases.
-//! - [`decision`]: the engine that turns a verified principal, an action, a resource and a
-//!   context into exactly one of allow, deny or escalate, failing closed.
+//!   per-action slices, the policy version, JSON to Cedar values, and the bundle's test cases.
+//! - [`decision`]: the engine that turns a check into exactly one of allow, deny or escalate,
+//!   failing closed, in named stages (context, entities, evaluation, tally); the per-second
+//!   decision cache; and the runner of a bundle's test cases.
 //! - [`audit`]: the hash-chained JSON-lines log of every decision, and its offline verifier.
 //! - [`approval`]: human approval, the core: requests, reviews, request-bound grants, the
-//!   binding hash, and the `ApprovalStore` trait (no SQL).
+//!   binding hash, the grant cache, and the `ApprovalStore` trait (no SQL).
 //! - [`store`]: the `ApprovalStore` backends, SQLite and PostgreSQL: the only module with SQL.
-//! - [`api`]: HTTP adapters: the native `/v1/check` API, AuthZEN 1.0, and admin endpoints.
-//! - [`app`]: wiring: builds the state from the configuration and runs the listeners until
-//!   shutdown.
 //! - [`notify`]: outbound webhooks about approval requests, retried, never in the way.
-//! - [`cli`]: the offline subcommands (`check`, `policy validate|test`, `dev token`).
+//! - [`service`]: the workflows every adapter calls: check (decide, settle against grants and
+//!   the store, audit), review, cancel, revoke, the approvals queries, the sweep. Every
+//!   fail-closed choice of a workflow is made there.
+//! - [`api`]: the HTTP adapter: the native `/v1/check` API, AuthZEN 1.0, the approvals API
+//!   and admin endpoints. Statuses are chosen in one `match` per service error enum.
+//! - [`app`]: wiring: builds the service from the configuration and runs the listeners until
+//!   shutdown, with the clock it is given.
+//! - [`cli`]: the subcommands (`check`, `policy validate|test`, `dev token`, `audit verify`,
+//!   and the approvals client).
+//! - [`telemetry`]: logging set-up.
 
 pub mod api;
 pub mod app;
@@ -35,5 +47,7 @@ pub mod decision;
 pub mod identity;
 pub mod notify;
 pub mod policy;
+pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod vocabulary;

@@ -13,7 +13,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, dev_token, example_config};
+use common::{TestServer, dev_token, dev_token_at, example_config};
+use mandate::clock::{Clock, ManualClock};
 use serde_json::{Value, json};
 
 fn transfer(amount: i64) -> Value {
@@ -69,7 +70,7 @@ async fn escalate_approve_allowed_then_a_different_amount_escalates_again() {
     assert_ne!(again["approval_request"]["id"], id.as_str());
 
     // The review is an audit event on disk, with the approver and the rationale.
-    let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    let log = std::fs::read_to_string(s.running.as_ref().unwrap().service.audit.path()).unwrap();
     // The allow the grant made names the grant, the approval and who approved it, and why.
     let allow_line = log
         .lines()
@@ -240,40 +241,40 @@ fn edit(file: &std::path::Path, from: &str, to: &str) {
 
 #[tokio::test]
 async fn a11_fallback_then_expiry_move_the_request_and_an_expired_one_is_never_approved() {
-    // The example bundle with the fallback after one second instead of thirty minutes.
-    let dir = tempfile::tempdir().unwrap();
-    let bundle = example_bundle(dir.path());
-    edit(
-        &bundle.join("payments.cedar"),
-        "@fallback_after(\"30m\")",
-        "@fallback_after(\"1s\")",
-    );
-    let bundle_s = bundle.to_str().unwrap().to_owned();
-    let cfg = example_config(&[
-        ("MANDATE_POLICY__BUNDLE", &bundle_s),
-        ("MANDATE_STORE__REQUEST_TTL", "3s"),
-        ("MANDATE_STORE__SWEEP_INTERVAL", "200ms"),
-    ]);
-    let s = TestServer::start(&cfg).await;
-    let t = agent();
-    let (_, esc) = s.post("/v1/check", Some(&t), &transfer(400)).await;
+    // The example bundle as it is (fallback after 30 minutes, requests pending for 1 hour),
+    // on a clock the test moves: no sleeping.
+    let start = 1_780_000_000;
+    let clock = ManualClock::new(start);
+    let s = TestServer::start_with_clock(&example_config(&[]), clock.clone()).await;
+    let service = s.running.as_ref().unwrap().service.clone();
+    let at = |sub: &str, claims: Value| {
+        dev_token_at(sub, claims, Duration::from_secs(300), clock.now_unix())
+    };
+    let (_, esc) = s
+        .post(
+            "/v1/check",
+            Some(&at("agent-1", json!({"owner": "bob"}))),
+            &transfer(400),
+        )
+        .await;
     let id = request_id(&esc);
-    let status = |s: &TestServer| {
+    let status = |token: String| {
         let c = s.client.clone();
         let url = s.url(&format!("/v1/approvals/{id}"));
-        let t = t.clone();
         async move {
-            let r = c.get(url).bearer_auth(t).send().await.unwrap();
+            let r = c.get(url).bearer_auth(token).send().await.unwrap();
             serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()
         }
     };
-    // After the fallback delay the finance leads are asked instead.
-    tokio::time::sleep(Duration::from_millis(1800)).await;
-    let v = status(&s).await;
+    // A minute before the fallback delay nothing moves; past it the finance leads are asked.
+    clock.advance(29 * 60);
+    assert_eq!(service.sweep().await, (0, 0));
+    clock.advance(2 * 60);
+    assert_eq!(service.sweep().await, (1, 0));
+    let v = status(at("agent-1", json!({"owner": "bob"}))).await;
     assert_eq!(v["current_groups"], json!(["finance-leads"]), "{v}");
     assert_eq!(v["status"], "pending");
-    let approver_now = approver("frank", &["finance-leads"]);
-    let first_approver = approver("alice", &["finance-approvers"]);
+    let first_approver = at("alice", json!({"groups": ["finance-approvers"]}));
     let (st, v) = review(
         &s,
         &first_approver,
@@ -287,24 +288,78 @@ async fn a11_fallback_then_expiry_move_the_request_and_an_expired_one_is_never_a
         (403, json!("not_an_approver")),
         "{v}"
     );
-    // After the expiry nobody can approve it, and the check escalates anew.
-    tokio::time::sleep(Duration::from_millis(2400)).await;
-    let v = status(&s).await;
+    // At the expiry (one hour after creation) nobody can approve it, and the check escalates
+    // anew.
+    clock.set(start + 3600);
+    assert_eq!(service.sweep().await, (0, 1));
+    let v = status(at("agent-1", json!({"owner": "bob"}))).await;
     assert_eq!(v["status"], "expired", "{v}");
     let (st, v) = review(
         &s,
-        &approver_now,
+        &at("frank", json!({"groups": ["finance-leads"]})),
         &id,
         "approve",
         json!({"rationale": "too late", "evidence": {"ticket": "T-2"}}),
     )
     .await;
     assert_eq!(st, 409, "{v}");
-    let (_, again) = s.post("/v1/check", Some(&t), &transfer(400)).await;
+    let (_, again) = s
+        .post(
+            "/v1/check",
+            Some(&at("agent-1", json!({"owner": "bob"}))),
+            &transfer(400),
+        )
+        .await;
     assert_eq!(again["decision"], "escalate");
     assert_ne!(again["approval_request"]["id"], id.as_str());
-    let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    let log = std::fs::read_to_string(service.audit.path()).unwrap();
     assert!(log.contains("\"approval_fallback\"") && log.contains("\"approval_expired\""));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a12_j14_a_grant_and_a_token_expire_by_the_servers_clock() {
+    let start = 1_780_000_000;
+    let clock = ManualClock::new(start);
+    let s = TestServer::start_with_clock(&example_config(&[]), clock.clone()).await;
+    let agent = dev_token_at(
+        "agent-1",
+        json!({"owner": "bob"}),
+        Duration::from_secs(7200),
+        start,
+    );
+    let (_, esc) = s.post("/v1/check", Some(&agent), &transfer(250)).await;
+    let id = request_id(&esc);
+    let alice = dev_token_at(
+        "alice",
+        json!({"groups": ["finance-approvers"]}),
+        Duration::from_secs(300),
+        start,
+    );
+    let (st, v) = review(
+        &s,
+        &alice,
+        &id,
+        "approve",
+        json!({"rationale": "ok", "evidence": {"ticket": "FIN-1"}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    // The example's @grant_ttl is 1h: allowed just before, escalated again at its expiry
+    // (expiry is checked at use, not only at issue).
+    clock.advance(3599);
+    let (_, v) = s.post("/v1/check", Some(&agent), &transfer(250)).await;
+    assert_eq!(v["decision"], "allow", "{v}");
+    clock.advance(1);
+    let (_, v) = s.post("/v1/check", Some(&agent), &transfer(250)).await;
+    assert_eq!(v["decision"], "escalate", "{v}");
+    // The approver's 5-minute token, an hour later, is past its expiry and the 30 s leeway.
+    let (st, v) = s.post("/v1/check", Some(&alice), &transfer(1)).await;
+    assert_eq!(
+        (st, v["error"].clone()),
+        (401, json!("token_expired")),
+        "{v}"
+    );
     s.shutdown().await;
 }
 
@@ -522,7 +577,7 @@ impl Fleet {
     }
 
     fn cache(s: &TestServer) -> &mandate::approval::GrantCache {
-        &s.running.as_ref().unwrap().state.grants
+        &s.running.as_ref().unwrap().service.grants
     }
 
     /// Until both listeners are connected, the caches are bypassed: wait for them.
@@ -640,7 +695,7 @@ async fn a12_two_sidecars_on_postgresql_grants_and_revocations_reach_the_others_
     // The allow B answers from its cache names the approver in the audit record.
     let (_, allowed) = b.post("/v1/check", Some(&t), &body).await;
     assert_eq!(allowed["grant"]["id"], grant.as_str(), "{allowed}");
-    let log = std::fs::read_to_string(b.running.as_ref().unwrap().state.audit.path()).unwrap();
+    let log = std::fs::read_to_string(b.running.as_ref().unwrap().service.audit.path()).unwrap();
     let line = log
         .lines()
         .find(|l| l.contains(allowed["decision_id"].as_str().unwrap()))
@@ -1195,7 +1250,7 @@ async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_p
             "{v}"
         );
     }
-    let store = &a.running.as_ref().unwrap().state.store;
+    let store = &a.running.as_ref().unwrap().service.store;
     let uuid = uuid::Uuid::parse_str(&id).unwrap();
     assert_eq!(
         store.get(uuid).await.unwrap().unwrap().status,
@@ -1216,7 +1271,7 @@ async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_p
     let eve = approver("eve", &["finance-approvers"]);
     let (st, v) = review(&a, &eve, &id, "approve", body.clone()).await;
     assert_eq!((st, v["error"].clone()), (409, json!("not_pending")), "{v}");
-    let log = a.running.as_ref().unwrap().state.audit.path().to_owned();
+    let log = a.running.as_ref().unwrap().service.audit.path().to_owned();
     let evs: Vec<(String, Value)> = events(&log);
     let names: Vec<&str> = evs.iter().map(|(e, _)| e.as_str()).collect();
     assert_eq!(

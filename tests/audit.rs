@@ -198,7 +198,7 @@ async fn au02_an_unwritable_audit_log_turns_an_allow_into_a_deny() {
         assert_eq!(item["decision"], false, "{v}");
         assert_eq!(item["context"]["reason"], "audit_unavailable", "{v}");
     }
-    let failures = s.running.as_ref().unwrap().state.audit.write_failures();
+    let failures = s.running.as_ref().unwrap().service.audit.write_failures();
     assert_eq!(failures, 4);
     // The count is visible to operators.
     let r = s.client.get(s.url("/readyz")).send().await.unwrap();

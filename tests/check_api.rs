@@ -352,7 +352,7 @@ async fn r04c_a_repeated_check_is_a_new_decision_and_any_changed_input_is_decide
     let (st, v) = s.post("/v1/check", Some(&other), &body).await;
     assert_eq!((st, v["error"].clone()), (403, json!("subject_mismatch")));
     // Both repeats were recorded: two records carry the two ids.
-    let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    let log = std::fs::read_to_string(s.running.as_ref().unwrap().service.audit.path()).unwrap();
     for id in [&a["decision_id"], &b["decision_id"]] {
         assert_eq!(log.matches(id.as_str().unwrap()).count(), 1, "{id}");
     }
@@ -361,7 +361,12 @@ async fn r04c_a_repeated_check_is_a_new_decision_and_any_changed_input_is_decide
 
 #[tokio::test]
 async fn escalation_is_persisted_once_and_its_status_is_shown_to_its_requester_only() {
-    let s = TestServer::start(&example_config(&[])).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let clock = mandate::clock::ManualClock::new(now);
+    let s = TestServer::start_with_clock(&example_config(&[]), clock.clone()).await;
     let t = token();
     let (_, first) = s.post("/v1/check", Some(&t), &transfer(250)).await;
     assert_eq!(first["decision"], "escalate", "{first}");
@@ -377,8 +382,9 @@ async fn escalation_is_persisted_once_and_its_status_is_shown_to_its_requester_o
             .as_str()
             .is_some_and(|e| e.ends_with('Z'))
     );
-    // A retrying agent gets the same pending request, not a new one (no approval flood).
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A retrying agent gets the same pending request, not a new one (no approval flood); a
+    // second later, so the store answers, not the per-second decision cache.
+    clock.advance(1);
     let (_, again) = s.post("/v1/check", Some(&t), &transfer(250)).await;
     assert_eq!(again["approval_request"]["id"], id.as_str());
     // Another amount is another request.
@@ -414,7 +420,7 @@ async fn escalation_is_persisted_once_and_its_status_is_shown_to_its_requester_o
     let (st, _) = get(t.clone(), "/v1/approvals/not-an-id".into()).await;
     assert_eq!(st, 404);
     // The audit record of the escalation names the approval request.
-    let log = std::fs::read_to_string(s.running.as_ref().unwrap().state.audit.path()).unwrap();
+    let log = std::fs::read_to_string(s.running.as_ref().unwrap().service.audit.path()).unwrap();
     let line = log
         .lines()
         .find(|l| l.contains(first["decision_id"].as_str().unwrap()))
@@ -465,7 +471,7 @@ async fn an_approved_request_is_allowed_by_its_grant_and_a_different_one_escalat
         .parse()
         .unwrap();
     // An approver's review, through the store (the approvals HTTP API comes next).
-    let state = s.running.as_ref().unwrap().state.clone();
+    let state = s.running.as_ref().unwrap().service.clone();
     let now = state.engine.now();
     let outcome = state
         .store

@@ -17,7 +17,7 @@ use mandate::approval::{
     ApprovalRequest, ApprovalStore, EscalationLimits, ListFilter, NewRequest, PrincipalSnapshot,
     RateLimit, ResourceSnapshot, Review, Status, StoreError, Verdict,
 };
-use mandate::decision::Fallback;
+use mandate::vocabulary::Fallback;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 

@@ -13,6 +13,7 @@ pub fn healthz() -> Response<Body> {
 /// Readiness: a policy bundle is active and every trusted issuer has usable keys
 /// (SECURITY K-03: an issuer whose keys never loaded keeps the sidecar not ready).
 pub fn readyz(state: &AppState) -> Response<Body> {
+    let state = &state.service;
     let bundle = state.engine.bundle();
     let keys = state.verifier.ready();
     // Why an issuer's keys are missing or getting stale: the URL and the cause (TLS, status,

@@ -15,16 +15,13 @@ use hyper::body::Incoming;
 use hyper::header::HOST;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Map, Value, json};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::body::{self, EntityRef, WrongTypeStatus};
 use super::caller::{Caller, authenticate, subject_principal};
-use super::{
-    ApiError, AppState, Body, ConnInfo, Settled, approval_request_json, decide_and_record,
-    json_response,
-};
-use crate::decision::{CheckRequest, Outcome, Resource};
+use super::{ApiError, AppState, Body, ConnInfo, approval_request_json, json_response};
+use crate::clock::rfc3339;
+use crate::service::Settled;
+use crate::vocabulary::{CheckRequest, Outcome, Resource};
 
 /// How long a requestable denial stays valid for submission (Teleport's default pending
 /// request TTL); the approval workflow binds to the evaluation id within this window.
@@ -218,14 +215,7 @@ async fn evaluate_one(
         },
         context,
     };
-    Ok(decide_and_record(state, &request, started).await)
-}
-
-pub fn rfc3339(unix: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
+    Ok(state.service.check(&request, started).await)
 }
 
 /// The AuthZEN Decision for one core decision.

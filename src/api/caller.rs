@@ -1,31 +1,19 @@
-//! Who is calling: an agent proving itself with its own workload token, or a trusted
-//! enforcement point (PEP) that may name the subject of a check (shared/DESIGN.md §2).
-//!
-//! An agent's subject is always its token's; a request in which an agent names another
-//! subject is refused, so a compromised agent cannot ask on someone else's behalf.
+//! The HTTP side of caller authentication: the one `Authorization: Bearer` credential and the
+//! connection's client certificate, handed to the service, which decides who is calling
+//! ([`crate::service::caller`]).
 
 use std::sync::Arc;
 
 use hyper::header::AUTHORIZATION;
 use hyper::{HeaderMap, StatusCode};
-use sha2::{Digest, Sha256};
 
 use super::body::EntityRef;
 use super::{ApiError, AppState, ConnInfo};
-use crate::identity::{IdentityError, Principal};
-
-#[derive(Debug, Clone)]
-pub enum Caller {
-    /// A workload that proved who it is; checks are about this principal only.
-    Agent(Arc<Principal>),
-    /// A configured enforcement point; it names subjects.
-    EnforcementPoint { name: String },
-}
-
-/// Map an identity rejection to a 401 naming the reason.
-pub fn identity_error(e: &IdentityError) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
-}
+use crate::identity::IdentityError;
+pub use crate::service::Caller;
+use crate::service::Subject;
+use crate::service::caller::subject_principal as principal_for;
+use crate::vocabulary::Principal;
 
 /// Exactly one `Authorization: Bearer` credential (SECURITY J-39: two credentials are
 /// ambiguous and refused, whatever they are).
@@ -35,7 +23,7 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(identity_error(&IdentityError::Ambiguous));
+        return Err(IdentityError::Ambiguous.into());
     }
     let text = first.to_str().map_err(|_| {
         ApiError::new(
@@ -54,103 +42,37 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     }
     let token = token.trim();
     if token.is_empty() {
-        return Err(identity_error(&IdentityError::Missing));
+        return Err(IdentityError::Missing.into());
     }
     Ok(Some(token))
 }
 
-/// Authenticate the caller of a decision API.
+/// Authenticate the caller of any API: its bearer credential and client certificate, as the
+/// service judges them.
 pub async fn authenticate(
     state: &AppState,
     conn: &ConnInfo,
     headers: &HeaderMap,
 ) -> Result<Caller, ApiError> {
     let token = bearer(headers)?;
-    if let Some(pep) = state.enforcement_points.iter().find(|p| {
-        p.mtls_uri_sans
-            .iter()
-            .any(|san| conn.client_uri_sans.iter().any(|c| c == san))
-    }) {
-        // An mTLS-identified enforcement point must not also send a credential of its own
-        // kind; a bearer it forwards would be ambiguous.
-        if token.is_some() {
-            return Err(identity_error(&IdentityError::Ambiguous));
-        }
-        return Ok(Caller::EnforcementPoint {
-            name: pep.name.clone(),
-        });
-    }
-    let Some(token) = token else {
-        return Err(identity_error(&IdentityError::Missing));
-    };
-    if state
-        .enforcement_points
-        .iter()
-        .any(|p| p.credential_sha256.is_some())
-    {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(pep) = state.enforcement_points.iter().find(|p| {
-            p.credential_sha256.is_some_and(|want| {
-                aws_lc_rs::constant_time::verify_slices_are_equal(&want, &digest).is_ok()
-            })
-        }) {
-            return Ok(Caller::EnforcementPoint {
-                name: pep.name.clone(),
-            });
-        }
-    }
-    let principal = state
-        .verifier
-        .verify(token)
-        .await
-        .map_err(|e| identity_error(&e))?;
-    if let Some(pep) = state
-        .enforcement_points
-        .iter()
-        .find(|p| p.token_subjects.iter().any(|s| s == &principal.id))
-    {
-        return Ok(Caller::EnforcementPoint {
-            name: pep.name.clone(),
-        });
-    }
-    Ok(Caller::Agent(principal))
+    Ok(state
+        .service
+        .authenticate(token, &conn.client_uri_sans)
+        .await?)
 }
 
-/// The principal a check is about. Agents: their own (a `subject` naming anyone else is a
-/// 403; properties they send about themselves are ignored, their verified claims count).
-/// Enforcement points: the subject they name, with its properties.
+/// The principal a check is about, for a request whose subject (if any) is at `field`.
 pub fn subject_principal(
     caller: &Caller,
     subject: Option<&EntityRef>,
     field: &str,
 ) -> Result<Arc<Principal>, ApiError> {
-    match (caller, subject) {
-        (Caller::Agent(p), None) => Ok(p.clone()),
-        (Caller::Agent(p), Some(s)) => {
-            if s.kind == p.kind && s.id == p.id {
-                Ok(p.clone())
-            } else {
-                Err(ApiError {
-                    status: StatusCode::FORBIDDEN,
-                    code: "subject_mismatch",
-                    message: format!(
-                        "an agent may only ask about itself: the token is for `{}::{}`, the request names `{}::{}`",
-                        p.kind, p.id, s.kind, s.id
-                    ),
-                    field: Some(field.to_owned()),
-                })
-            }
-        }
-        (Caller::EnforcementPoint { name }, Some(s)) => {
-            Principal::from_parts(&s.kind, &s.id, &format!("pep:{name}"), s.properties.clone())
-                .map(Arc::new)
-                .map_err(|e| ApiError::field(format!("{field}.properties"), e.to_string()))
-        }
-        (Caller::EnforcementPoint { name }, None) => Err(ApiError::field(
-            field,
-            format!("is required: enforcement point `{name}` must name the subject"),
-        )),
-    }
+    let subject = subject.map(|s| Subject {
+        kind: &s.kind,
+        id: &s.id,
+        properties: &s.properties,
+    });
+    principal_for(caller, subject).map_err(|e| ApiError::subject(e, field))
 }
 
 #[cfg(test)]
@@ -179,7 +101,7 @@ mod tests {
     }
 
     #[test]
-    fn agent_naming_another_subject_is_refused() {
+    fn agent_naming_another_subject_is_a_403_at_its_field() {
         let p = Arc::new(Principal::from_parts("Agent", "agent-1", "dev", Map::new()).unwrap());
         let caller = Caller::Agent(p);
         let other = EntityRef {

@@ -15,11 +15,12 @@ use serde_json::{Map, Value};
 use super::body::{self, EntityRef, WrongTypeStatus};
 use super::caller::{Caller, authenticate, subject_principal};
 use super::{
-    ApiError, AppState, Body, ConnInfo, Settled, approval_request_json, grant_json,
-    json_bytes_response, json_response, settle,
+    ApiError, AppState, Body, ConnInfo, approval_request_json, grant_json, json_bytes_response,
+    json_response,
 };
 use crate::audit::write_str;
-use crate::decision::{ApprovalRequirement, CacheKey, CheckRequest, Decision, Reason, Resource};
+use crate::service::Settled;
+use crate::vocabulary::{ApprovalRequirement, CheckRequest, Decision, Reason, Resource};
 
 #[derive(Debug, Serialize)]
 struct CheckResponse<'a> {
@@ -53,47 +54,21 @@ async fn check_inner(
     let started = Instant::now();
     // Authenticate before reading the body: an unauthenticated caller costs no body parsing.
     let caller = authenticate(state, conn, req.headers()).await?;
-    // The caller's credential fixes the principal and every attribute it carries; a trusted
-    // enforcement point's subject is in the body.
-    // Tagged by kind, so no credential of one kind can stand for one of another.
-    let credential = match &caller {
-        Caller::Agent(p) => match p.credential_digest {
-            Some(digest) => [b"sha256:".as_slice(), &digest].concat(),
-            None => [b"bearer:".as_slice(), &bearer_bytes(req.headers())].concat(),
-        },
-        Caller::EnforcementPoint { name } => format!("pep:{name}").into_bytes(),
-    };
+    // The credential as sent (a cheap reference-counted copy), for a caller whose
+    // verification left no digest of it to key repeats on.
+    let bearer = req.headers().get(hyper::header::AUTHORIZATION).cloned();
     let bytes =
         body::read_json_bytes(req, &state.server, WrongTypeStatus::UnsupportedMediaType).await?;
-    let now = state.engine.now();
-    let key = CacheKey::new()
-        .part(&credential)
-        .part(&bytes)
-        .part(state.engine.bundle().version().as_bytes())
-        .part(&now.to_le_bytes())
-        .finish();
-    // A repeat of the same check within the same second: the same inputs make the same
-    // verdict (SECURITY R-04c); it is still a decision of its own, with its own id and record.
-    if let Some(hit) = state.decisions.get(&key, now) {
-        return Ok(settle(state, &hit.request, hit.fresh(), started).await);
-    }
-    let request = parse_check(&caller, &bytes)?;
-    let verdict = state.engine.decide_at(&request, now);
-    let settled = settle(state, &request, verdict.clone(), started).await;
-    // Cache the policy's verdict, not an outage: a deny caused by the audit log or the store
-    // must not outlive the outage.
-    if settled.decision.outcome == verdict.outcome {
-        state.decisions.insert(key, now, request, verdict);
-    }
-    Ok(settled)
-}
-
-/// The bearer credential as sent (authentication already checked there is exactly one).
-fn bearer_bytes(headers: &hyper::HeaderMap) -> Vec<u8> {
-    headers
-        .get(hyper::header::AUTHORIZATION)
-        .map(|v| v.as_bytes().to_vec())
-        .unwrap_or_default()
+    state
+        .service
+        .check_bytes(
+            &caller,
+            bearer.as_ref().map_or(&[][..], |v| v.as_bytes()),
+            &bytes,
+            |b| parse_check(&caller, b),
+            started,
+        )
+        .await
 }
 
 fn parse_check(caller: &Caller, bytes: &[u8]) -> Result<CheckRequest, ApiError> {
@@ -196,7 +171,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::decision::Outcome;
+    use crate::vocabulary::Outcome;
 
     fn text() -> impl Strategy<Value = String> {
         prop_oneof![

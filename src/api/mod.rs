@@ -16,7 +16,6 @@ pub mod http;
 pub mod server;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -24,35 +23,19 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::approval::{ApprovalRequest, ApprovalStore, Grant, GrantCache, NewRequest};
-use crate::audit::{AuditLog, DecisionRecord};
-use crate::config::{EnforcementPoint, ServerConfig};
-use crate::decision::{CheckRequest, Decision, DecisionCache, Engine, Outcome, Reason};
-use crate::identity::Verifier;
+use crate::approval::{ApprovalRequest, Grant};
+use crate::clock::rfc3339;
+use crate::config::ServerConfig;
+use crate::identity::IdentityError;
+use crate::service::{ApprovalError, Service, SubjectError};
 
 pub type Body = Full<Bytes>;
 
-/// Everything a request handler needs, built once at start-up and shared.
+/// What the HTTP adapter needs: the core service every adapter shares, and its own
+/// transport settings.
 #[derive(Debug)]
 pub struct AppState {
-    pub engine: Engine,
-    pub verifier: Verifier,
-    /// Every decision is recorded here before it is answered.
-    pub audit: AuditLog,
-    /// Repeats of the exact same check within a second reuse the verdict.
-    pub decisions: DecisionCache,
-    /// Approval requests and grants.
-    pub store: Arc<dyn ApprovalStore>,
-    /// Active grants (and their absence) by binding hash, in front of `store` on the hot
-    /// path; whoever changes a grant through this process invalidates its entry.
-    pub grants: Arc<GrantCache>,
-    /// How long an approval request stays pending.
-    pub request_ttl: std::time::Duration,
-    /// Per-principal limits on new approval requests (SECURITY A-16).
-    pub escalation_limits: crate::approval::EscalationLimits,
-    /// Webhooks about approval requests.
-    pub notifier: crate::notify::Notifier,
-    pub enforcement_points: Vec<EnforcementPoint>,
+    pub service: Arc<Service>,
     pub server: ServerConfig,
 }
 
@@ -115,220 +98,58 @@ impl ApiError {
     }
 }
 
-/// A decision as answered, with the approval request an escalation created or repeated, or
-/// the grant that allowed it.
-#[derive(Debug, Clone)]
-pub struct Settled {
-    pub decision: Decision,
-    /// The approvers (with their rationale) behind a grant that allowed this check.
-    pub approvers: Vec<crate::audit::Approver>,
-    /// Present exactly when the answer is an escalation.
-    pub approval: Option<ApprovalRequest>,
-    /// Present when an earlier approval of exactly this request allowed it.
-    pub grant: Option<Grant>,
+/// Failed caller authentication: a 401 naming the token's rejection reason.
+impl From<IdentityError> for ApiError {
+    fn from(e: IdentityError) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
+    }
 }
 
-/// Decide `req`, settle an escalation against the approval store, and record the decision in
-/// the audit log before anyone sees it. `started` is when the request handler began: the
-/// record's latency runs from there to the decision.
-pub async fn decide_and_record(state: &AppState, req: &CheckRequest, started: Instant) -> Settled {
-    settle(state, req, state.engine.decide(req), started).await
+impl ApiError {
+    /// A subject the caller may not ask about, or cannot describe, at request field `field`.
+    pub fn subject(e: SubjectError, field: &str) -> Self {
+        match e {
+            SubjectError::Mismatch { .. } => ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "subject_mismatch",
+                message: e.to_string(),
+                field: Some(field.to_owned()),
+            },
+            SubjectError::Missing { .. } => ApiError::field(field, e.to_string()),
+            SubjectError::Properties(v) => {
+                ApiError::field(format!("{field}.properties"), v.to_string())
+            }
+        }
+    }
 }
 
-/// Settle (if an escalation) and record `decision` about `req`; the answer to give.
-pub async fn settle(
-    state: &AppState,
-    req: &CheckRequest,
-    decision: Decision,
-    started: Instant,
-) -> Settled {
-    let mut settled = settle_escalation(state, req, decision).await;
-    if let Some(deny) = record(state, req, &settled, started) {
-        settled.decision = deny;
-    }
-    if settled.decision.outcome != Outcome::Escalate {
-        settled.approval = None;
-    }
-    if settled.decision.outcome != Outcome::Allow {
-        settled.grant = None;
-        settled.approvers.clear();
-    }
-    settled
-}
-
-/// An escalation is allowed by an active grant bound to exactly this request (its binding
-/// hash) under the same policy version; otherwise it becomes a pending approval request, or
-/// returns the pending one with the same binding hash (a retrying agent floods no approvers).
-async fn settle_escalation(state: &AppState, req: &CheckRequest, decision: Decision) -> Settled {
-    let Some(requirement) = decision
-        .approval
-        .as_ref()
-        .filter(|_| decision.outcome == Outcome::Escalate)
-    else {
-        return Settled {
-            decision,
-            approvers: Vec::new(),
-            approval: None,
-            grant: None,
+/// The one mapping of approvals-workflow errors to HTTP statuses. Fail closed: whatever the
+/// store or the audit log could not do is a 503 (the change was not acknowledged, or was
+/// acknowledged as not audited), never a 2xx; refusals by rule are 403, 404 or 409.
+impl From<ApprovalError> for ApiError {
+    fn from(e: ApprovalError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            ApprovalError::ApproverRequired(_) => (StatusCode::FORBIDDEN, "approver_required"),
+            ApprovalError::Invalid { field, .. } => return ApiError::field(field.clone(), message),
+            ApprovalError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            ApprovalError::SelfApproval { .. } => {
+                (StatusCode::FORBIDDEN, "self_approval_forbidden")
+            }
+            ApprovalError::NotInGroup { .. } | ApprovalError::NotAnApprover { .. } => {
+                (StatusCode::FORBIDDEN, "not_an_approver")
+            }
+            ApprovalError::NotPermitted { .. } => (StatusCode::FORBIDDEN, "approval_not_permitted"),
+            ApprovalError::Mismatch { .. } => (StatusCode::CONFLICT, "request_mismatch"),
+            ApprovalError::Refused(s) => (StatusCode::CONFLICT, s.code()),
+            ApprovalError::StoreUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
+            ApprovalError::NotAudited { .. } | ApprovalError::AppliedNotAudited { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable")
+            }
         };
-    };
-    let now = state.engine.now();
-    let new = NewRequest::from_escalation(
-        req,
-        requirement,
-        &decision.policy_version,
-        &decision.policy_ids,
-        now,
-        state.request_ttl,
-    );
-    // From the grant cache when it may be trusted, else from the store (shared/DESIGN.md §4).
-    match state
-        .grants
-        .active(state.store.as_ref(), &new.binding_hash(), now)
-        .await
-    {
-        // A grant outlives no policy change: under another version the request is asked for
-        // again (SECURITY A-09 errs on the side of a new approval).
-        Ok(Some(active)) if active.grant.policy_version == *decision.policy_version => {
-            let grant = active.grant.clone();
-            let allowed = Decision {
-                outcome: Outcome::Allow,
-                reasons: vec![Reason {
-                    code: "granted",
-                    policy_id: decision.policy_ids.first().cloned(),
-                    message: format!(
-                        "allowed by grant `{}` from approval request `{}`, until {}",
-                        grant.id,
-                        grant.request_id,
-                        authzen::rfc3339(grant.expires_at)
-                    ),
-                }],
-                approval: None,
-                ..decision
-            };
-            // Who approved, and why, belongs in the record of every decision the grant allows.
-            return Settled {
-                decision: allowed,
-                approvers: active.approvers.clone(),
-                approval: None,
-                grant: Some(grant),
-            };
-        }
-        Ok(_) => {}
-        Err(e) => return store_failure(decision, &e),
-    }
-    // The approver is shown the policies that asked, as they were in this decision's bundle.
-    let Some(texts) = state
-        .engine
-        .policy_texts(&decision.policy_version, &decision.policy_ids)
-    else {
-        return escalation_denied(
-            decision,
-            ESCALATION_UNAVAILABLE,
-            "the policy bundle was reloaded while deciding: ask again".into(),
-        );
-    };
-    let new = new
-        .with_policy_text(texts)
-        .with_limits(state.escalation_limits);
-    match state.store.create_or_get_pending(new).await {
-        Ok((request, created)) => {
-            if created {
-                state.notifier.send("created", &request);
-            }
-            Settled {
-                decision,
-                approvers: Vec::new(),
-                approval: Some(request),
-                grant: None,
-            }
-        }
-        Err(e) => store_failure(decision, &e),
-    }
-}
-
-/// Fail closed (SECURITY R-04a): an escalation the store cannot settle is a deny, never an
-/// allow and never a silent dead end. A principal at its escalation limits (SECURITY A-16) is
-/// told which limit.
-fn store_failure(decision: Decision, e: &crate::approval::StoreError) -> Settled {
-    if let crate::approval::StoreError::RateLimited { .. } = e {
-        tracing::warn!(error = %e, decision_id = %decision.id, "escalation rate limited; denying");
-        return escalation_denied(decision, ESCALATION_RATE_LIMITED, e.to_string());
-    }
-    tracing::error!(error = %e, decision_id = %decision.id, "approval store unavailable; denying");
-    escalation_denied(
-        decision,
-        ESCALATION_UNAVAILABLE,
-        format!("the approval store is unavailable: {}", e.code()),
-    )
-}
-
-/// An escalation that could not become an approval request, as a deny with `code`.
-fn escalation_denied(decision: Decision, code: &'static str, message: String) -> Settled {
-    Settled {
-        decision: Decision {
-            id: decision.id,
-            outcome: Outcome::Deny,
-            policy_version: decision.policy_version,
-            policy_ids: decision.policy_ids,
-            reasons: vec![Reason {
-                code,
-                policy_id: None,
-                message,
-            }],
-            approval: None,
-        },
-        approvers: Vec::new(),
-        approval: None,
-        grant: None,
-    }
-}
-
-/// Reason code of a deny caused by an approval store that cannot take the request.
-pub const ESCALATION_UNAVAILABLE: &str = "escalation_unavailable";
-/// Reason code of a deny because the principal is at its escalation limits (SECURITY A-16).
-pub const ESCALATION_RATE_LIMITED: &str = "escalation_rate_limited";
-
-/// Record the decision of `settled` about `req` in the audit log. `Some(deny)` when it could
-/// not be recorded: that deny is the answer instead (see [`decide_and_record`]).
-pub fn record(
-    state: &AppState,
-    req: &CheckRequest,
-    settled: &Settled,
-    started: Instant,
-) -> Option<Decision> {
-    let decision = &settled.decision;
-    let approval_id = settled
-        .approval
-        .as_ref()
-        .map(|a| a.id)
-        .or(settled.grant.as_ref().map(|g| g.request_id))
-        .map(|id| id.to_string());
-    let grant_id = settled.grant.as_ref().map(|g| g.id.to_string());
-    let mut record = DecisionRecord::new(req, decision, started.elapsed());
-    record.approval_id = approval_id.as_deref();
-    record.grant_id = grant_id.as_deref();
-    record.approvers = &settled.approvers;
-    match state.audit.append(&record.into()) {
-        Ok(_) => None,
-        // Fail closed (SECURITY §0 item 2, P-04): no decision is answered without its audit
-        // record, so whatever policy said, the answer is a deny. The failure is counted
-        // (`AuditLog::write_failures`); this deny itself cannot be recorded.
-        Err(e) => {
-            tracing::error!(error = %e, decision_id = %decision.id, "audit record not written; denying");
-            Some(Decision {
-                id: decision.id,
-                outcome: Outcome::Deny,
-                policy_version: decision.policy_version.clone(),
-                policy_ids: Vec::new(),
-                reasons: vec![Reason {
-                    code: AUDIT_UNAVAILABLE,
-                    policy_id: None,
-                    message: "the decision could not be recorded in the audit log".into(),
-                }],
-                approval: None,
-            })
-        }
+        ApiError::new(status, code, message)
     }
 }
 
@@ -337,7 +158,7 @@ pub fn grant_json(g: &Grant) -> serde_json::Value {
     serde_json::json!({
         "id": g.id.to_string(),
         "approval_request": g.request_id.to_string(),
-        "expires_at": authzen::rfc3339(g.expires_at),
+        "expires_at": rfc3339(g.expires_at),
     })
 }
 
@@ -347,12 +168,9 @@ pub fn approval_request_json(a: &ApprovalRequest) -> serde_json::Value {
         "id": a.id.to_string(),
         "status": a.status.as_str(),
         "status_url": format!("/v1/approvals/{}", a.id),
-        "expires_at": authzen::rfc3339(a.expires_at),
+        "expires_at": rfc3339(a.expires_at),
     })
 }
-
-/// Reason code of a deny caused by an audit log that cannot be written.
-pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 
 /// Serialize `value` as a JSON response. Serialization of our own types cannot fail; if it
 /// ever did, the client gets a 500 with no decision in it, never an allow.

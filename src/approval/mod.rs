@@ -14,8 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::decision::{ApprovalRequirement, CheckRequest, Fallback, Resource};
-use crate::identity::Principal;
+use crate::vocabulary::{ApprovalRequirement, CheckRequest, Fallback, Principal, Resource};
 
 pub use cache::{ActiveGrant, GrantCache, GrantCacheSettings};
 pub use canonical::{binding_hash, canonical_json};

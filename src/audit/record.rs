@@ -9,7 +9,7 @@ use serde::ser::{Serialize, SerializeStruct, Serializer};
 use serde_json::Value;
 
 use super::canonical::{context_digest, write_str, write_value};
-use crate::decision::{CheckRequest, Decision, Outcome, Reason};
+use crate::vocabulary::{CheckRequest, Decision, Outcome, Reason};
 
 /// A UTC instant with millisecond precision, written as RFC 3339 (`2025-06-01T12:00:00.123Z`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::*;
-use crate::decision::{CheckRequest, Decision, Outcome, Reason, Resource};
-use crate::identity::Principal;
+use crate::vocabulary::Principal;
+use crate::vocabulary::{CheckRequest, Decision, Outcome, Reason, Resource};
 
 fn request(amount: i64) -> CheckRequest {
     let principal =

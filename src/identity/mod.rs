@@ -14,10 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
-
-use serde_json::{Map, Value};
 
 pub mod dev;
 mod error;
@@ -32,42 +29,6 @@ mod verify;
 pub use error::{IdentityConfigError, IdentityError};
 pub use keys::MISS_WAIT;
 pub use verify::{CacheSettings, Verifier, parse_spiffe_id};
-
-/// A verified caller, ready for policy evaluation. Built once per verified token and cached
-/// with it, so the hot path never rebuilds it.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    /// Cedar entity type, from the issuer's `principal_type` (e.g. `Agent`).
-    pub kind: String,
-    /// Cedar entity id: the token's `sub` (a SPIFFE ID for JWT-SVIDs).
-    pub id: String,
-    /// The configured name of the issuer that vouched for this principal (or `pep:<name>`
-    /// when a trusted enforcement point named the subject).
-    pub issuer: String,
-    /// `jti`, when the token has one.
-    pub token_id: Option<String>,
-    /// `exp` (unix seconds); the cache never keeps the principal past it.
-    pub expires_at: i64,
-    /// The principal's Cedar attributes (mapped claims plus profile attributes), as JSON.
-    pub attributes: Map<String, Value>,
-    /// RFC 8693 `act` chain: the current actor first, then prior actors.
-    pub actors: Vec<String>,
-    /// The owner (claim mapped to `owner`), used by approvals for separation of duties.
-    pub owner: Option<String>,
-    /// Groups (claim mapped to `groups`), used by approver checks.
-    pub groups: Vec<String>,
-    /// True when `aud` held more than one audience (SVID §6.2 replay risk: flagged in audit).
-    pub multi_audience: bool,
-    /// SHA-256 of the token this principal was verified from, when it came through the
-    /// token cache: it stands for the whole credential in decision-cache keys, so the token
-    /// is hashed once per request, not twice.
-    pub credential_digest: Option<[u8; 32]>,
-    /// The Cedar entity, built once.
-    pub entity: Arc<cedar_policy::Entity>,
-    /// An entity store holding only this principal, built once: a check whose resource
-    /// needs no entity of its own evaluates against it without building a store.
-    pub entities: Arc<cedar_policy::Entities>,
-}
 
 /// Which token profile an issuer follows; each applies its own extra checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,50 +89,4 @@ pub struct IssuerSettings {
     pub claims: BTreeMap<String, String>,
     /// Accepted `typ` header values (empty: any of `JWT`, `at+jwt`, absent).
     pub typ: Vec<String>,
-}
-
-impl Principal {
-    /// A principal named by a trusted party instead of a token: an enforcement point passing
-    /// an AuthZEN subject, or a policy test case. `issuer` says who vouched for it.
-    pub fn from_parts(
-        kind: &str,
-        id: &str,
-        issuer: &str,
-        attributes: Map<String, Value>,
-    ) -> Result<Self, crate::policy::values::ValueError> {
-        let entity = crate::policy::values::entity_from_json(
-            "subject.properties",
-            kind,
-            id,
-            &attributes,
-            Default::default(),
-        )?;
-        let owner = attributes
-            .get("owner")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let groups = match attributes.get("groups") {
-            Some(Value::String(g)) => vec![g.clone()],
-            Some(Value::Array(gs)) => gs
-                .iter()
-                .filter_map(|g| g.as_str().map(str::to_owned))
-                .collect(),
-            _ => Vec::new(),
-        };
-        Ok(Self {
-            kind: kind.to_owned(),
-            id: id.to_owned(),
-            issuer: issuer.to_owned(),
-            token_id: None,
-            expires_at: i64::MAX,
-            attributes,
-            actors: Vec::new(),
-            owner,
-            groups,
-            multi_audience: false,
-            credential_digest: None,
-            entities: Arc::new(crate::policy::values::store_of(&entity)?),
-            entity: Arc::new(entity),
-        })
-    }
 }

@@ -14,8 +14,9 @@ use super::error::{IdentityConfigError, IdentityError, shown};
 use super::jwks::Lookup;
 use super::jws::{self, Claims, Header};
 use super::keys::{IssuerKeys, OnKeysRemoved};
-use super::{IssuerSettings, Principal, Profile};
+use super::{IssuerSettings, Profile};
 use crate::clock::Clock;
+use crate::vocabulary::Principal;
 
 /// Longest `sub` accepted, in bytes (SPIFFE IDs are capped at 2048 as well).
 const MAX_SUB_LEN: usize = 2048;

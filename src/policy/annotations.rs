@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use cedar_policy::{Effect, Policy};
 
-use crate::decision::{ApprovalRequirement, Fallback};
+use crate::vocabulary::{ApprovalRequirement, Fallback};
 
 /// Grant lifetime when an approval permit has no `@grant_ttl`.
 pub const DEFAULT_GRANT_TTL: Duration = Duration::from_secs(15 * 60);

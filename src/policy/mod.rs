@@ -39,7 +39,7 @@ use cedar_policy::{
 use sha2::{Digest, Sha256};
 
 pub use annotations::{PolicyKind, PolicyMeta, RecertifyBy};
-pub use testing::{Failure, TestCase, TestReport};
+pub use testing::TestCase;
 
 const SCHEMA_FILE: &str = "schema.cedarschema";
 const ENTITIES_FILE: &str = "entities.json";
@@ -704,7 +704,7 @@ fn build_slices(
             uses_mandate_context |= p
                 .policy
                 .to_string()
-                .contains(crate::decision::RESERVED_CONTEXT_KEY);
+                .contains(crate::vocabulary::RESERVED_CONTEXT_KEY);
             let target = if is_breakglass {
                 &mut breakglass
             } else {

@@ -87,7 +87,7 @@ fn example_bundle_loads_and_its_tests_pass() {
         1
     );
     assert!(bundle.tests().len() >= 14);
-    let report = testing::run(&bundle);
+    let report = crate::decision::cases::run(&bundle);
     assert!(report.ok(), "{report}");
 }
 
@@ -96,7 +96,7 @@ fn authzen_fixture_loads_and_its_tests_pass() {
     let bundle =
         Arc::new(Bundle::load(&repo("tests/fixtures/authzen")).unwrap_or_else(|e| panic!("{e}")));
     assert_eq!(bundle.tests().len(), 11);
-    let report = testing::run(&bundle);
+    let report = crate::decision::cases::run(&bundle);
     assert!(report.ok(), "{report}");
     assert_eq!(report.passed, 11);
 }
@@ -252,7 +252,7 @@ fn failing_case_loads_and_is_reported_by_run() {
         \x20   expect: allow\n";
     let dir = bundle_dir(&[("tests/t.yaml", yaml)]);
     let bundle = Arc::new(Bundle::load(dir.path()).unwrap());
-    let report = testing::run(&bundle);
+    let report = crate::decision::cases::run(&bundle);
     assert_eq!(report.passed, 0);
     assert_eq!(report.failed.len(), 1);
     let text = report.to_string();

@@ -9,9 +9,12 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{Entities, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use serde_json::{Map, Value};
+
+use crate::vocabulary::Principal;
 
 /// Deepest nesting accepted in attribute values.
 pub const MAX_DEPTH: usize = 16;
@@ -279,6 +282,54 @@ pub fn entity_from_json(
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
     Entity::new(uid, attrs, parents).map_err(|e| ValueError::new(path, e.to_string()))
+}
+
+/// Building a [`Principal`] from JSON attributes lives here, beside the conversion it needs;
+/// the type itself is vocabulary.
+impl Principal {
+    /// A principal named by a trusted party instead of a token: an enforcement point passing
+    /// an AuthZEN subject, or a policy test case. `issuer` says who vouched for it.
+    pub fn from_parts(
+        kind: &str,
+        id: &str,
+        issuer: &str,
+        attributes: Map<String, Value>,
+    ) -> Result<Self, ValueError> {
+        let entity = entity_from_json(
+            "subject.properties",
+            kind,
+            id,
+            &attributes,
+            Default::default(),
+        )?;
+        let owner = attributes
+            .get("owner")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let groups = match attributes.get("groups") {
+            Some(Value::String(g)) => vec![g.clone()],
+            Some(Value::Array(gs)) => gs
+                .iter()
+                .filter_map(|g| g.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            issuer: issuer.to_owned(),
+            token_id: None,
+            expires_at: i64::MAX,
+            attributes,
+            actors: Vec::new(),
+            owner,
+            groups,
+            multi_audience: false,
+            credential_digest: None,
+            entities: Arc::new(store_of(&entity)?),
+            entity: Arc::new(entity),
+        })
+    }
 }
 
 #[cfg(test)]

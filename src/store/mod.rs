@@ -18,7 +18,7 @@ use crate::approval::{
     ApprovalRequest, ApprovalStore, EscalationLimits, Grant, GrantCache, Review, Status,
     StoreError, Verdict,
 };
-use crate::decision::Fallback;
+use crate::vocabulary::Fallback;
 
 pub use postgres::{GRANT_CHANNEL, LISTENER_APPLICATION_NAME, PostgresStore};
 pub use sqlite::SqliteStore;

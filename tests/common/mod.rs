@@ -8,9 +8,11 @@
 )]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mandate::app::{self, Running};
+use mandate::clock::Clock;
 use mandate::config::Config;
 use serde_json::{Map, Value};
 
@@ -66,7 +68,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: &Config) -> Self {
-        let running = app::start(config).await.expect("server starts");
+        Self::start_with_clock(config, mandate::clock::system()).await
+    }
+
+    /// The server with every expiry read from `clock` (a `ManualClock` to move time).
+    pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Self {
+        let running = app::start(config, clock).await.expect("server starts");
         let addr = running.local_addr.expect("tcp listener");
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -110,12 +117,17 @@ impl TestServer {
 
 /// A token from the example config's dev key, as `mandate dev token` mints it.
 pub fn dev_token(sub: &str, claims: Value, ttl: Duration) -> String {
-    let key = std::fs::read(repo().join("config/dev/signing-key.pem")).expect("dev key");
-    let extra: Map<String, Value> = claims.as_object().cloned().unwrap_or_default();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs() as i64;
+    dev_token_at(sub, claims, ttl, now)
+}
+
+/// A dev token issued at `now` (unix seconds): for a server on a manual clock.
+pub fn dev_token_at(sub: &str, claims: Value, ttl: Duration, now: i64) -> String {
+    let key = std::fs::read(repo().join("config/dev/signing-key.pem")).expect("dev key");
+    let extra: Map<String, Value> = claims.as_object().cloned().unwrap_or_default();
     mandate::identity::dev::mint(
         &key,
         "dev-1",
