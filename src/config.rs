@@ -835,7 +835,62 @@ impl Reader {
         );
         let name = self.required_string(t, p, "name");
         let issuer = self.required_string(t, p, "issuer");
-        let profile = match self.string(t, p, "profile").as_deref() {
+        let profile = self.issuer_profile(t, p);
+        let audiences = self.strings(t, p, "audiences");
+        if audiences.is_empty() {
+            self.bad(
+                format!("{p}.audiences"),
+                "at least one audience is required (tokens must be minted for this sidecar)",
+            );
+        }
+        let algorithms = self.issuer_algorithms(t, p, profile);
+        let hmac_secret = self.issuer_hmac_secret(t, p, &algorithms);
+        let jwks = self.issuer_jwks(t, p, &algorithms);
+        let trust_domain = self.string(t, p, "trust_domain");
+        if profile == Profile::Spiffe && trust_domain.is_none() {
+            self.bad(
+                format!("{p}.trust_domain"),
+                "is required for the spiffe profile",
+            );
+        }
+        let default_lifetime = match profile {
+            Profile::Oidc => Duration::from_secs(24 * 3600),
+            Profile::Spiffe | Profile::Kubernetes => Duration::from_secs(3600),
+        };
+        let claims = self.issuer_claims(t, p);
+        IssuerSettings {
+            name,
+            issuer,
+            profile,
+            audiences,
+            algorithms,
+            jwks,
+            hmac_secret,
+            leeway: self.duration(
+                t,
+                p,
+                "leeway",
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+            ),
+            max_lifetime: self.duration(
+                t,
+                p,
+                "max_lifetime",
+                default_lifetime,
+                Duration::from_secs(7 * 24 * 3600),
+            ),
+            trust_domain,
+            principal_type: self
+                .string(t, p, "principal_type")
+                .unwrap_or_else(|| "Agent".into()),
+            claims,
+            typ: self.strings(t, p, "typ"),
+        }
+    }
+
+    fn issuer_profile(&mut self, t: &Table, p: &str) -> Profile {
+        match self.string(t, p, "profile").as_deref() {
             None | Some("oidc") => Profile::Oidc,
             Some("spiffe") => Profile::Spiffe,
             Some("kubernetes") => Profile::Kubernetes,
@@ -846,14 +901,17 @@ impl Reader {
                 );
                 Profile::Oidc
             }
-        };
-        let audiences = self.strings(t, p, "audiences");
-        if audiences.is_empty() {
-            self.bad(
-                format!("{p}.audiences"),
-                "at least one audience is required (tokens must be minted for this sidecar)",
-            );
         }
+    }
+
+    /// The issuer's `alg` allowlist: known algorithms only (`none` never is), and RS/ES/PS
+    /// only for JWT-SVIDs.
+    fn issuer_algorithms(
+        &mut self,
+        t: &Table,
+        p: &str,
+        profile: Profile,
+    ) -> Vec<jsonwebtoken::Algorithm> {
         let mut algorithms = Vec::new();
         let alg_names = self.strings(t, p, "algorithms");
         if alg_names.is_empty() {
@@ -891,6 +949,17 @@ impl Reader {
                 ),
             }
         }
+        algorithms
+    }
+
+    /// The HS* secret, read from the environment variable the issuer names (at least 32
+    /// bytes); HS* algorithms without one are refused.
+    fn issuer_hmac_secret(
+        &mut self,
+        t: &Table,
+        p: &str,
+        algorithms: &[jsonwebtoken::Algorithm],
+    ) -> Option<Vec<u8>> {
         let hmac = algorithms.iter().any(|a| {
             matches!(
                 a,
@@ -925,6 +994,16 @@ impl Reader {
                 "HS* algorithms need `hmac_secret_env`",
             );
         }
+        hmac_secret
+    }
+
+    /// Where the issuer's keys come from: a file, or a URL with its refresh settings.
+    fn issuer_jwks(
+        &mut self,
+        t: &Table,
+        p: &str,
+        algorithms: &[jsonwebtoken::Algorithm],
+    ) -> Option<JwksSource> {
         let jwks_file = self.string(t, p, "jwks_file");
         let jwks_url = self.string(t, p, "jwks_url");
         let jwks_ca_file = self.string(t, p, "jwks_ca_file");
@@ -950,7 +1029,7 @@ impl Reader {
                 }
             }
         }
-        let jwks = match (jwks_file, jwks_url) {
+        match (jwks_file, jwks_url) {
             (Some(_), Some(_)) => {
                 self.bad(
                     format!("{p}.jwks_url"),
@@ -1016,18 +1095,11 @@ impl Reader {
                 }
                 None
             }
-        };
-        let trust_domain = self.string(t, p, "trust_domain");
-        if profile == Profile::Spiffe && trust_domain.is_none() {
-            self.bad(
-                format!("{p}.trust_domain"),
-                "is required for the spiffe profile",
-            );
         }
-        let default_lifetime = match profile {
-            Profile::Oidc => Duration::from_secs(24 * 3600),
-            Profile::Spiffe | Profile::Kubernetes => Duration::from_secs(3600),
-        };
+    }
+
+    /// `claims`: Cedar attribute name -> claim name.
+    fn issuer_claims(&mut self, t: &Table, p: &str) -> BTreeMap<String, String> {
         let mut claims = BTreeMap::new();
         if let Some(ct) = self.table(t, p, "claims") {
             for (attr, v) in ct {
@@ -1042,35 +1114,7 @@ impl Reader {
                 }
             }
         }
-        IssuerSettings {
-            name,
-            issuer,
-            profile,
-            audiences,
-            algorithms,
-            jwks,
-            hmac_secret,
-            leeway: self.duration(
-                t,
-                p,
-                "leeway",
-                Duration::from_secs(30),
-                Duration::from_secs(60),
-            ),
-            max_lifetime: self.duration(
-                t,
-                p,
-                "max_lifetime",
-                default_lifetime,
-                Duration::from_secs(7 * 24 * 3600),
-            ),
-            trust_domain,
-            principal_type: self
-                .string(t, p, "principal_type")
-                .unwrap_or_else(|| "Agent".into()),
-            claims,
-            typ: self.strings(t, p, "typ"),
-        }
+        claims
     }
 
     fn enforcement_points(

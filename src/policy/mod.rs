@@ -224,265 +224,41 @@ struct SourceFile {
 }
 
 impl Bundle {
-    /// Load and check the bundle in `dir`. Fails with every problem found.
+    /// Load and check the bundle in `dir`. Fails with every problem found: each stage below
+    /// records what it finds wrong and the load goes on, so an author sees every problem at
+    /// once.
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
-        let mut problems = Vec::new();
-        let mut hashed: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-
-        let read = |rel: &str,
-                    problems: &mut Vec<Problem>,
-                    hashed: &mut BTreeMap<String, Vec<u8>>|
-         -> Option<SourceFile> {
-            let path = dir.join(rel);
-            match std::fs::read(&path) {
-                Ok(bytes) => {
-                    hashed.insert(rel.to_owned(), bytes.clone());
-                    match String::from_utf8(bytes) {
-                        Ok(text) => Some(SourceFile {
-                            rel: rel.to_owned(),
-                            path,
-                            text,
-                        }),
-                        Err(_) => {
-                            problems.push(Problem::in_file(&path, None, "not valid UTF-8"));
-                            None
-                        }
-                    }
-                }
-                Err(e) => {
-                    problems.push(Problem::in_file(&path, None, format!("cannot read: {e}")));
-                    None
-                }
-            }
-        };
-
-        let cedar_names = match list_files(dir, |n| n.ends_with(".cedar")) {
-            Ok(names) => names,
-            Err(e) => {
-                return Err(BundleError {
-                    problems: vec![Problem::in_file(
-                        dir,
-                        None,
-                        format!("cannot read the bundle directory: {e}"),
-                    )],
-                });
-            }
-        };
-        let tests_dir = dir.join(TESTS_DIR);
-        let test_names = if tests_dir.is_dir() {
-            match list_files(&tests_dir, |n| n.ends_with(".yaml") || n.ends_with(".yml")) {
-                Ok(names) => names,
-                Err(e) => {
-                    problems.push(Problem::in_file(
-                        &tests_dir,
-                        None,
-                        format!("cannot read: {e}"),
-                    ));
-                    Vec::new()
-                }
-            }
-        } else {
-            Vec::new()
-        };
-
-        // Manifest.
-        let manifest = if dir.join(MANIFEST_FILE).is_file() {
-            read(MANIFEST_FILE, &mut problems, &mut hashed).and_then(|src| {
-                match toml::from_str::<Manifest>(&src.text) {
-                    Ok(m) => {
-                        for (key, v) in [("name", &m.name), ("revision", &m.revision)] {
-                            if v.trim().is_empty() {
-                                problems.push(Problem::in_file(
-                                    &src.path,
-                                    None,
-                                    format!("`{key}` must not be empty"),
-                                ));
-                            }
-                        }
-                        Some(m)
-                    }
-                    Err(e) => {
-                        let line = e.span().map(|s| line_of(&src.text, s.start));
-                        problems.push(Problem::in_file(&src.path, line, e.message().trim()));
-                        None
-                    }
-                }
-            })
-        } else {
-            problems.push(Problem::in_file(
-                &dir.join(MANIFEST_FILE),
+        let cedar_names = list_files(dir, |n| n.ends_with(".cedar")).map_err(|e| BundleError {
+            problems: vec![Problem::in_file(
+                dir,
                 None,
-                "missing (a bundle needs `name` and `revision`)",
-            ));
-            None
+                format!("cannot read the bundle directory: {e}"),
+            )],
+        })?;
+        let mut load = Loader {
+            dir,
+            problems: Vec::new(),
+            hashed: BTreeMap::new(),
         };
-
-        // Schema.
-        let schema = if dir.join(SCHEMA_FILE).is_file() {
-            read(SCHEMA_FILE, &mut problems, &mut hashed).and_then(|src| {
-                match Schema::from_cedarschema_str(&src.text) {
-                    Ok((schema, _warnings)) => Some(schema),
-                    Err(e) => {
-                        let line = diag_line(&src.text, &e);
-                        problems.push(Problem::in_file(&src.path, line, diag_message(&e)));
-                        None
-                    }
-                }
-            })
-        } else {
-            problems.push(Problem::in_file(&dir.join(SCHEMA_FILE), None, "missing"));
-            None
-        };
-
-        // Policies, file by file.
-        let mut parsed: Vec<Parsed> = Vec::new();
-        let mut sources: HashMap<PathBuf, String> = HashMap::new();
-        for name in &cedar_names {
-            let Some(src) = read(name, &mut problems, &mut hashed) else {
-                continue;
-            };
-            parse_file(&src, &mut parsed, &mut problems);
-            sources.insert(PathBuf::from(&src.rel), src.text);
-        }
-
-        // Ids must be unique across the bundle.
-        let mut first_seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
-        let mut unique: Vec<Parsed> = Vec::with_capacity(parsed.len());
-        for p in parsed {
-            if let Some((file, line)) = first_seen.get(&p.id) {
-                problems.push(Problem {
-                    file: Some(dir.join(&p.file)),
-                    line: Some(p.line),
-                    policy_id: Some(p.id.clone()),
-                    message: format!(
-                        "duplicate policy id, also used in `{}:{line}`",
-                        dir.join(file).display()
-                    ),
-                });
-                continue;
-            }
-            first_seen.insert(p.id.clone(), (p.file.clone(), p.line));
-            unique.push(p);
-        }
-
-        // Annotations.
-        let mut meta: HashMap<String, PolicyMeta> = HashMap::with_capacity(unique.len());
-        let mut texts: HashMap<String, String> = HashMap::with_capacity(unique.len());
-        let mut policies = PolicySet::new();
-        for p in &unique {
-            match annotations::parse(&p.id, &p.policy, p.file.clone(), p.line) {
-                Ok(m) => {
-                    meta.insert(p.id.clone(), m);
-                }
-                Err(messages) => {
-                    for message in messages {
-                        problems.push(Problem {
-                            file: Some(dir.join(&p.file)),
-                            line: Some(p.line),
-                            policy_id: Some(p.id.clone()),
-                            message,
-                        });
-                    }
-                }
-            }
-            texts.insert(p.id.clone(), p.policy.to_string());
-            if let Err(e) = policies.add(p.policy.clone()) {
-                problems.push(Problem {
-                    file: Some(dir.join(&p.file)),
-                    line: Some(p.line),
-                    policy_id: Some(p.id.clone()),
-                    message: e.to_string(),
-                });
-            }
-        }
-
-        // Strict validation against the schema.
+        let test_names = load.test_names();
+        let manifest = load.manifest();
+        let schema = load.schema();
+        let policies = load.policies(&cedar_names);
+        let annotated = load.annotations(&policies.unique);
         if let Some(schema) = &schema {
-            let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
-            for e in result.validation_errors() {
-                let id: &str = e.policy_id().as_ref();
-                let (file, line) = match first_seen.get(id) {
-                    Some((file, policy_line)) => {
-                        let line = sources
-                            .get(file)
-                            .and_then(|src| diag_line(src, e))
-                            .unwrap_or(*policy_line);
-                        (Some(dir.join(file)), Some(line))
-                    }
-                    None => (None, None),
-                };
-                // Cedar starts its messages with the policy id, which the problem shows already.
-                let message = diag_message(e);
-                let message = message
-                    .strip_prefix(&format!("for policy `{id}`, "))
-                    .map(str::to_owned)
-                    .unwrap_or(message);
-                problems.push(Problem {
-                    file,
-                    line,
-                    policy_id: Some(id.to_owned()),
-                    message,
-                });
-            }
+            load.validate(schema, &annotated.set, &policies);
         }
-
-        // Entities: the bundle's data plus the schema's action entities.
-        let entities = match &schema {
-            None => Entities::empty(),
-            Some(schema) => {
-                if dir.join(ENTITIES_FILE).is_file() {
-                    match read(ENTITIES_FILE, &mut problems, &mut hashed) {
-                        Some(src) => match Entities::from_json_str(&src.text, Some(schema)) {
-                            Ok(e) => e,
-                            Err(e) => {
-                                let line = diag_line(&src.text, &e);
-                                problems.push(Problem::in_file(&src.path, line, diag_message(&e)));
-                                Entities::empty()
-                            }
-                        },
-                        None => Entities::empty(),
-                    }
-                } else {
-                    match schema.action_entities() {
-                        Ok(e) => e,
-                        Err(e) => {
-                            problems.push(Problem::in_file(
-                                &dir.join(SCHEMA_FILE),
-                                None,
-                                diag_message(&e),
-                            ));
-                            Entities::empty()
-                        }
-                    }
-                }
-            }
+        let entities = load.entities(schema.as_ref());
+        let slices = match &schema {
+            Some(schema) => load.slices(schema, &entities, &policies.unique, &annotated.meta),
+            None => HashMap::new(),
         };
-
-        // Per-action slices.
-        let mut slices = HashMap::new();
-        if let Some(schema) = &schema {
-            match build_slices(schema, &entities, &unique, &meta) {
-                Ok(s) => slices = s,
-                Err(messages) => {
-                    for m in messages {
-                        problems.push(Problem::in_file(&dir.join(SCHEMA_FILE), None, m));
-                    }
-                }
-            }
-        }
-
         // Test cases: parsed (and their requests built) now, run by `mandate policy test`.
-        let mut tests = Vec::new();
-        for name in &test_names {
-            let rel = format!("{TESTS_DIR}/{name}");
-            if let Some(src) = read(&rel, &mut problems, &mut hashed) {
-                match testing::parse_file(&src.path, &src.text) {
-                    Ok(cases) => tests.extend(cases),
-                    Err(mut p) => problems.append(&mut p),
-                }
-            }
-        }
+        let tests = load.tests(&test_names);
 
+        let Loader {
+            problems, hashed, ..
+        } = load;
         if !problems.is_empty() {
             return Err(BundleError { problems });
         }
@@ -492,7 +268,6 @@ impl Bundle {
                 problems: vec![Problem::in_file(dir, None, "incomplete bundle")],
             });
         };
-
         let digest = digest(&hashed);
         let version: Arc<str> = Arc::from(format!("{}+{}", manifest.revision, &digest[..16]));
         let mut actions: Vec<String> = slices.keys().cloned().collect();
@@ -504,10 +279,10 @@ impl Bundle {
             digest,
             version,
             schema,
-            policies,
+            policies: annotated.set,
             entities,
-            meta,
-            texts,
+            meta: annotated.meta,
+            texts: annotated.texts,
             slices,
             actions,
             tests,
@@ -572,6 +347,289 @@ impl Bundle {
 }
 
 /// Sorted names of the regular files in `dir` whose name passes `keep`.
+/// A bundle being loaded: the problems found so far, and every file read (for the digest).
+struct Loader<'a> {
+    dir: &'a Path,
+    problems: Vec<Problem>,
+    hashed: BTreeMap<String, Vec<u8>>,
+}
+
+/// The bundle's policies, parsed, with unique ids.
+struct ParsedPolicies {
+    unique: Vec<Parsed>,
+    /// Where each id was first seen (file, line), for errors about it.
+    first_seen: HashMap<String, (PathBuf, usize)>,
+    /// Each policy file's text, for the line of a validation error.
+    sources: HashMap<PathBuf, String>,
+}
+
+/// The policies with what their annotations mean.
+struct Annotated {
+    set: PolicySet,
+    meta: HashMap<String, PolicyMeta>,
+    texts: HashMap<String, String>,
+}
+
+impl Loader<'_> {
+    /// Read `rel` (recorded for the digest) as UTF-8 text.
+    fn read(&mut self, rel: &str) -> Option<SourceFile> {
+        let path = self.dir.join(rel);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                self.hashed.insert(rel.to_owned(), bytes.clone());
+                match String::from_utf8(bytes) {
+                    Ok(text) => Some(SourceFile {
+                        rel: rel.to_owned(),
+                        path,
+                        text,
+                    }),
+                    Err(_) => {
+                        self.problems
+                            .push(Problem::in_file(&path, None, "not valid UTF-8"));
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                self.problems
+                    .push(Problem::in_file(&path, None, format!("cannot read: {e}")));
+                None
+            }
+        }
+    }
+
+    fn test_names(&mut self) -> Vec<String> {
+        let tests_dir = self.dir.join(TESTS_DIR);
+        if !tests_dir.is_dir() {
+            return Vec::new();
+        }
+        match list_files(&tests_dir, |n| n.ends_with(".yaml") || n.ends_with(".yml")) {
+            Ok(names) => names,
+            Err(e) => {
+                self.problems.push(Problem::in_file(
+                    &tests_dir,
+                    None,
+                    format!("cannot read: {e}"),
+                ));
+                Vec::new()
+            }
+        }
+    }
+
+    fn manifest(&mut self) -> Option<Manifest> {
+        if !self.dir.join(MANIFEST_FILE).is_file() {
+            self.problems.push(Problem::in_file(
+                &self.dir.join(MANIFEST_FILE),
+                None,
+                "missing (a bundle needs `name` and `revision`)",
+            ));
+            return None;
+        }
+        let src = self.read(MANIFEST_FILE)?;
+        match toml::from_str::<Manifest>(&src.text) {
+            Ok(m) => {
+                for (key, v) in [("name", &m.name), ("revision", &m.revision)] {
+                    if v.trim().is_empty() {
+                        self.problems.push(Problem::in_file(
+                            &src.path,
+                            None,
+                            format!("`{key}` must not be empty"),
+                        ));
+                    }
+                }
+                Some(m)
+            }
+            Err(e) => {
+                let line = e.span().map(|s| line_of(&src.text, s.start));
+                self.problems
+                    .push(Problem::in_file(&src.path, line, e.message().trim()));
+                None
+            }
+        }
+    }
+
+    fn schema(&mut self) -> Option<Schema> {
+        if !self.dir.join(SCHEMA_FILE).is_file() {
+            self.problems.push(Problem::in_file(
+                &self.dir.join(SCHEMA_FILE),
+                None,
+                "missing",
+            ));
+            return None;
+        }
+        let src = self.read(SCHEMA_FILE)?;
+        match Schema::from_cedarschema_str(&src.text) {
+            Ok((schema, _warnings)) => Some(schema),
+            Err(e) => {
+                let line = diag_line(&src.text, &e);
+                self.problems
+                    .push(Problem::in_file(&src.path, line, diag_message(&e)));
+                None
+            }
+        }
+    }
+
+    /// Policies, file by file; ids must be unique across the bundle.
+    fn policies(&mut self, cedar_names: &[String]) -> ParsedPolicies {
+        let mut parsed: Vec<Parsed> = Vec::new();
+        let mut sources: HashMap<PathBuf, String> = HashMap::new();
+        for name in cedar_names {
+            let Some(src) = self.read(name) else {
+                continue;
+            };
+            parse_file(&src, &mut parsed, &mut self.problems);
+            sources.insert(PathBuf::from(&src.rel), src.text);
+        }
+        let mut first_seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
+        let mut unique: Vec<Parsed> = Vec::with_capacity(parsed.len());
+        for p in parsed {
+            if let Some((file, line)) = first_seen.get(&p.id) {
+                self.problems.push(Problem {
+                    file: Some(self.dir.join(&p.file)),
+                    line: Some(p.line),
+                    policy_id: Some(p.id.clone()),
+                    message: format!(
+                        "duplicate policy id, also used in `{}:{line}`",
+                        self.dir.join(file).display()
+                    ),
+                });
+                continue;
+            }
+            first_seen.insert(p.id.clone(), (p.file.clone(), p.line));
+            unique.push(p);
+        }
+        ParsedPolicies {
+            unique,
+            first_seen,
+            sources,
+        }
+    }
+
+    /// What each policy's annotations mean, and the policy set.
+    fn annotations(&mut self, unique: &[Parsed]) -> Annotated {
+        let mut meta: HashMap<String, PolicyMeta> = HashMap::with_capacity(unique.len());
+        let mut texts: HashMap<String, String> = HashMap::with_capacity(unique.len());
+        let mut set = PolicySet::new();
+        for p in unique {
+            let problem = |message: String| Problem {
+                file: Some(self.dir.join(&p.file)),
+                line: Some(p.line),
+                policy_id: Some(p.id.clone()),
+                message,
+            };
+            match annotations::parse(&p.id, &p.policy, p.file.clone(), p.line) {
+                Ok(m) => {
+                    meta.insert(p.id.clone(), m);
+                }
+                Err(messages) => self.problems.extend(messages.into_iter().map(problem)),
+            }
+            texts.insert(p.id.clone(), p.policy.to_string());
+            if let Err(e) = set.add(p.policy.clone()) {
+                self.problems.push(problem(e.to_string()));
+            }
+        }
+        Annotated { set, meta, texts }
+    }
+
+    /// Strict validation against the schema.
+    fn validate(&mut self, schema: &Schema, policies: &PolicySet, parsed: &ParsedPolicies) {
+        let result = Validator::new(schema.clone()).validate(policies, ValidationMode::Strict);
+        for e in result.validation_errors() {
+            let id: &str = e.policy_id().as_ref();
+            let (file, line) = match parsed.first_seen.get(id) {
+                Some((file, policy_line)) => {
+                    let line = parsed
+                        .sources
+                        .get(file)
+                        .and_then(|src| diag_line(src, e))
+                        .unwrap_or(*policy_line);
+                    (Some(self.dir.join(file)), Some(line))
+                }
+                None => (None, None),
+            };
+            // Cedar starts its messages with the policy id, which the problem shows already.
+            let message = diag_message(e);
+            let message = message
+                .strip_prefix(&format!("for policy `{id}`, "))
+                .map(str::to_owned)
+                .unwrap_or(message);
+            self.problems.push(Problem {
+                file,
+                line,
+                policy_id: Some(id.to_owned()),
+                message,
+            });
+        }
+    }
+
+    /// Entities: the bundle's data plus the schema's action entities.
+    fn entities(&mut self, schema: Option<&Schema>) -> Entities {
+        let Some(schema) = schema else {
+            return Entities::empty();
+        };
+        if self.dir.join(ENTITIES_FILE).is_file() {
+            let Some(src) = self.read(ENTITIES_FILE) else {
+                return Entities::empty();
+            };
+            match Entities::from_json_str(&src.text, Some(schema)) {
+                Ok(e) => e,
+                Err(e) => {
+                    let line = diag_line(&src.text, &e);
+                    self.problems
+                        .push(Problem::in_file(&src.path, line, diag_message(&e)));
+                    Entities::empty()
+                }
+            }
+        } else {
+            match schema.action_entities() {
+                Ok(e) => e,
+                Err(e) => {
+                    self.problems.push(Problem::in_file(
+                        &self.dir.join(SCHEMA_FILE),
+                        None,
+                        diag_message(&e),
+                    ));
+                    Entities::empty()
+                }
+            }
+        }
+    }
+
+    /// Per-action slices.
+    fn slices(
+        &mut self,
+        schema: &Schema,
+        entities: &Entities,
+        unique: &[Parsed],
+        meta: &HashMap<String, PolicyMeta>,
+    ) -> HashMap<String, ActionSlice> {
+        match build_slices(schema, entities, unique, meta) {
+            Ok(s) => s,
+            Err(messages) => {
+                for m in messages {
+                    self.problems
+                        .push(Problem::in_file(&self.dir.join(SCHEMA_FILE), None, m));
+                }
+                HashMap::new()
+            }
+        }
+    }
+
+    fn tests(&mut self, test_names: &[String]) -> Vec<TestCase> {
+        let mut tests = Vec::new();
+        for name in test_names {
+            let rel = format!("{TESTS_DIR}/{name}");
+            if let Some(src) = self.read(&rel) {
+                match testing::parse_file(&src.path, &src.text) {
+                    Ok(cases) => tests.extend(cases),
+                    Err(mut p) => self.problems.append(&mut p),
+                }
+            }
+        }
+        tests
+    }
+}
+
 fn list_files(dir: &Path, keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir)? {
