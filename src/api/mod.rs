@@ -136,9 +136,7 @@ impl From<ApprovalError> for ApiError {
             ApprovalError::SelfApproval { .. } => {
                 (StatusCode::FORBIDDEN, "self_approval_forbidden")
             }
-            ApprovalError::NotInGroup { .. } | ApprovalError::NotAnApprover { .. } => {
-                (StatusCode::FORBIDDEN, "not_an_approver")
-            }
+            ApprovalError::NotInGroup { .. } => (StatusCode::FORBIDDEN, "not_an_approver"),
             ApprovalError::NotPermitted { .. } => (StatusCode::FORBIDDEN, "approval_not_permitted"),
             ApprovalError::Mismatch { .. } => (StatusCode::CONFLICT, "request_mismatch"),
             ApprovalError::Refused(s) => (StatusCode::CONFLICT, s.code()),

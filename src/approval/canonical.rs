@@ -16,8 +16,15 @@ pub fn canonical_json(value: &Value) -> String {
 }
 
 /// Hex SHA-256 of the canonical JSON of
-/// `{"principal": {type, id, issuer}, "action", "resource": {type, id, properties}, "context"}`,
+/// `{"principal": {type, id, issuer, owner, actors, attributes}, "action",
+///   "resource": {type, id, properties}, "context"}`,
 /// plus `"action_properties"` when the request has them (AuthZEN: policies see them).
+///
+/// The principal is the whole requesting identity the approver was shown: its owner, its
+/// RFC 8693 delegation chain and every attribute policies read, not only its id. So the same
+/// agent acting for someone else, or under another owner, is a different request: it
+/// escalates again and separation of duties applies to its own requester set (SECURITY
+///
 pub fn binding_hash(
     principal: &PrincipalSnapshot,
     action: &str,
@@ -26,7 +33,14 @@ pub fn binding_hash(
     context: &Map<String, Value>,
 ) -> String {
     let mut doc = json!({
-        "principal": {"type": principal.kind, "id": principal.id, "issuer": principal.issuer},
+        "principal": {
+            "type": principal.kind,
+            "id": principal.id,
+            "issuer": principal.issuer,
+            "owner": principal.owner,
+            "actors": principal.actors,
+            "attributes": principal.attributes,
+        },
         "action": action,
         "resource": {"type": resource.kind, "id": resource.id, "properties": resource.properties},
         "context": context,

@@ -56,7 +56,7 @@ fn canonical_json_sorts_keys_and_drops_whitespace() {
 }
 
 #[test]
-fn a06_every_part_of_the_request_is_bound() {
+fn a06_a10_every_part_of_the_request_and_the_whole_identity_is_bound() {
     let ctx = obj(json!({"amount": 250}));
     let base = hash_of(&ctx);
     assert_eq!(base.len(), 64);
@@ -82,6 +82,35 @@ fn a06_every_part_of_the_request_is_bound() {
     assert_ne!(
         base,
         binding_hash(&principal(), "payments:transfer", None, &r, &ctx)
+    );
+    // The whole requesting identity (SECURITY ): owner, delegation chain,
+    // attributes.
+    let mut p = principal();
+    p.owner = Some("alice".into());
+    assert_ne!(
+        base,
+        binding_hash(&p, "payments:transfer", None, &resource(), &ctx)
+    );
+    let mut p = principal();
+    p.owner = None;
+    assert_ne!(
+        base,
+        binding_hash(&p, "payments:transfer", None, &resource(), &ctx)
+    );
+    let mut p = principal();
+    p.actors = vec!["alice".into()];
+    let acting = binding_hash(&p, "payments:transfer", None, &resource(), &ctx);
+    assert_ne!(base, acting);
+    p.actors = vec!["alice".into(), "carol".into()];
+    assert_ne!(
+        acting,
+        binding_hash(&p, "payments:transfer", None, &resource(), &ctx)
+    );
+    let mut p = principal();
+    p.attributes = obj(json!({"team": "payments"}));
+    assert_ne!(
+        base,
+        binding_hash(&p, "payments:transfer", None, &resource(), &ctx)
     );
     let props = obj(json!({"k": 1}));
     assert_ne!(

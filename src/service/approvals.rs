@@ -101,6 +101,11 @@ impl Service {
             .map_err(|e| ApprovalError::from_store(e, REQUEST, raw))?
             .ok_or_else(|| not_found(REQUEST, raw))?;
 
+        // Someone who may not see the request is told it does not exist, as for an id that
+        // does not (SECURITY A-22): no answer tells a stranger that an id is real.
+        if !self.viewer(caller)(&request) {
+            return Err(not_found(REQUEST, raw));
+        }
         // Separation of duties: nobody in the requester set, whatever the policy
         // says.
         let p = &request.principal;
@@ -112,15 +117,14 @@ impl Service {
                 approver: approver.id.clone(),
             });
         }
+        // Past the check above, only the requester itself could be outside the approver
+        // groups, and it is refused as such; kept so no path reviews without membership.
         if !self
             .approver_groups(approver)
             .iter()
             .any(|g| request.current_groups.contains(g))
         {
-            return Err(ApprovalError::NotAnApprover {
-                approver: approver.id.clone(),
-                groups: request.current_groups.join(", "),
-            });
+            return Err(not_found(REQUEST, raw));
         }
         if input.verdict == Verdict::Approve {
             for kind in &request.evidence {

@@ -27,9 +27,6 @@ pub enum ApprovalError {
     /// The caller asked for a group it is not in.
     #[error("`{approver}` is not in group `{group}`")]
     NotInGroup { approver: String, group: String },
-    /// The reviewer is in none of the request's current approver groups.
-    #[error("`{approver}` is in none of the approver groups of this request ({groups})")]
-    NotAnApprover { approver: String, groups: String },
     /// The bundle's `approve` policy does not permit this reviewer.
     #[error("the policy does not permit `{approver}` to approve this request: {why}")]
     NotPermitted { approver: String, why: String },
