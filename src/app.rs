@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::AppState;
 use crate::api::server::{self, Listener};
-use crate::approval::GrantCache;
+use crate::approval::{GrantCache, GuardedStore};
 use crate::audit::{AuditLog, AuditSettings};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -70,6 +70,8 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
     let store = crate::store::connect(&config.store.url)
         .await
         .map_err(|e| anyhow::anyhow!("approval store: {e}"))?;
+    // Past start-up, an outage fails escalations fast instead of stalling each one.
+    let store = Arc::new(GuardedStore::new(store, config.store.guard));
     // A shared (PostgreSQL) store is trusted only once the change listener `start` runs is
     // connected; a SQLite file has no other writer.
     let grants = Arc::new(GrantCache::new(

@@ -118,6 +118,8 @@ pub struct StoreConfig {
     pub grant_cache: crate::approval::GrantCacheSettings,
     /// `max_pending_per_principal` and `max_requests_per_hour` (SECURITY A-16).
     pub escalation_limits: crate::approval::EscalationLimits,
+    /// `timeout` and `probe_interval` of the store's circuit breaker (SECURITY R-04a).
+    pub guard: crate::approval::GuardSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -571,9 +573,36 @@ impl Reader {
                 "grant_cache_negative_ttl",
                 "max_pending_per_principal",
                 "max_requests_per_hour",
+                "timeout",
+                "probe_interval",
             ],
         );
         let cache_defaults = crate::approval::GrantCacheSettings::default();
+        let guard_defaults = crate::approval::GuardSettings::default();
+        let guard = crate::approval::GuardSettings {
+            timeout: self.duration(
+                t,
+                p,
+                "timeout",
+                guard_defaults.timeout,
+                Duration::from_secs(10),
+            ),
+            probe_interval: self.duration(
+                t,
+                p,
+                "probe_interval",
+                guard_defaults.probe_interval,
+                Duration::from_secs(60),
+            ),
+        };
+        for (key, d) in [
+            ("timeout", guard.timeout),
+            ("probe_interval", guard.probe_interval),
+        ] {
+            if d < Duration::from_millis(10) {
+                self.bad(format!("{p}.{key}"), "must be at least 10ms");
+            }
+        }
         let url = match self.string(t, p, "url") {
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
             Some(u) if u.is_empty() => {
@@ -640,6 +669,7 @@ impl Reader {
                     (1, 10_000),
                 ) as u32,
             },
+            guard,
         }
     }
 

@@ -200,10 +200,15 @@ async fn au02_an_unwritable_audit_log_turns_an_allow_into_a_deny() {
     }
     let failures = s.running.as_ref().unwrap().service.audit.write_failures();
     assert_eq!(failures, 4);
-    // The count is visible to operators.
+    // The count is visible to operators, and the sidecar says it is not ready (issue 10.6):
+    // every decision it makes is a deny.
     let r = s.client.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
     let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     assert_eq!(v["audit"]["write_failures"], 4, "{v}");
+    assert_eq!(v["ready"], false, "{v}");
+    assert_eq!(v["degraded"], json!(["audit"]), "{v}");
+    assert_eq!(v["audit"]["ok"], false, "{v}");
     s.shutdown().await;
 }
 

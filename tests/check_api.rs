@@ -461,7 +461,7 @@ async fn authzen_escalation_is_a_requestable_denial_naming_its_approval_request(
 
 #[tokio::test]
 async fn an_approved_request_is_allowed_by_its_grant_and_a_different_one_escalates_again() {
-    use mandate::approval::{Review, Verdict};
+    use mandate::approval::{ApprovalStore, Review, Verdict};
     let s = TestServer::start(&example_config(&[])).await;
     let t = token();
     let (_, esc) = s.post("/v1/check", Some(&t), &transfer(250)).await;

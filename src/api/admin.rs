@@ -10,8 +10,11 @@ pub fn healthz() -> Response<Body> {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
-/// Readiness: a policy bundle is active and every trusted issuer has usable keys
-/// (SECURITY K-03: an issuer whose keys never loaded keeps the sidecar not ready).
+/// Readiness: a policy bundle is active, every trusted issuer has usable keys (SECURITY
+/// K-03), the audit log takes records, and the approval store answers. Any of them failing is
+/// a `503` naming it under `degraded`: checks are still answered meanwhile, but an audit
+/// outage denies every one of them and a store outage denies every escalation, which is
+/// what an orchestrator or an operator must hear about.
 pub fn readyz(state: &AppState) -> Response<Body> {
     let state = &state.service;
     let bundle = state.engine.bundle();
@@ -24,7 +27,20 @@ pub fn readyz(state: &AppState) -> Response<Body> {
         .into_iter()
         .map(|(name, e)| (name, serde_json::Value::String(e)))
         .collect();
-    let status = if keys {
+    let audit = state.audit.failing();
+    let store = state.store.outage();
+    let mut degraded = Vec::new();
+    if !keys {
+        degraded.push("issuers");
+    }
+    if audit.is_some() {
+        degraded.push("audit");
+    }
+    if store.is_some() {
+        degraded.push("store");
+    }
+    let ready = degraded.is_empty();
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -32,13 +48,15 @@ pub fn readyz(state: &AppState) -> Response<Body> {
     json_response(
         status,
         &json!({
-            "ready": keys,
+            "ready": ready,
+            "degraded": degraded,
             "policy": {"name": bundle.name(), "version": &*bundle.version(), "policies": bundle.policy_count()},
             "issuers_ready": keys,
             "jwks_errors": jwks_errors,
             // Decisions denied and events refused because the log could not be written
             // (SECURITY §0 item 2): counted here, so an operator sees an audit outage.
-            "audit": {"write_failures": state.audit.write_failures()},
+            "audit": {"ok": audit.is_none(), "error": audit, "write_failures": state.audit.write_failures()},
+            "store": {"ok": store.is_none(), "error": store},
         }),
     )
 }

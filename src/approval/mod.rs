@@ -5,6 +5,7 @@
 
 pub mod cache;
 mod canonical;
+pub mod guard;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use crate::vocabulary::{ApprovalRequirement, CheckRequest, Fallback, Principal, 
 
 pub use cache::{ActiveGrant, GrantCache, GrantCacheSettings};
 pub use canonical::{binding_hash, canonical_json};
+pub use guard::{GuardSettings, GuardedStore};
 
 /// Where an approval request is in its life. Only `Pending` ever changes; the other four are
 /// final.

@@ -76,6 +76,8 @@ struct Inner {
     /// The last sync failed: the disk may not hold what the OS acknowledged, so decisions
     /// deny until a sync succeeds again.
     sync_failed: AtomicBool,
+    /// The last append failed (and none has succeeded since): readiness says so.
+    last_failed: AtomicBool,
     write_failures: AtomicU64,
 }
 
@@ -132,6 +134,7 @@ impl AuditLog {
             }),
             dirty: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
+            last_failed: AtomicBool::new(false),
             write_failures: AtomicU64::new(0),
         });
         spawn_group_commit(
@@ -150,6 +153,19 @@ impl AuditLog {
     /// deny or failed an event. Exported as a metric.
     pub fn write_failures(&self) -> u64 {
         self.0.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// `None` while records are being written and synced; else why the log is failing (the
+    /// last sync failed, or the last append did and none has succeeded since). Every decision
+    /// denies meanwhile, so readiness reports it.
+    pub fn failing(&self) -> Option<&'static str> {
+        if self.0.sync_failed.load(Ordering::Acquire) {
+            Some("the last sync to disk failed")
+        } else if self.0.last_failed.load(Ordering::Acquire) {
+            Some("the last record could not be written")
+        } else {
+            None
+        }
     }
 
     /// Records were written since the last sync to disk (the next group commit syncs them).
@@ -183,6 +199,7 @@ impl AuditLog {
         if result.is_err() {
             inner.write_failures.fetch_add(1, Ordering::Relaxed);
         }
+        inner.last_failed.store(result.is_err(), Ordering::Release);
         result
     }
 

@@ -20,7 +20,9 @@ use uuid::Uuid;
 
 use super::caller::Caller;
 use super::{ApprovalError, Service};
-use crate::approval::{ApprovalRequest, Grant, ListFilter, Review, ReviewOutcome, Status, Verdict};
+use crate::approval::{
+    ApprovalRequest, ApprovalStore, Grant, ListFilter, Review, ReviewOutcome, Status, Verdict,
+};
 use crate::vocabulary::{CheckRequest, Outcome, Principal, Resource};
 
 /// Longest a status request may wait for a change.

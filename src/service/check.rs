@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::Service;
 use super::caller::Caller;
-use crate::approval::{ApprovalRequest, Grant, NewRequest, StoreError};
+use crate::approval::{ApprovalRequest, ApprovalStore, Grant, NewRequest, StoreError};
 use crate::audit::{Approver, DecisionRecord};
 use crate::decision::CacheKey;
 use crate::vocabulary::{CheckRequest, Decision, Outcome, Reason};

@@ -23,7 +23,7 @@ pub mod sweep;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::approval::{ApprovalStore, EscalationLimits, GrantCache};
+use crate::approval::{EscalationLimits, GrantCache, GuardedStore};
 use crate::audit::{AuditError, AuditLog, EventRecord};
 use crate::config::EnforcementPoint;
 use crate::decision::{DecisionCache, Engine};
@@ -50,8 +50,9 @@ pub struct Service {
     pub audit: AuditLog,
     /// Repeats of the exact same check within a second reuse the verdict.
     pub decisions: DecisionCache,
-    /// Approval requests and grants.
-    pub store: Arc<dyn ApprovalStore>,
+    /// Approval requests and grants, behind the circuit breaker that fails fast while the
+    /// store is out.
+    pub store: Arc<GuardedStore>,
     /// Active grants (and their absence) by binding hash, in front of `store` on the hot
     /// path; whoever changes a grant through this process invalidates its entry.
     pub grants: Arc<GrantCache>,

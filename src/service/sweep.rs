@@ -4,6 +4,7 @@
 //! restart: the sweep only acts on them when due, by the service's clock.
 
 use super::Service;
+use crate::approval::ApprovalStore;
 
 impl Service {
     /// One sweep at the service's time. Returns how many requests moved (fallback, expired).

@@ -33,6 +33,11 @@ pub fn config_from(text: &str, path: &Path, env: &[(&str, &str)]) -> Config {
         let db = Path::new(&fresh_audit_path()).with_file_name("mandate.db");
         vars.push(("MANDATE_STORE__URL".into(), db.display().to_string()));
     }
+    // A loaded test machine can take seconds over a synchronous commit: the store's breaker
+    // must not mistake that for an outage (the breaker's own tests set their timeout).
+    if !env.iter().any(|(k, _)| *k == "MANDATE_STORE__TIMEOUT") {
+        vars.push(("MANDATE_STORE__TIMEOUT".into(), "10s".into()));
+    }
     vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     match Config::parse(text, path, &vars) {
         Ok(c) => c,
