@@ -13,9 +13,10 @@ use tokio::task::JoinHandle;
 use crate::api::AppState;
 use crate::api::server::{self, Listener};
 use crate::approval::{GrantCache, GuardedStore};
-use crate::audit::{AuditLog, AuditSettings};
+use crate::audit::checkpoint::{CheckpointFile, CheckpointSink};
+use crate::audit::{AuditLog, AuditSettings, CheckpointKey, Checkpointer};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, KeySource};
 use crate::decision::{DecisionCache, Engine};
 use crate::identity::{CacheSettings, Verifier};
 use crate::policy::{Bundle, BundleError};
@@ -169,6 +170,22 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
             wait_stop(stopped.clone()),
         )));
     }
+    // Signed checkpoints of the audit chain, kept outside the log (DESIGN §5).
+    if let Some(cp) = &config.audit.checkpoints {
+        let key = Arc::new(load_checkpoint_key(&cp.key)?);
+        tracing::info!(key_id = key.key_id(), file = %cp.file.display(), "audit checkpoints on");
+        let sinks: Vec<Arc<dyn CheckpointSink>> =
+            vec![Arc::new(CheckpointFile::new(cp.file.clone()))];
+        let checkpointer = Checkpointer::new(
+            service.audit.clone(),
+            key,
+            sinks,
+            service.engine.clock().clone(),
+        );
+        tasks.push(tokio::spawn(
+            checkpointer.run(cp.schedule, wait_stop(stopped.clone())),
+        ));
+    }
     // Grants created or revoked by other sidecars sharing the store reach this one's cache.
     if crate::store::is_shared(&config.store.url) {
         tasks.push(tokio::spawn(crate::store::listen_grant_changes(
@@ -199,6 +216,36 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         stop,
         tasks,
     })
+}
+
+/// The checkpoint signing key, from its file or environment variable (PEM, DER, or base64
+/// of the DER).
+pub fn load_checkpoint_key(source: &KeySource) -> anyhow::Result<CheckpointKey> {
+    use base64::Engine as _;
+    let (bytes, what) = match source {
+        KeySource::File(path) => (
+            std::fs::read(path).with_context(|| {
+                format!("audit.checkpoint_key: cannot read `{}`", path.display())
+            })?,
+            path.display().to_string(),
+        ),
+        KeySource::Env(var) => {
+            let text = std::env::var(var).with_context(|| {
+                format!("audit.checkpoint_key_env: environment variable `{var}` is not set")
+            })?;
+            let bytes = if text.contains("-----BEGIN") {
+                text.into_bytes()
+            } else {
+                base64::engine::general_purpose::STANDARD
+                    .decode(text.trim())
+                    .with_context(|| {
+                        format!("audit.checkpoint_key_env: `{var}` is neither PEM nor base64")
+                    })?
+            };
+            (bytes, format!("${var}"))
+        }
+    };
+    Ok(CheckpointKey::from_pkcs8(&bytes, &what)?)
 }
 
 /// Sweep approval requests every `every` until `stop` (see [`Service::sweep`]).

@@ -2,7 +2,7 @@
 //! `policy validate`, `policy test`, `dev token`, `audit verify`. Each returns the process
 //! exit code.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,23 +164,97 @@ pub fn dev_token(
     Ok(0)
 }
 
-/// `mandate audit verify FILE`: exit 0 when the whole chain holds, 1 at the first broken or
-/// missing record (named by its line).
-pub fn audit_verify(file: &Path) -> anyhow::Result<u8> {
-    match crate::audit::verify(file) {
-        Ok(report) => {
+/// `mandate audit verify FILE [--checkpoints F --key K]`: exit 0 when the whole chain holds
+/// (and matches every signed checkpoint), 1 at the first broken or missing record (named by
+/// its line) or the first checkpoint the log does not match.
+pub fn audit_verify(
+    file: &Path,
+    checkpoints: Option<&Path>,
+    key: Option<&str>,
+) -> anyhow::Result<u8> {
+    use crate::audit::checkpoint::{parse_public_key, read_checkpoints, verify_checkpoints};
+    let wanted = match checkpoints {
+        Some(path) => {
+            let Some(key) = key else {
+                bail!("--checkpoints needs --key: a checkpoint is only as good as its signature");
+            };
+            let text = std::fs::read_to_string(key).unwrap_or_else(|_| key.to_owned());
+            let Some(public) = parse_public_key(&text) else {
+                bail!(
+                    "--key: `{key}` is neither a file holding a public key nor one (32 bytes, hex or base64)"
+                );
+            };
+            Some((read_checkpoints(path)?, public))
+        }
+        None => None,
+    };
+    let seqs: std::collections::HashSet<u64> = wanted
+        .as_ref()
+        .map(|(cps, _)| cps.iter().map(|c| c.seq).collect())
+        .unwrap_or_default();
+    let mut hashes = std::collections::HashMap::new();
+    let report = match crate::audit::verify_visiting(file, |seq, hash| {
+        if seqs.contains(&seq) {
+            hashes.insert(seq, hex::encode(hash));
+        }
+    }) {
+        Ok(report) => report,
+        Err(e @ crate::audit::VerifyError::Line { .. }) => {
+            println!("{e}");
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!(
+        "ok: {} records, last hash {}",
+        report.records, report.last_hash
+    );
+    let Some((cps, public)) = wanted else {
+        return Ok(0);
+    };
+    match verify_checkpoints(&cps, &public, report.records, |seq| {
+        hashes.get(&seq).cloned()
+    }) {
+        Ok(c) => {
             println!(
-                "ok: {} records, last hash {}",
-                report.records, report.last_hash
+                "checkpoints: {} verified; the log is vouched for up to seq {}, {} record(s) after it not yet checkpointed",
+                c.verified, c.last_verified_seq, c.uncovered
             );
             Ok(0)
         }
-        Err(e @ crate::audit::VerifyError::Line { .. }) => {
+        Err(e) => {
             println!("{e}");
             Ok(1)
         }
-        Err(e) => Err(e.into()),
     }
+}
+
+/// `mandate audit keygen FILE`: a new checkpoint signing key.
+pub fn audit_keygen(file: &Path) -> anyhow::Result<u8> {
+    crate::app::install_crypto()?;
+    if file.exists() {
+        bail!("`{}` exists: not overwriting a key", file.display());
+    }
+    let pem = crate::audit::CheckpointKey::generate_pem()?;
+    let key = crate::audit::CheckpointKey::from_pkcs8(pem.as_bytes(), "new key")?;
+    // Readable by its owner only: whoever reads it can sign checkpoints.
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file)
+            .and_then(|mut f| f.write_all(pem.as_bytes()))
+            .with_context(|| format!("cannot write `{}`", file.display()))?;
+    }
+    let mut public = file.as_os_str().to_owned();
+    public.push(".pub");
+    std::fs::write(&public, format!("{}\n", key.public_hex()))
+        .with_context(|| format!("cannot write `{}`", PathBuf::from(&public).display()))?;
+    println!("{}", key.public_hex());
+    Ok(0)
 }
 
 #[cfg(test)]

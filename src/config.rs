@@ -102,6 +102,27 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// Interval of the group commit to disk (records are with the OS before any answer).
     pub group_commit: Duration,
+    /// Signed checkpoints of the chain, when a key is configured.
+    pub checkpoints: Option<CheckpointConfig>,
+}
+
+/// Where the checkpoint signing key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A PKCS#8 Ed25519 private key file (PEM or DER), `audit.checkpoint_key`.
+    File(PathBuf),
+    /// An environment variable holding the PEM (or base64 DER), `audit.checkpoint_key_env`.
+    Env(String),
+}
+
+/// Signed checkpoints of the audit chain (`audit.checkpoint_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointConfig {
+    pub key: KeySource,
+    /// JSON-lines file the checkpoints are appended to (default: the log's path plus
+    /// `.checkpoints`).
+    pub file: PathBuf,
+    pub schedule: crate::audit::checkpoint::CheckpointSchedule,
 }
 
 /// Where approval requests and grants are kept.
@@ -675,7 +696,19 @@ impl Reader {
 
     fn audit(&mut self, t: &Table) -> AuditConfig {
         let p = "audit";
-        self.known(t, p, &["path", "group_commit"]);
+        self.known(
+            t,
+            p,
+            &[
+                "path",
+                "group_commit",
+                "checkpoint_key",
+                "checkpoint_key_env",
+                "checkpoint_every",
+                "checkpoint_interval",
+                "checkpoint_file",
+            ],
+        );
         let path = match self.string(t, p, "path") {
             Some(s) if s.is_empty() => {
                 self.bad(
@@ -703,10 +736,65 @@ impl Reader {
                 ),
             );
         }
+        let path = self.path(&path);
+        let checkpoints = self.checkpoints(t, p, &path);
         AuditConfig {
-            path: self.path(&path),
+            path,
             group_commit,
+            checkpoints,
         }
+    }
+
+    fn checkpoints(&mut self, t: &Table, p: &str, log: &Path) -> Option<CheckpointConfig> {
+        let key = match (
+            self.string(t, p, "checkpoint_key"),
+            self.string(t, p, "checkpoint_key_env"),
+        ) {
+            (Some(_), Some(_)) => {
+                self.bad(
+                    format!("{p}.checkpoint_key_env"),
+                    "set either `checkpoint_key` or `checkpoint_key_env`, not both",
+                );
+                return None;
+            }
+            (Some(f), None) => KeySource::File(self.path(&f)),
+            (None, Some(var)) => KeySource::Env(var),
+            (None, None) => {
+                for key in ["checkpoint_every", "checkpoint_interval", "checkpoint_file"] {
+                    if t.contains_key(key) {
+                        self.bad(
+                            format!("{p}.{key}"),
+                            "only applies with `checkpoint_key` or `checkpoint_key_env`",
+                        );
+                    }
+                }
+                return None;
+            }
+        };
+        let every = self.integer(t, p, "checkpoint_every", 1000, (1, 10_000_000));
+        let interval = self.duration(
+            t,
+            p,
+            "checkpoint_interval",
+            Duration::from_secs(10),
+            Duration::from_secs(3600),
+        );
+        if interval < Duration::from_secs(1) {
+            self.bad(format!("{p}.checkpoint_interval"), "must be at least 1s");
+        }
+        let file = match self.string(t, p, "checkpoint_file") {
+            Some(f) => self.path(&f),
+            None => {
+                let mut name = log.as_os_str().to_owned();
+                name.push(".checkpoints");
+                PathBuf::from(name)
+            }
+        };
+        Some(CheckpointConfig {
+            key,
+            file,
+            schedule: crate::audit::checkpoint::CheckpointSchedule { every, interval },
+        })
     }
 
     fn server(&mut self, t: &Table) -> ServerConfig {

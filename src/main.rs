@@ -143,7 +143,21 @@ enum ApprovalsCommand {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Check a log's hash chain; prints the first broken or missing record and exits 1.
-    Verify { file: PathBuf },
+    /// With `--checkpoints` and `--key`, also checks the log against its signed checkpoints
+    /// (a rewritten or cut-off log fails) and reports the last position they vouch for.
+    Verify {
+        file: PathBuf,
+        /// The checkpoint file (`audit.checkpoint_file`; default: FILE.checkpoints).
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+        /// The checkpoint public key: a file holding it, or the key itself (32 bytes, hex or
+        /// base64), as `mandate audit keygen` prints it.
+        #[arg(long, requires = "checkpoints")]
+        key: Option<String>,
+    },
+    /// Make an Ed25519 checkpoint signing key: the private key (PKCS#8 PEM) to FILE, the
+    /// public key (hex) to FILE.pub and stdout.
+    Keygen { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -237,7 +251,12 @@ fn main() -> ExitCode {
             }
         },
         Command::Audit { command } => match command {
-            AuditCommand::Verify { file } => cli::audit_verify(&file),
+            AuditCommand::Verify {
+                file,
+                checkpoints,
+                key,
+            } => cli::audit_verify(&file, checkpoints.as_deref(), key.as_deref()),
+            AuditCommand::Keygen { file } => cli::audit_keygen(&file),
         },
         Command::Grants {
             server,

@@ -257,3 +257,126 @@ async fn au03_every_acknowledged_decision_survives_kill_9() {
     }
     assert_eq!(recs.len(), 200);
 }
+
+/// `mandate audit verify FILE --checkpoints FILE.checkpoints --key KEY`: (exit code, stdout).
+fn verify_checkpoints_cli(log: &Path, key: &Path) -> (i32, String) {
+    let mut cps = log.as_os_str().to_owned();
+    cps.push(".checkpoints");
+    let out = Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .args(["audit", "verify"])
+        .arg(log)
+        .arg("--checkpoints")
+        .arg(&cps)
+        .arg("--key")
+        .arg(key)
+        .output()
+        .expect("mandate runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Recompute the chain from line `from` (0-based) after `edit` changed that record, as an
+/// attacker who can write the file would: every `prev_hash` and `hash` made consistent again.
+fn rewrite_chain(log: &Path, from: usize, edit: impl Fn(&mut serde_json::Map<String, Value>)) {
+    use sha2::{Digest, Sha256};
+    let text = std::fs::read_to_string(log).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut prev: String = if from == 0 {
+        "0".repeat(64)
+    } else {
+        let v: Value = serde_json::from_str(&lines[from - 1]).unwrap();
+        v["hash"].as_str().unwrap().to_owned()
+    };
+    for (i, line) in lines.iter_mut().enumerate().skip(from) {
+        let mut v: Value = serde_json::from_str(line).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("hash");
+        obj.insert("prev_hash".into(), Value::String(prev.clone()));
+        if i == from {
+            edit(obj);
+        }
+        let mut canonical = Vec::new();
+        mandate::audit::write_canonical(&mut canonical, &v).unwrap();
+        let hash = hex::encode(
+            Sha256::new()
+                .chain_update(prev.as_bytes())
+                .chain_update(b"\n")
+                .chain_update(&canonical)
+                .finalize(),
+        );
+        // The line as the writer puts it: the canonical record, `hash` appended last.
+        canonical.pop();
+        *line = format!(
+            "{},\"hash\":\"{hash}\"}}",
+            String::from_utf8(canonical).unwrap()
+        );
+        prev = hash;
+    }
+    std::fs::write(log, lines.join("\n") + "\n").unwrap();
+}
+
+#[tokio::test]
+async fn au04_signed_checkpoints_catch_a_rewritten_chain_a_cut_end_and_a_forged_checkpoint() {
+    let log = std::path::PathBuf::from(common::fresh_audit_path());
+    let log_s = log.display().to_string();
+    let key = common::repo().join("config/dev/audit-checkpoint-key.pem.pub");
+    let s = TestServer::start(&example_config(&[
+        ("MANDATE_AUDIT__PATH", &log_s),
+        ("MANDATE_AUDIT__CHECKPOINT_EVERY", "4"),
+    ]))
+    .await;
+    let t = token();
+    for amount in 1..=10 {
+        let (_, v) = s.post("/v1/check", Some(&t), &transfer(amount)).await;
+        assert_eq!(v["decision"], "allow", "{v}");
+    }
+    // Shutdown signs the head once more.
+    s.shutdown().await;
+    let (code, out) = verify_checkpoints_cli(&log, &key);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("vouched for up to seq 10, 0 record(s)"),
+        "{out}"
+    );
+
+    // An attacker who can write the file recomputes the chain after turning a deny into an
+    // allow: the chain alone says ok, the checkpoints do not.
+    let pristine = std::fs::read_to_string(&log).unwrap();
+    rewrite_chain(&log, 2, |r| {
+        r.insert("decision".into(), json!("deny"));
+    });
+    assert_eq!(verify_cli(&log).0, 0, "the rewritten chain is consistent");
+    let (code, out) = verify_checkpoints_cli(&log, &key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the log was rewritten"), "{out}");
+
+    // Records cut from the end: undetectable by the chain, not by the last checkpoint.
+    let cut: Vec<&str> = pristine.lines().take(7).collect();
+    std::fs::write(&log, cut.join("\n") + "\n").unwrap();
+    assert_eq!(verify_cli(&log).0, 0);
+    let (code, out) = verify_checkpoints_cli(&log, &key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cut from the end"), "{out}");
+
+    // A checkpoint signed by any other key does not verify.
+    std::fs::write(&log, &pristine).unwrap();
+    let mut cps = log.as_os_str().to_owned();
+    cps.push(".checkpoints");
+    let other = mandate::audit::CheckpointKey::from_pkcs8(
+        mandate::audit::CheckpointKey::generate_pem()
+            .unwrap()
+            .as_bytes(),
+        "other",
+    )
+    .unwrap();
+    let forged = other.sign(10, "00", 0);
+    let mut text = std::fs::read_to_string(&cps).unwrap();
+    text.push_str(&serde_json::to_string(&forged).unwrap());
+    text.push('\n');
+    std::fs::write(&cps, text).unwrap();
+    let (code, out) = verify_checkpoints_cli(&log, &key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("does not verify"), "{out}");
+}

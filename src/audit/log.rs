@@ -173,6 +173,11 @@ impl AuditLog {
         self.0.dirty.load(Ordering::Acquire)
     }
 
+    /// `seq` and `hash` of the last record written: the head of the chain.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        self.0.head.lock().map_or((0, [0; 32]), |h| (h.seq, h.hash))
+    }
+
     /// `seq` of the last record written.
     pub fn last_seq(&self) -> u64 {
         self.0.head.lock().map_or(0, |h| h.seq)

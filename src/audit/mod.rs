@@ -14,10 +14,14 @@
 //! `group_commit` interval (the record survives a power loss within that window). Approval
 //! events that must be on disk before they are acknowledged use [`AuditLog::append_durable`].
 //!
+//! A chain alone proves order, not origin: [`checkpoint`] signs its head on a schedule and
+//! keeps the signatures outside the log, so rewriting or cutting the log is detected too.
+//!
 //! Secrets never enter a record (AU-05): the token is represented by its `jti`, the request
 //! context by a digest of its canonical JSON.
 
 mod canonical;
+pub mod checkpoint;
 mod log;
 mod record;
 mod verify;
@@ -28,9 +32,10 @@ mod tests;
 pub use canonical::{
     context_digest, write_canonical, write_str, write_value as write_canonical_value,
 };
+pub use checkpoint::{Checkpoint, CheckpointKey, Checkpointer};
 pub use log::{AuditError, AuditLog, AuditSettings};
 pub use record::{Approver, DecisionRecord, EntityName, EventRecord, Record, Timestamp};
-pub use verify::{Broken, VerifyError, VerifyReport, verify};
+pub use verify::{Broken, VerifyError, VerifyReport, verify, verify_visiting};
 
 /// `prev_hash` of the first record of a file.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";

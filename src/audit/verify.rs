@@ -122,6 +122,15 @@ pub(crate) fn check_line(line: &[u8]) -> Result<Link, Broken> {
 
 /// Verify the whole file at `path`; the error names the first broken line.
 pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
+    verify_visiting(path, |_, _| {})
+}
+
+/// [`verify`], calling `visit(seq, hash)` for every sound record in order: how checkpoints
+/// are checked against the log in the same pass.
+pub fn verify_visiting(
+    path: &Path,
+    mut visit: impl FnMut(u64, &[u8; 32]),
+) -> Result<VerifyReport, VerifyError> {
     let io_err = |source| VerifyError::Io {
         path: path.to_path_buf(),
         source,
@@ -156,6 +165,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
         }
         last_seq = link.seq;
         last_hash = link.hash;
+        visit(link.seq, &link.hash);
     }
     let mut hex = [0u8; 64];
     Ok(VerifyReport {
