@@ -1,10 +1,12 @@
 //! Approval store backends: the only module that knows SQL. SQLite is the embedded default
-//! (one file); PostgreSQL lets a fleet of sidecars share approvals and grants. Both implement
-//! [`ApprovalStore`](crate::approval::ApprovalStore) with the review rules of
-//! [`apply_review`](crate::approval::apply_review), and run the same test suite
+//! (one file); PostgreSQL lets a fleet of sidecars share approvals and grants. Both are one
+//! [`ApprovalStore`](crate::approval::ApprovalStore) implementation, `sql::SqlStore`, written
+//! once over a small dialect trait, with the review rules of
+//! [`apply_review`](crate::approval::apply_review); they run the same test suite
 //! (tests/store.rs).
 
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::sync::Arc;
@@ -58,7 +60,7 @@ pub async fn listen_grant_changes(
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A database error, as a store error. Unique violations are the caller's to interpret; here
-/// they are a generic conflict.
+/// they are a generic conflict (a review's insert makes it `AlreadyReviewed`).
 fn db_error(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::ColumnDecode { .. }
@@ -71,10 +73,6 @@ fn db_error(e: sqlx::Error) -> StoreError {
         }
         other => StoreError::Unavailable(other.to_string()),
     }
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 fn migrate_error(e: sqlx::migrate::MigrateError) -> StoreError {
