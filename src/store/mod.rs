@@ -249,41 +249,6 @@ fn grants(rows: Vec<GrantRow>) -> Result<Vec<Grant>, StoreError> {
     rows.into_iter().map(Grant::try_from).collect()
 }
 
-/// The JSON-encoded columns of a new request, prepared once for either backend's insert.
-struct EncodedRequest {
-    principal: String,
-    action_properties: Option<String>,
-    resource: String,
-    context: String,
-    policy_ids: String,
-    policy_text: String,
-    groups: String,
-    current_groups: String,
-    evidence: String,
-    grant_ttl_secs: i64,
-    fallback_group: Option<String>,
-    fallback_after_secs: Option<i64>,
-}
-
-impl EncodedRequest {
-    fn new(r: &ApprovalRequest) -> Result<Self, StoreError> {
-        Ok(Self {
-            principal: to_json(&r.principal)?,
-            action_properties: r.action_properties.as_ref().map(to_json).transpose()?,
-            resource: to_json(&r.resource)?,
-            context: to_json(&r.context)?,
-            policy_ids: to_json(&r.policy_ids)?,
-            policy_text: to_json(&r.policy_text)?,
-            groups: to_json(&r.groups)?,
-            current_groups: to_json(&r.current_groups)?,
-            evidence: to_json(&r.evidence)?,
-            grant_ttl_secs: crate::approval::secs(r.grant_ttl),
-            fallback_group: r.fallback.as_ref().map(|f| f.group.clone()),
-            fallback_after_secs: r.fallback.as_ref().map(|f| crate::approval::secs(f.after)),
-        })
-    }
-}
-
 /// What [`EscalationLimits`](crate::approval::EscalationLimits) are checked against, read in
 /// the transaction that inserts: whether the new request's pending twin exists (then it is
 /// returned, not created, and no limit applies), the principal's unexpired pending requests

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Postgres;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions, PgQueryResult};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
 
 use super::sql::{Dialect, SqlStore};
 use super::{ACQUIRE_TIMEOUT, db_error, migrate_error, to_json};
@@ -68,10 +68,6 @@ impl Dialect for Postgres {
     /// The expression indexed by `approval_requests_requester` for the key `id`.
     fn json_text(column: &str, key: &str) -> String {
         format!("{column}->>'{key}'")
-    }
-
-    fn rows_affected(result: &PgQueryResult) -> u64 {
-        result.rows_affected()
     }
 
     /// A transaction-scoped advisory lock, so creators for one principal take turns across

@@ -22,8 +22,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    EncodedRequest, GrantRow, LimitCounts, RequestRow, ReviewRow, db_error, grants,
-    not_found_grant, not_found_request, requests, to_json,
+    GrantRow, LimitCounts, RequestRow, ReviewRow, db_error, grants, not_found_grant,
+    not_found_request, requests, to_json,
 };
 use crate::approval::{
     ApprovalRequest, ApprovalStore, EscalationLimits, Grant, ListFilter, NewRequest,
@@ -49,8 +49,6 @@ pub trait Dialect: Database {
 
     /// The text at `key` of the JSON object in `column`, written exactly as the index on it.
     fn json_text(column: &str, key: &str) -> String;
-
-    fn rows_affected(result: &Self::QueryResult) -> u64;
 
     /// Make the creators of `principal`'s requests take turns until the transaction ends, so
     /// the escalation limits are counted and enforced atomically (SECURITY A-16).
@@ -134,7 +132,8 @@ struct Statements {
     /// `$1` binding hash, `$2..$4` principal id, issuer and kind, `$5` now, `$6` start of the
     /// hourly window: [`LimitCounts`].
     limit_counts: SqlStr,
-    /// [`REQUEST_COLUMNS`]; does nothing when the binding hash has a pending request.
+    /// [`REQUEST_COLUMNS`]; returns the new `seq` when it inserts, nothing when the binding
+    /// hash has a pending request already.
     insert_request: SqlStr,
     /// `$1` id.
     request: SqlStr,
@@ -206,7 +205,7 @@ impl Statements {
             // The partial unique index decides between concurrent creators: the loser's
             // insert waits for the winner's commit and then does nothing.
             insert_request: sql(format!(
-                "{} ON CONFLICT (binding_hash) WHERE status = 'pending' DO NOTHING",
+                "{} ON CONFLICT (binding_hash) WHERE status = 'pending' DO NOTHING RETURNING seq",
                 insert::<D>("approval_requests", REQUEST_COLUMNS)
             )),
             request_for_update: sql(format!("{get_request}{}", D::FOR_UPDATE)),
@@ -265,12 +264,49 @@ impl Statements {
     }
 }
 
+/// The values of `r`'s [`REQUEST_COLUMNS`], in order, JSON encoded once for every attempt.
+fn request_values(r: &ApprovalRequest) -> Result<Vec<Arg>, StoreError> {
+    Ok(vec![
+        r.id.into(),
+        r.binding_hash.as_str().into(),
+        to_json(&r.principal)?.into(),
+        r.action.as_str().into(),
+        r.action_properties
+            .as_ref()
+            .map(to_json)
+            .transpose()?
+            .into(),
+        to_json(&r.resource)?.into(),
+        to_json(&r.context)?.into(),
+        r.policy_version.as_str().into(),
+        to_json(&r.policy_ids)?.into(),
+        to_json(&r.policy_text)?.into(),
+        to_json(&r.groups)?.into(),
+        to_json(&r.current_groups)?.into(),
+        i64::from(r.quorum).into(),
+        to_json(&r.evidence)?.into(),
+        crate::approval::secs(r.grant_ttl).into(),
+        r.fallback.as_ref().map(|f| f.group.as_str()).into(),
+        r.fallback
+            .as_ref()
+            .map(|f| crate::approval::secs(f.after))
+            .into(),
+        r.status.as_str().into(),
+        r.created_at.into(),
+        r.expires_at.into(),
+        r.fallback_at.into(),
+        r.fell_back_at.into(),
+        r.decided_at.into(),
+        r.version.into(),
+    ])
+}
+
 /// How often `create_or_get_pending` retries when the pending twin it collided with left
 /// `pending` before it could be read (PostgreSQL: another sidecar decided it meanwhile).
 const CREATE_ATTEMPTS: usize = 5;
 
 /// One value bound to a statement parameter.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) enum Arg {
     Text(Option<String>),
     Int(Option<i64>),
@@ -289,6 +325,8 @@ macro_rules! arg_from {
 
 arg_from! {
     &str => |v| Arg::Text(Some(v.to_owned()));
+    String => |v| Arg::Text(Some(v));
+    Option<String> => |v| Arg::Text(v);
     Option<&str> => |v| Arg::Text(v.map(str::to_owned));
     Uuid => |v| Arg::Text(Some(v.to_string()));
     i64 => |v| Arg::Int(Some(v));
@@ -315,6 +353,11 @@ impl Stmt {
         self.args.push(arg.into());
         self
     }
+
+    fn bind_all(mut self, args: &[Arg]) -> Self {
+        self.args.extend_from_slice(args);
+        self
+    }
 }
 
 /// Runs statements that return no rows. sqlx's generic API wants a bound for each type that
@@ -323,11 +366,10 @@ impl Stmt {
 pub(super) trait Execute: Dialect {
     fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, StoreError>;
 
-    /// Run `stmt`; returns how many rows it changed.
     fn execute(
         conn: &mut Self::Connection,
         stmt: Stmt,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 impl<D> Execute for D
@@ -354,13 +396,13 @@ where
         Ok(out)
     }
 
-    async fn execute(conn: &mut D::Connection, stmt: Stmt) -> Result<u64, StoreError> {
+    async fn execute(conn: &mut D::Connection, stmt: Stmt) -> Result<(), StoreError> {
         let args = D::arguments(stmt.args)?;
-        let done = sqlx::query_with(stmt.sql, args)
+        sqlx::query_with(stmt.sql, args)
             .execute(conn)
             .await
             .map_err(db_error)?;
-        Ok(D::rows_affected(&done))
+        Ok(())
     }
 }
 
@@ -399,12 +441,12 @@ fn rows<D: Fetch<O>, O>(
 
 /// Everything the store runs, in one bound.
 pub(super) trait Run:
-    Fetch<RequestRow> + Fetch<ReviewRow> + Fetch<GrantRow> + Fetch<LimitCounts>
+    Fetch<RequestRow> + Fetch<ReviewRow> + Fetch<GrantRow> + Fetch<LimitCounts> + Fetch<(i64,)>
 {
 }
 
 impl<D> Run for D where
-    D: Fetch<RequestRow> + Fetch<ReviewRow> + Fetch<GrantRow> + Fetch<LimitCounts>
+    D: Fetch<RequestRow> + Fetch<ReviewRow> + Fetch<GrantRow> + Fetch<LimitCounts> + Fetch<(i64,)>
 {
 }
 
@@ -486,7 +528,7 @@ impl<D: Dialect> SqlStore<D> {
 async fn create_once<D: Run>(
     store: &SqlStore<D>,
     request: &ApprovalRequest,
-    enc: &EncodedRequest,
+    values: &[Arg],
     limits: &EscalationLimits,
 ) -> Result<Option<(ApprovalRequest, bool)>, StoreError> {
     let mut tx = store.write_tx().await?;
@@ -511,32 +553,9 @@ async fn create_once<D: Run>(
         .first()
         .ok_or_else(|| StoreError::Corrupt("escalation limit counts: no row".into()))?
         .check(request, limits)?;
-    let insert = Stmt::new(&store.sql.insert_request)
-        .bind(request.id)
-        .bind(request.binding_hash.as_str())
-        .bind(enc.principal.as_str())
-        .bind(request.action.as_str())
-        .bind(enc.action_properties.as_deref())
-        .bind(enc.resource.as_str())
-        .bind(enc.context.as_str())
-        .bind(request.policy_version.as_str())
-        .bind(enc.policy_ids.as_str())
-        .bind(enc.policy_text.as_str())
-        .bind(enc.groups.as_str())
-        .bind(enc.current_groups.as_str())
-        .bind(i64::from(request.quorum))
-        .bind(enc.evidence.as_str())
-        .bind(enc.grant_ttl_secs)
-        .bind(enc.fallback_group.as_deref())
-        .bind(enc.fallback_after_secs)
-        .bind(request.status.as_str())
-        .bind(request.created_at)
-        .bind(request.expires_at)
-        .bind(request.fallback_at)
-        .bind(request.fell_back_at)
-        .bind(request.decided_at)
-        .bind(request.version);
-    if D::execute(&mut tx, insert).await? == 1 {
+    let insert = Stmt::new(&store.sql.insert_request).bind_all(values);
+    let inserted: Vec<(i64,)> = rows::<D, _>(&mut tx, insert).await?;
+    if !inserted.is_empty() {
         tx.commit().await.map_err(db_error)?;
         return Ok(Some((request.clone(), true)));
     }
@@ -588,9 +607,9 @@ impl<D: Run> ApprovalStore for SqlStore<D> {
     ) -> Result<(ApprovalRequest, bool), StoreError> {
         let limits = req.limits;
         let request = req.into_pending();
-        let enc = EncodedRequest::new(&request)?;
+        let values = request_values(&request)?;
         for _ in 0..CREATE_ATTEMPTS {
-            if let Some(done) = create_once(self, &request, &enc, &limits).await? {
+            if let Some(done) = create_once(self, &request, &values, &limits).await? {
                 return Ok(done);
             }
         }

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use sqlx::Sqlite;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
-    SqliteQueryResult, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 
 use super::sql::{Dialect, SqlStore};
@@ -69,10 +68,6 @@ impl Dialect for Sqlite {
     /// The expression indexed by `approval_requests_requester` for the key `id`.
     fn json_text(column: &str, key: &str) -> String {
         format!("json_extract({column}, '$.{key}')")
-    }
-
-    fn rows_affected(result: &SqliteQueryResult) -> u64 {
-        result.rows_affected()
     }
 
     /// Nothing to take: the write lock `BEGIN IMMEDIATE` took already serializes every
