@@ -660,7 +660,8 @@ impl<D: Run> ApprovalStore for SqlStore<D> {
             .bind(to_json(&review.evidence)?.as_str())
             .bind(review.at);
         match D::execute(&mut tx, insert).await {
-            Ok(_) => {}
+            Ok(()) => {}
+            // `db_error` reports the violated (request, approver) key as a conflict.
             Err(StoreError::Conflict(_)) => {
                 return Err(StoreError::AlreadyReviewed {
                     id: review.request_id,
