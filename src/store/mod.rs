@@ -1,10 +1,12 @@
 //! Approval store backends: the only module that knows SQL. SQLite is the embedded default
-//! (one file); PostgreSQL lets a fleet of sidecars share approvals and grants. Both implement
-//! [`ApprovalStore`](crate::approval::ApprovalStore) with the review rules of
-//! [`apply_review`](crate::approval::apply_review), and run the same test suite
+//! (one file); PostgreSQL lets a fleet of sidecars share approvals and grants. Both are one
+//! [`ApprovalStore`](crate::approval::ApprovalStore) implementation, `sql::SqlStore`, written
+//! once over a small dialect trait, with the review rules of
+//! [`apply_review`](crate::approval::apply_review); they run the same test suite
 //! (tests/store.rs).
 
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::sync::Arc;
@@ -58,7 +60,7 @@ pub async fn listen_grant_changes(
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A database error, as a store error. Unique violations are the caller's to interpret; here
-/// they are a generic conflict.
+/// they are a generic conflict (a review's insert makes it `AlreadyReviewed`).
 fn db_error(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::ColumnDecode { .. }
@@ -71,10 +73,6 @@ fn db_error(e: sqlx::Error) -> StoreError {
         }
         other => StoreError::Unavailable(other.to_string()),
     }
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 fn migrate_error(e: sqlx::migrate::MigrateError) -> StoreError {
@@ -249,41 +247,6 @@ impl TryFrom<GrantRow> for Grant {
 
 fn grants(rows: Vec<GrantRow>) -> Result<Vec<Grant>, StoreError> {
     rows.into_iter().map(Grant::try_from).collect()
-}
-
-/// The JSON-encoded columns of a new request, prepared once for either backend's insert.
-struct EncodedRequest {
-    principal: String,
-    action_properties: Option<String>,
-    resource: String,
-    context: String,
-    policy_ids: String,
-    policy_text: String,
-    groups: String,
-    current_groups: String,
-    evidence: String,
-    grant_ttl_secs: i64,
-    fallback_group: Option<String>,
-    fallback_after_secs: Option<i64>,
-}
-
-impl EncodedRequest {
-    fn new(r: &ApprovalRequest) -> Result<Self, StoreError> {
-        Ok(Self {
-            principal: to_json(&r.principal)?,
-            action_properties: r.action_properties.as_ref().map(to_json).transpose()?,
-            resource: to_json(&r.resource)?,
-            context: to_json(&r.context)?,
-            policy_ids: to_json(&r.policy_ids)?,
-            policy_text: to_json(&r.policy_text)?,
-            groups: to_json(&r.groups)?,
-            current_groups: to_json(&r.current_groups)?,
-            evidence: to_json(&r.evidence)?,
-            grant_ttl_secs: crate::approval::secs(r.grant_ttl),
-            fallback_group: r.fallback.as_ref().map(|f| f.group.clone()),
-            fallback_after_secs: r.fallback.as_ref().map(|f| crate::approval::secs(f.after)),
-        })
-    }
 }
 
 /// What [`EscalationLimits`](crate::approval::EscalationLimits) are checked against, read in
