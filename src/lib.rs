@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: the TOML file plus `MANDATE_SECTION__KEY` overrides, parsed whole; every bad
 //!   value is reported with its key path before start-up fails.
+//! - [`strict_json`]: JSON for untrusted bytes (tokens, key sets, request bodies): duplicate
+//!   keys refused at every depth, with the path to the duplicate; nesting bounded.
 //! - [`identity`]: workload identity. Strict JWS parsing before any cryptography, trusted
 //!   issuers with their JWKS (file or URL, refreshed in the background), SPIFFE / Kubernetes /
 //!   OIDC profiles, and the verified-token cache that makes microsecond checks possible.
@@ -36,4 +38,5 @@ pub mod identity;
 pub mod notify;
 pub mod policy;
 pub mod store;
+pub mod strict_json;
 pub mod telemetry;
