@@ -17,6 +17,7 @@ use crate::audit::{AuditLog, AuditSettings};
 use crate::config::Config;
 use crate::decision::{DecisionCache, Engine};
 use crate::identity::{CacheSettings, Verifier};
+use crate::lockfile::DataLock;
 use crate::policy::{Bundle, BundleError};
 
 /// Distinct checks whose verdict is kept for a repeat within the same second: bounded small,
@@ -102,6 +103,8 @@ pub struct Running {
     bundle_dir: PathBuf,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// One writer per data file, for as long as this server runs ([`lock_data_files`]).
+    _locks: Vec<DataLock>,
 }
 
 impl Running {
@@ -124,8 +127,13 @@ impl Running {
     }
 }
 
-/// Build the state, bind every configured listener, and serve in background tasks.
+/// Bind every configured listener, lock the data files, build the state, and serve in
+/// background tasks.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    // Binding comes first: a start that cannot listen must leave the audit log (and the
+    // store) untouched, since another server may be writing them.
+    let bound = bind_listeners(config).await?;
+    let locks = lock_data_files(config)?;
     let state = build_state(config).await?;
     let tls = match &config.server.tls {
         Some(t) => Some(server::tls_acceptor(t).context("server.tls")?),
@@ -134,10 +142,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut local_addr = None;
-    if let Some(addr) = config.server.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on `{addr}`"))?;
+    if let Some(listener) = bound.tcp {
         local_addr = Some(listener.local_addr()?);
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
         tasks.push(tokio::spawn(server::serve(
@@ -147,14 +152,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             wait_stop(stopped.clone()),
         )));
     }
-    if let Some(path) = &config.server.unix_socket {
-        // A stale socket file from a previous run would make bind fail.
-        if path.exists() {
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
-        }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on `{}`", path.display()))?;
+    if let (Some(listener), Some(path)) = (bound.unix, &config.server.unix_socket) {
         tracing::info!(path = %path.display(), "listening on unix socket");
         tasks.push(tokio::spawn(server::serve(
             Listener::Unix(listener),
@@ -192,7 +190,60 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         bundle_dir: config.policy.bundle.clone(),
         stop,
         tasks,
+        _locks: locks,
     })
+}
+
+/// The listeners of `server.listen` and `server.unix_socket`, bound but not yet served.
+struct Bound {
+    tcp: Option<TcpListener>,
+    unix: Option<UnixListener>,
+}
+
+async fn bind_listeners(config: &Config) -> anyhow::Result<Bound> {
+    let tcp = match config.server.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on `{addr}`"))?,
+        ),
+        None => None,
+    };
+    let unix = match &config.server.unix_socket {
+        Some(path) => {
+            // A stale socket file from a previous run would make bind fail; a live one is
+            // another server's, and removing it would cut that server's clients off.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "cannot listen on `{}`: another server is listening there",
+                    path.display()
+                );
+            }
+            if path.exists() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
+            }
+            Some(
+                UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on `{}`", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    Ok(Bound { tcp, unix })
+}
+
+/// Lock the audit log and a SQLite store file for this process (`<file>.lock`, holding the
+/// pid): a second server on the same files would fork the audit chain and write behind the
+/// first one's grant cache, so it stops here, naming the holder ([`crate::lockfile`]).
+pub fn lock_data_files(config: &Config) -> anyhow::Result<Vec<DataLock>> {
+    let mut files = vec![config.audit.path.clone()];
+    files.extend(crate::store::sqlite_file(&config.store.url));
+    let mut locks = Vec::new();
+    for file in files {
+        locks.extend(crate::lockfile::acquire(&file)?);
+    }
+    Ok(locks)
 }
 
 async fn sweep_loop(

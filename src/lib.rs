@@ -23,6 +23,8 @@
 //! - [`api`]: HTTP adapters: the native `/v1/check` API, AuthZEN 1.0, and admin endpoints.
 //! - [`app`]: wiring: builds the state from the configuration and runs the listeners until
 //!   shutdown.
+//! - [`lockfile`]: one writer per data file (the audit log, a SQLite store): an exclusive
+//!   lock held for the process lifetime, refused at start with the holder's pid.
 //! - [`notify`]: outbound webhooks about approval requests, retried, never in the way.
 //! - [`cli`]: the offline subcommands (`check`, `policy validate|test`, `dev token`).
 
@@ -35,6 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod identity;
+pub mod lockfile;
 pub mod notify;
 pub mod policy;
 pub mod store;
