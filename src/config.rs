@@ -1266,6 +1266,23 @@ owner = "owner"
     }
 
     #[test]
+    fn h01_h07_connection_timeouts_default_and_zero_is_refused() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        let err = parse(
+            "",
+            &[
+                ("MANDATE_SERVER__HEADER_READ_TIMEOUT", "0s"),
+                ("MANDATE_SERVER__IDLE_TIMEOUT", "0s"),
+            ],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["server.header_read_timeout", "server.idle_timeout"]);
+    }
+
+    #[test]
     fn empty_file_listens_on_localhost_8181() {
         let c = parse("", &[]).unwrap();
         assert_eq!(c.server.listen, Some("127.0.0.1:8181".parse().unwrap()));
