@@ -9,6 +9,10 @@
 //! The `audit` group prices the audit record on the hot path (SECURITY AU-06): `decide` alone
 //! versus `decide` plus building the record and appending it to a log in a temporary
 //! directory (one `write` per record; the group commit syncs in the background).
+//!
+//! The `body` group prices reading a typical `/v1/check` body (about 150 bytes) in the typed
+//! quick pass, which refuses duplicate keys at every depth (the SECURITY J-22 rule applied to
+//! request bodies: a duplicate must not let its last value win).
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -204,5 +208,20 @@ fn audit(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, decide, audit);
+/// A typical native check body: action, resource with properties, a small context.
+const CHECK_BODY: &[u8] = br#"{"action":"payments:transfer","resource":{"type":"Account","id":"acct-1","properties":{"owner":"bob"}},"context":{"amount":250,"currency":"EUR","ticket":"T-1"}}"#;
+
+fn body(c: &mut Criterion) {
+    if mandate::api::body::quick_check(CHECK_BODY).is_none() {
+        eprintln!("the quick reader refused the bench body");
+        std::process::exit(1);
+    }
+    let mut group = c.benchmark_group("body");
+    group.bench_function(format!("quick_check_{}b", CHECK_BODY.len()), |b| {
+        b.iter(|| black_box(mandate::api::body::quick_check(black_box(CHECK_BODY))))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decide, audit, body);
 criterion_main!(benches);

@@ -19,6 +19,7 @@ use crate::clock::Clock;
 use crate::config::{Config, KeySource};
 use crate::decision::{DecisionCache, Engine};
 use crate::identity::{CacheSettings, Verifier};
+use crate::lockfile::DataLock;
 use crate::policy::{Bundle, BundleError};
 use crate::service::{DECISION_CACHE_ENTRIES, Service};
 
@@ -103,6 +104,8 @@ pub struct Running {
     bundle_dir: PathBuf,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// One writer per data file, for as long as this server runs ([`lock_data_files`]).
+    _locks: Vec<DataLock>,
 }
 
 impl Running {
@@ -125,11 +128,19 @@ impl Running {
     }
 }
 
-/// Build the service, bind every configured listener, and serve in background tasks. Every
-/// expiry (tokens, approval requests, grants, recertification dates) reads `clock`, so tests
-/// can move time instead of sleeping.
+/// Bind every configured listener, lock the data files, build the service, and serve in
+/// background tasks. Every expiry (tokens, approval requests, grants, recertification dates)
+/// reads `clock`, so tests can move time instead of sleeping.
 pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    // Binding comes first: a start that cannot listen must leave the audit log (and the
+    // store) untouched, since another server may be writing them.
+    let bound = bind_listeners(config).await?;
+    let locks = lock_data_files(config)?;
     let service = Arc::new(build_service(config, clock).await?);
+    let checkpoint_key = match &config.audit.checkpoints {
+        Some(cp) => Some(Arc::new(load_checkpoint_key(&cp.key)?)),
+        None => None,
+    };
     let state = Arc::new(AppState {
         service: service.clone(),
         server: config.server.clone(),
@@ -141,10 +152,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut local_addr = None;
-    if let Some(addr) = config.server.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on `{addr}`"))?;
+    if let Some(listener) = bound.tcp {
         local_addr = Some(listener.local_addr()?);
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
         tasks.push(tokio::spawn(server::serve(
@@ -154,14 +162,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
             wait_stop(stopped.clone()),
         )));
     }
-    if let Some(path) = &config.server.unix_socket {
-        // A stale socket file from a previous run would make bind fail.
-        if path.exists() {
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
-        }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on `{}`", path.display()))?;
+    if let (Some(listener), Some(path)) = (bound.unix, &config.server.unix_socket) {
         tracing::info!(path = %path.display(), "listening on unix socket");
         tasks.push(tokio::spawn(server::serve(
             Listener::Unix(listener),
@@ -171,8 +172,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         )));
     }
     // Signed checkpoints of the audit chain, kept outside the log (DESIGN §5).
-    if let Some(cp) = &config.audit.checkpoints {
-        let key = Arc::new(load_checkpoint_key(&cp.key)?);
+    if let (Some(cp), Some(key)) = (&config.audit.checkpoints, checkpoint_key) {
         tracing::info!(key_id = key.key_id(), file = %cp.file.display(), "audit checkpoints on");
         let sinks: Vec<Arc<dyn CheckpointSink>> =
             vec![Arc::new(CheckpointFile::new(cp.file.clone()))];
@@ -215,6 +215,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         bundle_dir: config.policy.bundle.clone(),
         stop,
         tasks,
+        _locks: locks,
     })
 }
 
@@ -246,6 +247,58 @@ pub fn load_checkpoint_key(source: &KeySource) -> anyhow::Result<CheckpointKey> 
         }
     };
     Ok(CheckpointKey::from_pkcs8(&bytes, &what)?)
+}
+
+/// The listeners of `server.listen` and `server.unix_socket`, bound but not yet served.
+struct Bound {
+    tcp: Option<TcpListener>,
+    unix: Option<UnixListener>,
+}
+
+async fn bind_listeners(config: &Config) -> anyhow::Result<Bound> {
+    let tcp = match config.server.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on `{addr}`"))?,
+        ),
+        None => None,
+    };
+    let unix = match &config.server.unix_socket {
+        Some(path) => {
+            // A stale socket file from a previous run would make bind fail; a live one is
+            // another server's, and removing it would cut that server's clients off.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "cannot listen on `{}`: another server is listening there",
+                    path.display()
+                );
+            }
+            if path.exists() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
+            }
+            Some(
+                UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on `{}`", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    Ok(Bound { tcp, unix })
+}
+
+/// Lock the audit log and a SQLite store file for this process (`<file>.lock`, holding the
+/// pid): a second server on the same files would fork the audit chain and write behind the
+/// first one's grant cache, so it stops here, naming the holder ([`crate::lockfile`]).
+pub fn lock_data_files(config: &Config) -> anyhow::Result<Vec<DataLock>> {
+    let mut files = vec![config.audit.path.clone()];
+    files.extend(crate::store::sqlite_file(&config.store.url));
+    let mut locks = Vec::new();
+    for file in files {
+        locks.extend(crate::lockfile::acquire(&file)?);
+    }
+    Ok(locks)
 }
 
 /// Sweep approval requests every `every` until `stop` (see [`Service::sweep`]).

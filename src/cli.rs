@@ -73,11 +73,14 @@ pub fn check(args: &CheckArgs<'_>) -> anyhow::Result<u8> {
         .context("--principal-attr")?;
     let context = match args.context {
         None => Map::new(),
-        Some(text) => match serde_json::from_str(text) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => bail!("--context must be a JSON object"),
-            Err(e) => bail!("--context is not valid JSON: {e}"),
-        },
+        // As strict as the API: a duplicate key is an error, not "the last one wins".
+        Some(text) => {
+            match crate::strict_json::parse_with(text.as_bytes(), crate::api::body::BODY_RULES) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => bail!("--context must be a JSON object"),
+                Err(e) => bail!("--context is not valid JSON: {e}"),
+            }
+        }
     };
     let engine = Engine::new(Arc::new(bundle), crate::clock::system());
     let decision = engine.decide(&CheckRequest {

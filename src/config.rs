@@ -46,12 +46,18 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Largest accepted request body (SECURITY H-03: 64 KiB for decision APIs).
     pub max_body_bytes: usize,
-    /// Slowloris guard (H-01): a client must finish its headers within this time.
+    /// Slowloris guard (H-01): a client must finish its request head within this time,
+    /// counted from accept for a new connection (a silent one included), from the first byte
+    /// for a later request on a kept-alive one.
     pub header_read_timeout: Duration,
     /// Slow-body guard (H-02): the whole body must arrive within this time.
     pub body_read_timeout: Duration,
-    /// Most simultaneous connections (H-07); more wait in the kernel backlog.
+    /// Most simultaneous connections (H-07). At the limit a new client is admitted by closing
+    /// the connection that has been quiet (silent or idle) the longest; only when every one
+    /// is busy answering do new clients wait in the kernel backlog.
     pub max_connections: usize,
+    /// A kept-alive connection with no request in flight for this long is closed (H-07).
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -811,6 +817,7 @@ impl Reader {
                 "header_read_timeout",
                 "body_read_timeout",
                 "max_connections",
+                "idle_timeout",
             ],
         );
         let listen = match self.string(t, p, "listen") {
@@ -855,7 +862,7 @@ impl Reader {
         {
             self.bad("server.public_url", format!("`{u}` is not an http(s) URL"));
         }
-        ServerConfig {
+        let server = ServerConfig {
             listen,
             unix_socket,
             tls,
@@ -882,7 +889,25 @@ impl Reader {
                 Duration::from_secs(300),
             ),
             max_connections: self.integer(t, p, "max_connections", 1024, (1, 65_536)) as usize,
+            idle_timeout: self.duration(
+                t,
+                p,
+                "idle_timeout",
+                Duration::from_secs(60),
+                Duration::from_secs(3600),
+            ),
+        };
+        // The connection guard closes a connection once these run out: zero would close
+        // every connection as soon as it is accepted.
+        for (key, d) in [
+            ("header_read_timeout", server.header_read_timeout),
+            ("idle_timeout", server.idle_timeout),
+        ] {
+            if d.is_zero() {
+                self.bad(join(p, key), "must be longer than `0s`");
+            }
         }
+        server
     }
 
     fn issuers(&mut self, root: &Table) -> Vec<IssuerSettings> {
@@ -1400,6 +1425,23 @@ owner = "owner"
         );
         assert_eq!(c.issuers[0].principal_type, "Agent");
         assert_eq!(c.issuers[0].leeway, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn h01_h07_connection_timeouts_default_and_zero_is_refused() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        let err = parse(
+            "",
+            &[
+                ("MANDATE_SERVER__HEADER_READ_TIMEOUT", "0s"),
+                ("MANDATE_SERVER__IDLE_TIMEOUT", "0s"),
+            ],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["server.header_read_timeout", "server.idle_timeout"]);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - [`clock`]: injectable time; every expiry reads it, so tests move it instead of sleeping.
 //! - [`config`]: the TOML file plus `MANDATE_SECTION__KEY` overrides, parsed whole; every bad
 //!   value is reported with its key path before start-up fails.
+//! - [`strict_json`]: JSON for untrusted bytes (tokens, key sets, request bodies): duplicate
+//!   keys refused at every depth, with the path to the duplicate; nesting bounded.
 //! - [`identity`]: workload identity. Strict JWS parsing before any cryptography, trusted
 //!   issuers with their JWKS (file or URL, refreshed in the background), SPIFFE / Kubernetes /
 //!   OIDC profiles, and the verified-token cache that makes microsecond checks possible.
@@ -24,6 +26,8 @@
 //! - [`approval`]: human approval, the core: requests, reviews, request-bound grants, the
 //!   binding hash, the grant cache, and the `ApprovalStore` trait (no SQL).
 //! - [`store`]: the `ApprovalStore` backends, SQLite and PostgreSQL: the only module with SQL.
+//! - [`lockfile`]: one writer per data file (the audit log, a SQLite store): an exclusive
+//!   lock held for the process lifetime, refused at start with the holder's pid.
 //! - [`notify`]: outbound webhooks about approval requests, retried, never in the way.
 //! - [`service`]: the workflows every adapter calls: check (decide, settle against grants and
 //!   the store, audit), review, cancel, revoke, the approvals queries, the sweep. Every
@@ -45,9 +49,11 @@ pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod identity;
+pub mod lockfile;
 pub mod notify;
 pub mod policy;
 pub mod service;
 pub mod store;
+pub mod strict_json;
 pub mod telemetry;
 pub mod vocabulary;

@@ -1229,19 +1229,22 @@ fn events(path: &std::path::Path) -> Vec<(String, Value)> {
 
 #[tokio::test]
 async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_pending() {
-    // Two sidecars on one SQLite store: `a` audits to a file, `b` to /dev/full.
+    // Two sidecars on one SQLite store, one after the other (a SQLite store has one writer
+    // at a time: its file is locked): `a` audits to a file, `b` to /dev/full.
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("approvals.db");
     let db_s = db.to_str().unwrap().to_owned();
-    let a = TestServer::start(&example_config(&[("MANDATE_STORE__URL", &db_s)])).await;
+    let a_config = example_config(&[("MANDATE_STORE__URL", &db_s)]);
+    let a = TestServer::start(&a_config).await;
+    let t = agent();
+    let (_, esc) = a.post("/v1/check", Some(&t), &transfer(480)).await;
+    let id = request_id(&esc);
+    a.shutdown().await;
     let b = TestServer::start(&example_config(&[
         ("MANDATE_STORE__URL", &db_s),
         ("MANDATE_AUDIT__PATH", "/dev/full"),
     ]))
     .await;
-    let t = agent();
-    let (_, esc) = a.post("/v1/check", Some(&t), &transfer(480)).await;
-    let id = request_id(&esc);
     let body = json!({"rationale": "matches PO-48", "evidence": {"ticket": "FIN-48"}});
     let alice = approver("alice", &["finance-approvers"]);
 
@@ -1258,13 +1261,15 @@ async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_p
             "{v}"
         );
     }
-    let store = &a.running.as_ref().unwrap().service.store;
+    let store = &b.running.as_ref().unwrap().service.store;
     let uuid = uuid::Uuid::parse_str(&id).unwrap();
     assert_eq!(
         store.get(uuid).await.unwrap().unwrap().status,
         mandate::approval::Status::Pending
     );
     assert!(store.reviews(uuid).await.unwrap().is_empty());
+    b.shutdown().await;
+    let a = TestServer::start(&a_config).await;
     let (_, still) = a.post("/v1/check", Some(&t), &transfer(480)).await;
     assert_eq!(still["decision"], "escalate", "{still}");
 
@@ -1320,7 +1325,6 @@ async fn au02_a_review_that_cannot_be_audited_is_refused_and_the_request_stays_p
         (json!("refused"), json!("not_pending"))
     );
     a.shutdown().await;
-    b.shutdown().await;
 }
 
 #[tokio::test]

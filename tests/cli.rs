@@ -118,6 +118,10 @@ fn dev_token_then_offline_check_exit_codes() {
     assert!(out.contains("finance-approvers"), "{out}");
     let (code, _, _) = check("20000");
     assert_eq!(code, 2);
+    // A duplicate key is refused, not decided on its last value (SECURITY J-22's rule).
+    let (code, _, err) = check("20000,\"amount\":250");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("duplicate key `amount`"), "{err}");
 }
 
 #[test]

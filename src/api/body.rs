@@ -1,5 +1,6 @@
-//! Request bodies: content type, size and time limits (SECURITY H-02, H-03), and JSON field
-//! extraction whose every error names the field.
+//! Request bodies: content type, size and time limits (SECURITY H-02, H-03), strict JSON (a
+//! duplicate key at any depth is refused, never "last one wins": the J-22 rule for tokens,
+//! applied to bodies), and JSON field extraction whose every error names the field.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -10,6 +11,14 @@ use serde_json::{Map, Value};
 
 use super::ApiError;
 use crate::config::ServerConfig;
+use crate::strict_json::{self, ErrorKind, Rules, StrictJsonError, shown};
+
+/// Request bodies: NUL is ordinary data here (the audit log escapes it), and no decision
+/// input needs more than a few levels; 64 leaves room and bounds the parser's recursion.
+pub const BODY_RULES: Rules = Rules {
+    max_depth: 64,
+    reject_nul: false,
+};
 
 /// What to answer when the content type is not JSON: the native API says 415; the AuthZEN
 /// certification scenario requires 400 (c-2-4-3).
@@ -101,12 +110,14 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
-/// Parse bytes as a JSON object.
+/// Parse bytes as a JSON object, strictly: a key repeated in any object of the body is a
+/// `400` naming it and its path (`context.amount`), since a parser that keeps the last one
+/// would decide (or show an approver) something other than what another reader sees.
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::field("(body)", "the request body is empty"));
     }
-    match serde_json::from_slice::<Value>(bytes) {
+    match strict_json::parse_with(bytes, BODY_RULES) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(ApiError::field(
             "(body)",
@@ -115,10 +126,36 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
                 kind(&other)
             ),
         )),
-        Err(e) => Err(ApiError::field(
+        Err(e) => Err(json_error(e)),
+    }
+}
+
+/// The `400` for a body the strict parser refused, naming where when it can.
+fn json_error(e: StrictJsonError) -> ApiError {
+    let at = |path: String| {
+        if path.is_empty() {
+            "(body)".to_owned()
+        } else {
+            path
+        }
+    };
+    match e.kind {
+        ErrorKind::DuplicateKey(key) => ApiError::field(
+            e.path,
+            format!(
+                "duplicate key `{}`: each key may appear only once in an object",
+                shown(&key)
+            ),
+        ),
+        ErrorKind::TooDeep(max) => ApiError::field(
+            at(e.path),
+            format!("the request body is nested deeper than {max} levels"),
+        ),
+        ErrorKind::Nul => ApiError::field(at(e.path), "NUL character in a string"),
+        ErrorKind::Syntax(message) => ApiError::field(
             "(body)",
-            format!("the request body is not valid JSON: {e}"),
-        )),
+            format!("the request body is not valid JSON: {message}"),
+        ),
     }
 }
 
@@ -234,14 +271,21 @@ pub fn entity_ref(
 
 /// The usual native check body, `{"action", "resource", "context"?}`, read in one typed
 /// pass. `None` for anything else (a `subject`, an unknown field, a wrong type, an empty
-/// string, the reserved context key, a duplicate field): the field-by-field reader then takes
-/// the body and names what is wrong. Wherever this answers, it answers what that reader would.
+/// string, the reserved context key, a duplicate key at any depth): the field-by-field reader
+/// then takes the body and names what is wrong. Wherever this answers, it answers what that
+/// reader would.
+///
+/// Duplicates: serde's derive refuses a repeated field of `Body` and `Entity`; `context` and
+/// `properties` are read by the strict parser's visitor (same depth accounting as
+/// [`parse_object`]), whose duplicate check is the map insert it does anyway.
 pub fn quick_check(bytes: &[u8]) -> Option<(String, EntityRef, Map<String, Value>)> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
         action: String,
         resource: Entity,
+        // The body is depth 1, so the context object is depth 2.
+        #[serde(default, deserialize_with = "strict_object::<_, 1>")]
         context: Option<Map<String, Value>>,
     }
     #[derive(serde::Deserialize)]
@@ -250,6 +294,8 @@ pub fn quick_check(bytes: &[u8]) -> Option<(String, EntityRef, Map<String, Value
         #[serde(rename = "type")]
         kind: String,
         id: String,
+        // The body is depth 1, the resource 2, so its properties are depth 3.
+        #[serde(default, deserialize_with = "strict_object::<_, 2>")]
         properties: Option<Map<String, Value>>,
     }
     let body: Body = serde_json::from_slice(bytes).ok()?;
@@ -268,6 +314,22 @@ pub fn quick_check(bytes: &[u8]) -> Option<(String, EntityRef, Map<String, Value
         properties: r.properties.unwrap_or_default(),
     };
     Some((body.action, resource, context))
+}
+
+/// An optional object member read strictly, `ABOVE` levels below the top of the body; `null`
+/// counts as absent, anything else that is not an object is refused.
+fn strict_object<'de, D, const ABOVE: usize>(d: D) -> Result<Option<Map<String, Value>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    match strict_json::deserialize_nested(d, ABOVE, BODY_RULES)? {
+        Value::Object(map) => Ok(Some(map)),
+        Value::Null => Ok(None),
+        other => Err(serde::de::Error::custom(format_args!(
+            "must be an object, not {}",
+            kind(&other)
+        ))),
+    }
 }
 
 /// The caller's context; the key `mandate` is reserved for what Mandate adds itself.
@@ -334,6 +396,72 @@ mod tests {
             Some("resource.propertes")
         );
         assert!(entity_ref(&m, "resource", false).is_ok());
+    }
+
+    #[test]
+    fn j22_duplicate_keys_are_refused_at_every_depth_naming_the_path() {
+        let cases = [
+            (
+                r#"{"action":"tool:shell.exec","action":"payments:transfer","resource":{"type":"A","id":"a"}}"#,
+                "action",
+            ),
+            (
+                r#"{"action":"a","resource":{"type":"A","id":"a","id":"b"}}"#,
+                "resource.id",
+            ),
+            (
+                r#"{"action":"a","resource":{"type":"A","id":"a","properties":{"o":1,"o":2}}}"#,
+                "resource.properties.o",
+            ),
+            (
+                r#"{"action":"a","resource":{"type":"A","id":"a"},"context":{"amount":20000,"amount":250}}"#,
+                "context.amount",
+            ),
+            (
+                r#"{"action":"a","resource":{"type":"A","id":"a"},"context":{"t":{"u":{"v":1,"v":1}}}}"#,
+                "context.t.u.v",
+            ),
+            (
+                r#"{"action":"a","resource":{"type":"A","id":"a"},"context":{"items":[{"x":1},{"x":1,"x":2}]}}"#,
+                "context.items[1].x",
+            ),
+        ];
+        for (text, field) in cases {
+            assert!(quick_check(text.as_bytes()).is_none(), "{text}");
+            let e = parse_object(text.as_bytes()).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(e.code, "invalid_request");
+            assert_eq!(e.field.as_deref(), Some(field), "{text}");
+            let key = field.rsplit('.').next().unwrap();
+            assert_eq!(
+                e.message,
+                format!("duplicate key `{key}`: each key may appear only once in an object")
+            );
+        }
+    }
+
+    #[test]
+    fn quick_reader_takes_the_usual_body_and_nul_in_context() {
+        let text = r#"{"action":"a","resource":{"type":"A","id":"a","properties":null},"context":{"s":"x\u0000y","n":{"x":[{"x":1}]}}}"#;
+        let (action, resource, context) = quick_check(text.as_bytes()).unwrap();
+        assert_eq!(action, "a");
+        assert!(resource.properties.is_empty());
+        assert_eq!(context["s"], "x\0y");
+        assert!(parse_object(text.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn too_deep_bodies_are_refused_by_both_readers() {
+        let deep = format!(
+            r#"{{"action":"a","resource":{{"type":"A","id":"a"}},"context":{{"d":{}{}}}}}"#,
+            "[".repeat(63),
+            "]".repeat(63)
+        );
+        assert!(quick_check(deep.as_bytes()).is_none());
+        let e = parse_object(deep.as_bytes()).unwrap_err();
+        assert!(e.message.contains("nested deeper than 64"), "{}", e.message);
+        let ok = deep.replacen('[', "", 1).replacen(']', "", 1);
+        assert!(quick_check(ok.as_bytes()).is_some());
     }
 
     #[test]

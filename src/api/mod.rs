@@ -12,6 +12,7 @@ pub mod approvals;
 pub mod authzen;
 pub mod body;
 pub mod caller;
+pub mod conn_guard;
 pub mod http;
 pub mod server;
 

@@ -1,6 +1,7 @@
 //! Listeners and connections: TCP (optionally TLS / mTLS with rustls) and a Unix socket, each
-//! served by hyper with the abuse limits of shared/SECURITY.md §3.7 set explicitly, and a
-//! graceful shutdown that lets in-flight checks finish.
+//! served by hyper with the abuse limits of shared/SECURITY.md §3.7 set explicitly, each
+//! connection under the connection guard (silent, idle and surplus connections closed:
+//! `conn_guard`), and a graceful shutdown that lets in-flight checks finish.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +21,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use super::conn_guard::{Conn, Connections, Ended};
 use super::{AppState, ConnInfo, route};
 use crate::config::TlsConfig;
 
@@ -139,14 +141,12 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder(&state));
     let slots = Arc::new(Semaphore::new(state.server.max_connections));
+    let connections = Arc::new(Connections::new(
+        state.server.header_read_timeout,
+        state.server.idle_timeout,
+    ));
     tokio::pin!(shutdown);
     loop {
-        // Past max_connections, stop accepting: new clients wait in the kernel backlog
-        // instead of costing memory here (SECURITY H-07).
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = &mut shutdown => break,
-        };
         let accepted = tokio::select! {
             a = accept(&listener) => a,
             () = &mut shutdown => break,
@@ -160,39 +160,73 @@ pub async fn serve(
                 continue;
             }
         };
+        // At max_connections, the quiet connection that has waited longest makes room for
+        // this one (see `Connections::shed_one` for why shed rather than queue); when every
+        // connection is busy answering, this one waits for the first to finish, and further
+        // clients wait in the kernel backlog (SECURITY H-07).
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if connections.shed_one() {
+                    tracing::debug!("at max_connections: closing the longest-quiet connection");
+                }
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let state = state.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
+        let connections = connections.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match (io, tls) {
-                (Accepted::Tcp(stream), Some(acceptor)) => {
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    else {
-                        return;
+            let registry = connections.clone();
+            let ended = connections
+                .guard(|conn| async move {
+                    let served = Served {
+                        state,
+                        conn,
+                        connections: registry,
                     };
-                    let sans = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(uri_sans)
-                        .unwrap_or_default();
-                    let conn = ConnInfo {
-                        tls: true,
-                        client_uri_sans: sans,
-                    };
-                    serve_io(stream, conn, state, &builder, watcher).await;
-                }
-                (Accepted::Tcp(stream), None) => {
-                    let _ = stream.set_nodelay(true);
-                    serve_io(stream, ConnInfo::default(), state, &builder, watcher).await;
-                }
-                (Accepted::Unix(stream), _) => {
-                    serve_io(stream, ConnInfo::default(), state, &builder, watcher).await;
-                }
+                    match (io, tls) {
+                        (Accepted::Tcp(stream), Some(acceptor)) => {
+                            // The guard's header deadline bounds the handshake too.
+                            let Ok(Ok(stream)) = tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            )
+                            .await
+                            else {
+                                return;
+                            };
+                            let sans = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(uri_sans)
+                                .unwrap_or_default();
+                            let info = ConnInfo {
+                                tls: true,
+                                client_uri_sans: sans,
+                            };
+                            serve_io(stream, info, served, &builder, watcher).await;
+                        }
+                        (Accepted::Tcp(stream), None) => {
+                            let _ = stream.set_nodelay(true);
+                            serve_io(stream, ConnInfo::default(), served, &builder, watcher).await;
+                        }
+                        (Accepted::Unix(stream), _) => {
+                            serve_io(stream, ConnInfo::default(), served, &builder, watcher).await;
+                        }
+                    }
+                })
+                .await;
+            if ended != Ended::Finished {
+                tracing::debug!(reason = ?ended, "connection closed by the connection guard");
             }
         });
     }
@@ -203,6 +237,14 @@ pub async fn serve(
     {
         tracing::warn!("in-flight connections did not finish within the shutdown grace period");
     }
+}
+
+/// What a connection's service needs: the state, and its entry in the connection guard (each
+/// request marks the connection busy while it is answered).
+struct Served {
+    state: Arc<AppState>,
+    conn: Arc<Conn>,
+    connections: Arc<Connections>,
 }
 
 enum Accepted {
@@ -219,18 +261,29 @@ async fn accept(listener: &Listener) -> io::Result<Accepted> {
 
 async fn serve_io<S>(
     stream: S,
-    conn: ConnInfo,
-    state: Arc<AppState>,
+    info: ConnInfo,
+    served: Served,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(conn);
+    let info = Arc::new(info);
+    let Served {
+        state,
+        conn,
+        connections,
+    } = served;
     let service = service_fn(move |req| {
+        // Called once a request head is complete: busy until the answer is ready.
+        let busy = conn.begin(&connections);
         let state = state.clone();
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(route(state, conn, req).await) }
+        let info = info.clone();
+        async move {
+            let resp = route(state, info, req).await;
+            drop(busy);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let connection = builder
         .serve_connection(TokioIo::new(stream), service)

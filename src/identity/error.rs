@@ -3,30 +3,8 @@
 
 use std::path::PathBuf;
 
-/// Longest slice of caller-supplied text echoed back in an error message.
-const SHOWN_CHARS: usize = 64;
-
-/// Caller-controlled text made safe to echo: control and non-ASCII characters escaped (no log
-/// injection, no homoglyph games in 401 bodies) and long values truncated.
-pub(crate) fn shown(s: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i == SHOWN_CHARS {
-            out.push_str("...");
-            break;
-        }
-        if c.is_ascii_graphic() || c == ' ' {
-            if c == '`' {
-                out.push_str("\\`");
-            } else {
-                out.push(c);
-            }
-        } else {
-            out.extend(c.escape_default());
-        }
-    }
-    out
-}
+/// Caller-controlled text made safe to echo (shared with request-body errors).
+pub(crate) use crate::strict_json::shown;
 
 /// Every reason a token is refused. [`IdentityError::code`] is the stable reason used in 401
 /// bodies and audit records; the message is for humans.
@@ -144,13 +122,6 @@ impl IdentityConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shown_escapes_and_truncates() {
-        assert_eq!(shown("a\nb`"), "a\\nb\\`");
-        assert_eq!(shown(&"x".repeat(100)).len(), 67);
-        assert_eq!(shown("é"), "\\u{e9}");
-    }
 
     #[test]
     fn messages_are_lowercase_and_name_values() {

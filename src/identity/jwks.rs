@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use super::error::shown;
 use super::jws::{B64, MAX_JSON_DEPTH, MAX_KID_LEN};
-use super::strict_json;
+use crate::strict_json;
 
 /// Largest key-set document accepted, in bytes.
 pub const MAX_JWKS_BYTES: usize = 64 * 1024;
@@ -135,7 +135,8 @@ pub fn parse(bytes: &[u8], allowed: &[Algorithm], issuer: &str) -> Result<KeySet
     if bytes.len() > MAX_JWKS_BYTES {
         return Err(JwksError::TooLarge);
     }
-    let doc = strict_json::parse(bytes, MAX_JSON_DEPTH).map_err(|e| JwksError::Json(e.0))?;
+    let doc =
+        strict_json::parse(bytes, MAX_JSON_DEPTH).map_err(|e| JwksError::Json(e.to_string()))?;
     let Some(Value::Array(entries)) = doc.get("keys") else {
         return Err(JwksError::Shape("`keys` is not an array"));
     };

@@ -9,7 +9,7 @@ use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
 use super::error::{IdentityError, shown};
-use super::strict_json;
+use crate::strict_json;
 
 /// Longest token accepted, in bytes (shared/SECURITY.md §1.0 step 1).
 pub const MAX_TOKEN_LEN: usize = 8192;
@@ -147,7 +147,8 @@ fn parse_header(bytes: &[u8]) -> Result<Header, IdentityError> {
             "header is longer than {MAX_HEADER_LEN} bytes"
         )));
     }
-    let value = strict_json::parse(bytes, MAX_JSON_DEPTH).map_err(|e| header_invalid(e.0))?;
+    let value =
+        strict_json::parse(bytes, MAX_JSON_DEPTH).map_err(|e| header_invalid(e.to_string()))?;
     let Value::Object(map) = value else {
         return Err(header_invalid("header is not a JSON object"));
     };
@@ -228,7 +229,8 @@ fn claims_invalid(why: impl Into<String>) -> IdentityError {
 /// Step 5: strict payload JSON and strict registered-claim types. Numeric dates are integers
 /// only: a float `exp` is refused rather than rounded (shared/SECURITY.md §1.1).
 fn parse_claims(bytes: &[u8]) -> Result<Claims, IdentityError> {
-    let value = strict_json::parse(bytes, MAX_JSON_DEPTH).map_err(|e| claims_invalid(e.0))?;
+    let value =
+        strict_json::parse(bytes, MAX_JSON_DEPTH).map_err(|e| claims_invalid(e.to_string()))?;
     let Value::Object(all) = value else {
         return Err(claims_invalid("payload is not a JSON object"));
     };

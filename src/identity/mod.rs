@@ -4,7 +4,8 @@
 //! The types below are the contract the rest of the crate uses. The pipeline lives in the
 //! submodules, each one step of it:
 //!
-//! - `strict_json`: duplicate-rejecting, depth-limited JSON for untrusted bytes.
+//! - [`crate::strict_json`] (shared with the API's request bodies): duplicate-rejecting,
+//!   depth-limited JSON for untrusted bytes.
 //! - `jws`: compact-serialization parsing before any cryptography (size, shape, base64url,
 //!   header and claim types, forbidden header parameters).
 //! - `jwks`: key-set documents to validated keys, each bound to its algorithms.
@@ -21,7 +22,6 @@ mod error;
 mod jwks;
 mod jws;
 mod keys;
-mod strict_json;
 #[cfg(test)]
 mod tests;
 mod verify;

@@ -43,6 +43,20 @@ pub fn is_shared(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// The file of a SQLite store at `url`, for the one-writer lock taken at start-up
+/// ([`crate::lockfile`]); `None` for PostgreSQL (shared by design) and in-memory SQLite.
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    if is_shared(url) || url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    if url.starts_with("sqlite:") {
+        use std::str::FromStr as _;
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+        return Some(options.get_filename().to_path_buf());
+    }
+    Some(std::path::PathBuf::from(url))
+}
+
 /// Keep `cache` coherent with grant changes made by other processes, until `stop`: the
 /// PostgreSQL listener for a shared store; nothing to do (returns at once) for SQLite.
 pub async fn listen_grant_changes(
