@@ -174,8 +174,12 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
     // Signed checkpoints of the audit chain, kept outside the log (DESIGN §5).
     if let (Some(cp), Some(key)) = (&config.audit.checkpoints, checkpoint_key) {
         tracing::info!(key_id = key.key_id(), file = %cp.file.display(), "audit checkpoints on");
-        let sinks: Vec<Arc<dyn CheckpointSink>> =
-            vec![Arc::new(CheckpointFile::new(cp.file.clone()))];
+        // The file beside the log, and the approval store, where the log's writer cannot
+        // rewrite them (a fleet's PostgreSQL).
+        let sinks: Vec<Arc<dyn CheckpointSink>> = vec![
+            Arc::new(CheckpointFile::new(cp.file.clone())),
+            service.store.clone(),
+        ];
         let checkpointer = Checkpointer::new(
             service.audit.clone(),
             key,

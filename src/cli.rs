@@ -172,14 +172,14 @@ pub fn dev_token(
 /// its line) or the first checkpoint the log does not match.
 pub fn audit_verify(
     file: &Path,
-    checkpoints: Option<&Path>,
+    checkpoints: Option<Checkpoints>,
     key: Option<&str>,
 ) -> anyhow::Result<u8> {
-    use crate::audit::checkpoint::{parse_public_key, read_checkpoints, verify_checkpoints};
+    use crate::audit::checkpoint::{parse_public_key, verify_checkpoints};
     let wanted = match checkpoints {
-        Some(path) => {
+        Some(source) => {
             let Some(key) = key else {
-                bail!("--checkpoints needs --key: a checkpoint is only as good as its signature");
+                bail!("checkpoints need --key: a checkpoint is only as good as its signature");
             };
             let text = std::fs::read_to_string(key).unwrap_or_else(|_| key.to_owned());
             let Some(public) = parse_public_key(&text) else {
@@ -187,8 +187,9 @@ pub fn audit_verify(
                     "--key: `{key}` is neither a file holding a public key nor one (32 bytes, hex or base64)"
                 );
             };
-            Some((read_checkpoints(path)?, public))
+            Some((source.read(file)?, public))
         }
+        None if key.is_some() => bail!("--key needs --checkpoints FILE or --store URL"),
         None => None,
     };
     let seqs: std::collections::HashSet<u64> = wanted
@@ -228,6 +229,43 @@ pub fn audit_verify(
         Err(e) => {
             println!("{e}");
             Ok(1)
+        }
+    }
+}
+
+/// Where `audit verify` reads checkpoints from.
+#[derive(Debug, Clone)]
+pub enum Checkpoints {
+    /// A checkpoint file (JSON lines).
+    File(PathBuf),
+    /// The approval store at this URL: the checkpoints kept for the log being verified.
+    Store(String),
+}
+
+impl Checkpoints {
+    fn read(self, log: &Path) -> anyhow::Result<Vec<crate::audit::Checkpoint>> {
+        match self {
+            Checkpoints::File(path) => Ok(crate::audit::checkpoint::read_checkpoints(&path)?),
+            Checkpoints::Store(url) => {
+                let Some(log_id) = crate::audit::verify::first_hash(log)
+                    .with_context(|| format!("cannot read `{}`", log.display()))?
+                else {
+                    return Ok(Vec::new());
+                };
+                crate::app::install_crypto()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    let store = crate::store::connect(&url)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("approval store `{url}`: {e}"))?;
+                    store
+                        .checkpoints(&log_id)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("approval store `{url}`: {e}"))
+                })
+            }
         }
     }
 }

@@ -150,9 +150,13 @@ enum AuditCommand {
         /// The checkpoint file (`audit.checkpoint_file`; default: FILE.checkpoints).
         #[arg(long)]
         checkpoints: Option<PathBuf>,
+        /// Read the checkpoints from the approval store at this URL instead (`store.url`:
+        /// `postgres://…` or a SQLite file), where the log's writer cannot rewrite them.
+        #[arg(long, conflicts_with = "checkpoints")]
+        store: Option<String>,
         /// The checkpoint public key: a file holding it, or the key itself (32 bytes, hex or
         /// base64), as `mandate audit keygen` prints it.
-        #[arg(long, requires = "checkpoints")]
+        #[arg(long)]
         key: Option<String>,
     },
     /// Make an Ed25519 checkpoint signing key: the private key (PKCS#8 PEM) to FILE, the
@@ -254,8 +258,16 @@ fn main() -> ExitCode {
             AuditCommand::Verify {
                 file,
                 checkpoints,
+                store,
                 key,
-            } => cli::audit_verify(&file, checkpoints.as_deref(), key.as_deref()),
+            } => {
+                let source = match (checkpoints, store) {
+                    (Some(f), _) => Some(cli::Checkpoints::File(f)),
+                    (None, Some(url)) => Some(cli::Checkpoints::Store(url)),
+                    (None, None) => None,
+                };
+                cli::audit_verify(&file, source, key.as_deref())
+            }
             AuditCommand::Keygen { file } => cli::audit_keygen(&file),
         },
         Command::Grants {

@@ -322,9 +322,11 @@ async fn au04_signed_checkpoints_catch_a_rewritten_chain_a_cut_end_and_a_forged_
     let log = std::path::PathBuf::from(common::fresh_audit_path());
     let log_s = log.display().to_string();
     let key = common::repo().join("config/dev/audit-checkpoint-key.pem.pub");
+    let db = log.with_file_name("mandate.db").display().to_string();
     let s = TestServer::start(&example_config(&[
         ("MANDATE_AUDIT__PATH", &log_s),
         ("MANDATE_AUDIT__CHECKPOINT_EVERY", "4"),
+        ("MANDATE_STORE__URL", &db),
     ]))
     .await;
     let t = token();
@@ -352,13 +354,39 @@ async fn au04_signed_checkpoints_catch_a_rewritten_chain_a_cut_end_and_a_forged_
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("the log was rewritten"), "{out}");
 
-    // Records cut from the end: undetectable by the chain, not by the last checkpoint.
+    // Records cut from the end: undetectable by the chain, not by the last checkpoint, even
+    // with the checkpoint file gone: the approval store kept them too.
     let cut: Vec<&str> = pristine.lines().take(7).collect();
     std::fs::write(&log, cut.join("\n") + "\n").unwrap();
     assert_eq!(verify_cli(&log).0, 0);
     let (code, out) = verify_checkpoints_cli(&log, &key);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("cut from the end"), "{out}");
+    let mut cps_file = log.as_os_str().to_owned();
+    cps_file.push(".checkpoints");
+    let saved = std::fs::read(&cps_file).unwrap();
+    std::fs::remove_file(&cps_file).unwrap();
+    let from_store = |log: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mandate"))
+            .args(["audit", "verify"])
+            .arg(log)
+            .args(["--store", &db, "--key"])
+            .arg(&key)
+            .output()
+            .expect("mandate runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = from_store(&log);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cut from the end"), "{out}");
+    std::fs::write(&log, &pristine).unwrap();
+    let (code, out) = from_store(&log);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("vouched for up to seq 10"), "{out}");
+    std::fs::write(&cps_file, saved).unwrap();
 
     // A checkpoint signed by any other key does not verify.
     std::fs::write(&log, &pristine).unwrap();

@@ -138,6 +138,7 @@ store_suite!(
     a16_pending_limit_per_principal,
     a16_hourly_limit_per_principal,
     a16_concurrent_creates_respect_the_pending_limit,
+    au04_checkpoints_are_kept_per_log_once_each,
 );
 
 /// Limits no test of the other cases reaches: they create many requests for one principal.
@@ -303,6 +304,28 @@ mod cases {
         assert_eq!(ids.len(), 1, "every caller gets the same request");
         let pending = with_status(h.store.as_ref(), Status::Pending).await;
         assert_eq!(pending.len(), 1);
+    }
+
+    pub async fn au04_checkpoints_are_kept_per_log_once_each(h: &mut Harness) {
+        let s = h.store.as_ref();
+        let cp = |seq: u64, hash: &str| mandate::audit::Checkpoint {
+            seq,
+            hash: hash.into(),
+            at: T0,
+            key_id: "k".into(),
+            signature: "c2ln".into(),
+        };
+        s.put_checkpoint("log-a", &cp(8, "h8")).await.unwrap();
+        s.put_checkpoint("log-a", &cp(4, "h4")).await.unwrap();
+        s.put_checkpoint("log-b", &cp(4, "other")).await.unwrap();
+        // A checkpoint kept already is not replaced (nor an error: shutdown may repeat one).
+        s.put_checkpoint("log-a", &cp(8, "forged")).await.unwrap();
+        assert_eq!(
+            s.checkpoints("log-a").await.unwrap(),
+            vec![cp(4, "h4"), cp(8, "h8")]
+        );
+        assert_eq!(s.checkpoints("log-b").await.unwrap(), vec![cp(4, "other")]);
+        assert!(s.checkpoints("log-c").await.unwrap().is_empty());
     }
 
     pub async fn get_unknown_is_none(h: &mut Harness) {

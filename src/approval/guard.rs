@@ -20,6 +20,7 @@ use super::{
     ApprovalRequest, ApprovalStore, Grant, ListFilter, NewRequest, Review, ReviewOutcome,
     StoreError,
 };
+use crate::audit::Checkpoint;
 
 /// How the breaker bounds store operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +196,12 @@ impl ApprovalStore for GuardedStore {
     async fn revoke_grant(&self, id: Uuid, now: i64) -> Result<Grant, StoreError> {
         self.guard(self.inner.revoke_grant(id, now)).await
     }
+    async fn put_checkpoint(&self, log_id: &str, cp: &Checkpoint) -> Result<(), StoreError> {
+        self.guard(self.inner.put_checkpoint(log_id, cp)).await
+    }
+    async fn checkpoints(&self, log_id: &str) -> Result<Vec<Checkpoint>, StoreError> {
+        self.guard(self.inner.checkpoints(log_id)).await
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +272,12 @@ mod tests {
         }
         async fn revoke_grant(&self, _: Uuid, _: i64) -> Result<Grant, StoreError> {
             Err(StoreError::Unavailable("not scripted".into()))
+        }
+        async fn put_checkpoint(&self, _: &str, _: &Checkpoint) -> Result<(), StoreError> {
+            self.answer().await
+        }
+        async fn checkpoints(&self, _: &str) -> Result<Vec<Checkpoint>, StoreError> {
+            self.answer().await
         }
     }
 
@@ -371,6 +384,12 @@ mod tests {
             }
             async fn revoke_grant(&self, _: Uuid, _: i64) -> Result<Grant, StoreError> {
                 Err(StoreError::Conflict("x".into()))
+            }
+            async fn put_checkpoint(&self, _: &str, _: &Checkpoint) -> Result<(), StoreError> {
+                Err(StoreError::Conflict("x".into()))
+            }
+            async fn checkpoints(&self, _: &str) -> Result<Vec<Checkpoint>, StoreError> {
+                Ok(Vec::new())
             }
         }
         let g = GuardedStore::new(Arc::new(Refusing), GuardSettings::default());

@@ -624,6 +624,18 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// revocation is announced to every sidecar's grant cache in the same transaction, as is
     /// the grant a final approval creates in [`review`](Self::review).
     async fn revoke_grant(&self, id: Uuid, now: i64) -> Result<Grant, StoreError>;
+
+    /// Keep a signed checkpoint of the audit log named `log_id` (the hash of its first
+    /// record): the store is where the log's writer cannot rewrite it (DESIGN §5). Keeping
+    /// one already kept changes nothing.
+    async fn put_checkpoint(
+        &self,
+        log_id: &str,
+        checkpoint: &crate::audit::Checkpoint,
+    ) -> Result<(), StoreError>;
+
+    /// The checkpoints kept for the log `log_id`, in order.
+    async fn checkpoints(&self, log_id: &str) -> Result<Vec<crate::audit::Checkpoint>, StoreError>;
 }
 
 #[cfg(test)]

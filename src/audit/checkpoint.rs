@@ -148,8 +148,20 @@ fn pem_body(text: &str, label: &str) -> Option<Vec<u8>> {
 }
 
 /// Where checkpoints are kept besides the log. Each `put` is durable before it returns.
+/// `log_id` names the log: the hash of its first record.
+#[async_trait::async_trait]
 pub trait CheckpointSink: Send + Sync + std::fmt::Debug {
-    fn put(&self, checkpoint: &Checkpoint) -> Result<(), String>;
+    async fn put(&self, log_id: &str, checkpoint: &Checkpoint) -> Result<(), String>;
+}
+
+/// The approval store as a sink: in a fleet it is PostgreSQL, out of the log writer's reach.
+#[async_trait::async_trait]
+impl<S: crate::approval::ApprovalStore + ?Sized> CheckpointSink for S {
+    async fn put(&self, log_id: &str, checkpoint: &Checkpoint) -> Result<(), String> {
+        self.put_checkpoint(log_id, checkpoint)
+            .await
+            .map_err(|e| format!("approval store: {e}"))
+    }
 }
 
 /// A JSON-lines file of checkpoints, appended and synced.
@@ -164,8 +176,9 @@ impl CheckpointFile {
     }
 }
 
+#[async_trait::async_trait]
 impl CheckpointSink for CheckpointFile {
-    fn put(&self, checkpoint: &Checkpoint) -> Result<(), String> {
+    async fn put(&self, _log_id: &str, checkpoint: &Checkpoint) -> Result<(), String> {
         let mut line = serde_json::to_vec(checkpoint).map_err(|e| e.to_string())?;
         line.push(b'\n');
         let mut file = OpenOptions::new()
@@ -214,21 +227,32 @@ impl Checkpointer {
 
     /// Checkpoint the head now, unless it is at `after` (already checkpointed). The records
     /// are synced to disk first, so no checkpoint ever covers a record a power loss could
-    /// take back. Returns the `seq` covered.
-    pub fn checkpoint(&self, after: u64) -> Result<u64, String> {
+    /// take back. Returns the `seq` covered; a sink that fails is reported after the others
+    /// have been given the checkpoint.
+    pub async fn checkpoint(&self, after: u64) -> Result<u64, String> {
         let (seq, hash) = self.log.head();
         if seq == 0 || seq == after {
             return Ok(after);
         }
         self.log.sync().map_err(|e| e.to_string())?;
+        let log_id = super::verify::first_hash(self.log.path())
+            .map_err(|e| format!("cannot read the log's first record: {e}"))?
+            .ok_or_else(|| "the log has no first record".to_owned())?;
         let mut hex = [0u8; 64];
         let cp = self
             .key
             .sign(seq, hex32(&hash, &mut hex), self.clock.now_unix());
+        let mut failed = Vec::new();
         for sink in &self.sinks {
-            sink.put(&cp)?;
+            if let Err(e) = sink.put(&log_id, &cp).await {
+                failed.push(e);
+            }
         }
-        Ok(seq)
+        if failed.is_empty() {
+            Ok(seq)
+        } else {
+            Err(failed.join("; "))
+        }
     }
 
     /// Run until `stop`: checkpoint every `schedule.every` records or `schedule.interval`,
@@ -250,19 +274,19 @@ impl Checkpointer {
                     let due = seq.saturating_sub(last) >= schedule.every
                         || (seq != last && since.elapsed() >= schedule.interval);
                     if due {
-                        last = self.logged(last);
+                        last = self.logged(last).await;
                         since = tokio::time::Instant::now();
                     }
                 }
                 () = &mut stop => break,
             }
         }
-        self.logged(last);
+        self.logged(last).await;
     }
 
     /// [`Self::checkpoint`], with a failure logged (the next tick tries again).
-    fn logged(&self, last: u64) -> u64 {
-        match self.checkpoint(last) {
+    async fn logged(&self, last: u64) -> u64 {
+        match self.checkpoint(last).await {
             Ok(seq) => seq,
             Err(e) => {
                 tracing::error!(error = %e, "audit checkpoint not written");

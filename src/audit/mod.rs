@@ -24,7 +24,7 @@ mod canonical;
 pub mod checkpoint;
 mod log;
 mod record;
-mod verify;
+pub mod verify;
 
 #[cfg(test)]
 mod tests;

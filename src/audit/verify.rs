@@ -173,3 +173,16 @@ pub fn verify_visiting(
         last_hash: hex32(&last_hash, &mut hex).to_owned(),
     })
 }
+
+/// The `hash` of the first record of the log at `path` (`None` for an empty log): the log's
+/// name among the checkpoints of a fleet.
+pub fn first_hash(path: &Path) -> io::Result<Option<String>> {
+    let mut line = Vec::new();
+    BufReader::new(File::open(path)?).read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return Ok(None);
+    }
+    let value: Value =
+        serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(value.get("hash").and_then(Value::as_str).map(str::to_owned))
+}

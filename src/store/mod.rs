@@ -231,6 +231,31 @@ impl TryFrom<ReviewRow> for Review {
     }
 }
 
+/// An `audit_checkpoints` row.
+#[derive(Debug, sqlx::FromRow)]
+struct CheckpointRow {
+    seq: i64,
+    hash: String,
+    at: i64,
+    key_id: String,
+    signature: String,
+}
+
+impl TryFrom<CheckpointRow> for crate::audit::Checkpoint {
+    type Error = StoreError;
+
+    fn try_from(r: CheckpointRow) -> Result<Self, StoreError> {
+        Ok(crate::audit::Checkpoint {
+            seq: u64::try_from(r.seq)
+                .map_err(|_| StoreError::Corrupt(format!("column `seq`: negative {}", r.seq)))?,
+            hash: r.hash,
+            at: r.at,
+            key_id: r.key_id,
+            signature: r.signature,
+        })
+    }
+}
+
 /// A `grants` row.
 #[derive(Debug, sqlx::FromRow)]
 struct GrantRow {

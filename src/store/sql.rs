@@ -22,13 +22,14 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    GrantRow, LimitCounts, RequestRow, ReviewRow, db_error, grants, not_found_grant,
+    CheckpointRow, GrantRow, LimitCounts, RequestRow, ReviewRow, db_error, grants, not_found_grant,
     not_found_request, requests, to_json,
 };
 use crate::approval::{
     ApprovalRequest, ApprovalStore, EscalationLimits, Grant, ListFilter, NewRequest,
     PrincipalSnapshot, Review, ReviewOutcome, Status, StoreError, apply_review,
 };
+use crate::audit::Checkpoint;
 
 /// What differs between the SQL of SQLite and of PostgreSQL. Implemented for
 /// [`sqlx::Sqlite`] and [`sqlx::Postgres`].
@@ -163,6 +164,11 @@ struct Statements {
     grants: SqlStr,
     /// `$1` now, `$2` id.
     revoke_grant: SqlStr,
+    /// `$1` log id, `$2` seq, `$3` hash, `$4` at, `$5` key id, `$6` signature; a checkpoint
+    /// already kept is left as it is.
+    insert_checkpoint: SqlStr,
+    /// `$1` log id: its checkpoints in order.
+    checkpoints: SqlStr,
 }
 
 /// A statement rendered for a dialect. Its only inputs are this module's constants and the
@@ -260,6 +266,13 @@ impl Statements {
             revoke_grant: sql(format!(
                 "UPDATE grants SET revoked_at = $1 WHERE id = $2{uuid} AND revoked_at IS NULL"
             )),
+            insert_checkpoint: "INSERT INTO audit_checkpoints \
+                 (log_id, seq, hash, at, key_id, signature) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (log_id, seq) DO NOTHING"
+                .into_sql_str(),
+            checkpoints: "SELECT seq, hash, at, key_id, signature FROM audit_checkpoints \
+                 WHERE log_id = $1 ORDER BY seq"
+                .into_sql_str(),
         }
     }
 }
@@ -441,12 +454,22 @@ fn rows<D: Fetch<O>, O>(
 
 /// Everything the store runs, in one bound.
 pub(super) trait Run:
-    Fetch<RequestRow> + Fetch<ReviewRow> + Fetch<GrantRow> + Fetch<LimitCounts> + Fetch<(i64,)>
+    Fetch<RequestRow>
+    + Fetch<ReviewRow>
+    + Fetch<GrantRow>
+    + Fetch<LimitCounts>
+    + Fetch<CheckpointRow>
+    + Fetch<(i64,)>
 {
 }
 
 impl<D> Run for D where
-    D: Fetch<RequestRow> + Fetch<ReviewRow> + Fetch<GrantRow> + Fetch<LimitCounts> + Fetch<(i64,)>
+    D: Fetch<RequestRow>
+        + Fetch<ReviewRow>
+        + Fetch<GrantRow>
+        + Fetch<LimitCounts>
+        + Fetch<CheckpointRow>
+        + Fetch<(i64,)>
 {
 }
 
@@ -764,5 +787,24 @@ impl<D: Run> ApprovalStore for SqlStore<D> {
         D::announce_grant_change(&mut tx, &grant.binding_hash).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(grant)
+    }
+
+    async fn put_checkpoint(&self, log_id: &str, cp: &Checkpoint) -> Result<(), StoreError> {
+        let seq = i64::try_from(cp.seq)
+            .map_err(|_| StoreError::Conflict(format!("checkpoint seq {} is too large", cp.seq)))?;
+        let stmt = Stmt::new(&self.sql.insert_checkpoint)
+            .bind(log_id)
+            .bind(seq)
+            .bind(cp.hash.as_str())
+            .bind(cp.at)
+            .bind(cp.key_id.as_str())
+            .bind(cp.signature.as_str());
+        D::execute(&mut *self.conn().await?, stmt).await
+    }
+
+    async fn checkpoints(&self, log_id: &str) -> Result<Vec<Checkpoint>, StoreError> {
+        let stmt = Stmt::new(&self.sql.checkpoints).bind(log_id);
+        let rows: Vec<CheckpointRow> = rows::<D, _>(&mut *self.conn().await?, stmt).await?;
+        rows.into_iter().map(Checkpoint::try_from).collect()
     }
 }
