@@ -99,30 +99,7 @@ async fn evaluations_inner(
             .await
             .map(|d| decision_json(&d));
     };
-    let semantic = match body::opt_object(map, "", "options")?
-        .and_then(|o| o.get("evaluations_semantic"))
-    {
-        None | Some(Value::Null) => Semantic::ExecuteAll,
-        Some(Value::String(s)) => match s.as_str() {
-            "execute_all" => Semantic::ExecuteAll,
-            "deny_on_first_deny" => Semantic::DenyOnFirstDeny,
-            "permit_on_first_permit" => Semantic::PermitOnFirstPermit,
-            other => {
-                return Err(ApiError::field(
-                    "options.evaluations_semantic",
-                    format!(
-                        "`{other}` is not one of execute_all, deny_on_first_deny, permit_on_first_permit"
-                    ),
-                ));
-            }
-        },
-        Some(other) => {
-            return Err(ApiError::field(
-                "options.evaluations_semantic",
-                format!("must be a string, not {}", body::kind(other)),
-            ));
-        }
-    };
+    let semantic = semantic(map)?;
     // Top-level members are defaults; an item's own member replaces the default whole
     // (no merging of properties, as the specification says).
     let mut results = Vec::with_capacity(items.len());
@@ -159,6 +136,34 @@ async fn evaluations_inner(
         }
     }
     Ok(json!({ "evaluations": results }))
+}
+
+/// `options.evaluations_semantic`, `execute_all` when absent.
+fn semantic(map: &Map<String, Value>) -> Result<Semantic, ApiError> {
+    Ok(
+        match body::opt_object(map, "", "options")?.and_then(|o| o.get("evaluations_semantic")) {
+            None | Some(Value::Null) => Semantic::ExecuteAll,
+            Some(Value::String(s)) => match s.as_str() {
+                "execute_all" => Semantic::ExecuteAll,
+                "deny_on_first_deny" => Semantic::DenyOnFirstDeny,
+                "permit_on_first_permit" => Semantic::PermitOnFirstPermit,
+                other => {
+                    return Err(ApiError::field(
+                        "options.evaluations_semantic",
+                        format!(
+                            "`{other}` is not one of execute_all, deny_on_first_deny, permit_on_first_permit"
+                        ),
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(ApiError::field(
+                    "options.evaluations_semantic",
+                    format!("must be a string, not {}", body::kind(other)),
+                ));
+            }
+        },
+    )
 }
 
 fn item_error(e: &ApiError) -> Value {
