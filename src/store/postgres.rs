@@ -59,6 +59,7 @@ const REQUESTER_LOCK_CLASS: i32 = 0x4d41_4e44; // "MAND"
 
 impl Dialect for Postgres {
     const BEGIN_WRITE: &'static str = "BEGIN";
+    const ONE_WRITER: bool = false;
     const CASTS: bool = true;
     const FOR_UPDATE: &'static str = " FOR UPDATE";
     const JSON_EACH_TEXT: &'static str = "jsonb_array_elements_text";

@@ -57,6 +57,7 @@ impl SqlStore<Sqlite> {
 
 impl Dialect for Sqlite {
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+    const ONE_WRITER: bool = true;
     const CASTS: bool = false;
     // `BEGIN IMMEDIATE` already keeps every other writer out until the transaction ends.
     const FOR_UPDATE: &'static str = "";
