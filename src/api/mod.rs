@@ -1,6 +1,8 @@
-//! HTTP adapters: wire types stop here. Requests become core types ([`CheckRequest`]) and
-//! decisions become JSON; errors map to HTTP statuses in exactly one place
-//! ([`ApiError::into_response`]).
+//! The HTTP adapter: wire types stop here. Requests become core types
+//! ([`crate::vocabulary::CheckRequest`], [`crate::service::ReviewInput`], ...), the
+//! [`crate::service::Service`] decides, and its results become JSON. Each service error enum
+//! maps to HTTP statuses in one `match` here ([`ApiError`]'s `From` impls); parse errors are
+//! `400`s naming their field.
 //!
 //! Status discipline (shared/DESIGN.md §3): a deny is a `200` with the decision in the body;
 //! 4xx are for malformed requests and failed caller authentication, always with a JSON body

@@ -38,7 +38,7 @@ pub struct Checkpoint {
     pub at: i64,
     /// First 8 bytes (hex) of the SHA-256 of the signing key's public key.
     pub key_id: String,
-    /// Ed25519 signature (base64) over [`message`].
+    /// Ed25519 signature (base64) over the checkpoint's label, `seq`, `hash` and `at`.
     pub signature: String,
 }
 

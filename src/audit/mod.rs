@@ -6,7 +6,7 @@
 //! appended last. `hash` is the hex SHA-256 of `prev_hash` (hex) + `"\n"` + the canonical JSON
 //! of the record without `hash`; the first record of a file has `prev_hash` = 64 zeros. So an
 //! edited, deleted, inserted or reordered line breaks the chain at its position, and
-//! [`verify`] names that line.
+//! [`verify()`] names that line.
 //!
 //! Durability, in two steps: [`AuditLog::append`] hands the line to the operating system in
 //! one write before it returns (the record survives a `kill -9` of Mandate, so a decision is

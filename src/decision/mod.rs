@@ -1,9 +1,9 @@
 //! The decision: a verified principal, an action, a resource and a context in; exactly one of
 //! allow, deny or escalate out (shared/DESIGN.md §1).
 //!
-//! A decision runs in named stages over the action's slice of the bundle: [`context`] builds
-//! the Cedar context, [`entities`] the entity store, [`evaluate`] answers each policy's
-//! condition (the fast path, else Cedar's evaluator), and [`tally`] turns the satisfied
+//! A decision runs in named stages over the action's slice of the bundle: `context` builds
+//! the Cedar context, `entities` the entity store, `evaluate` answers each policy's
+//! condition (the fast path, else Cedar's evaluator), and `tally` turns the satisfied
 //! policies into one outcome.
 //!
 //! Fail closed: any error on this path (a value Cedar cannot hold, a policy that errors while

@@ -1,6 +1,6 @@
 //! Approval store backends: the only module that knows SQL. SQLite is the embedded default
 //! (one file); PostgreSQL lets a fleet of sidecars share approvals and grants. Both are one
-//! [`ApprovalStore`](crate::approval::ApprovalStore) implementation, `sql::SqlStore`, written
+//! `ApprovalStore` implementation, `sql::SqlStore`, written
 //! once over a small dialect trait, with the review rules of
 //! [`apply_review`](crate::approval::apply_review); they run the same test suite
 //! (tests/store.rs).
