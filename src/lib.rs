@@ -39,6 +39,8 @@
 //! - [`cli`]: the subcommands (`check`, `policy validate|test`, `dev token`, `audit verify`,
 //!   and the approvals client).
 //! - [`telemetry`]: logging set-up.
+//! - `fuzzing` (hidden): thin entry points for the fuzz targets of `fuzz/` and `tests/fuzz.rs`
+//!   into the private parsers (tokens, key sets, request bodies, bundles).
 
 pub mod api;
 pub mod app;
@@ -48,6 +50,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod decision;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod lockfile;
 pub mod notify;

@@ -82,43 +82,18 @@ async fn evaluations_inner(
     map: &Map<String, Value>,
     started: Instant,
 ) -> Result<Value, ApiError> {
-    let items = match map.get("evaluations") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(a)) if a.is_empty() => None,
-        Some(Value::Array(a)) => Some(a),
-        Some(other) => {
-            return Err(ApiError::field(
-                "evaluations",
-                format!("must be an array, not {}", body::kind(other)),
-            ));
-        }
-    };
     // Without an `evaluations` array the endpoint answers like the single evaluation API.
-    let Some(items) = items else {
+    let Some((items, semantic)) = batch(map)? else {
         return evaluate_one(state, caller, map, "", started)
             .await
             .map(|d| decision_json(&d));
     };
-    let semantic = semantic(map)?;
-    // Top-level members are defaults; an item's own member replaces the default whole
-    // (no merging of properties, as the specification says).
     let mut results = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let prefix = format!("evaluations[{i}]");
-        let outcome = match item {
-            Value::Object(own) => {
-                let mut merged = Map::new();
-                for key in ["subject", "action", "resource", "context"] {
-                    if let Some(v) = own.get(key).or_else(|| map.get(key)) {
-                        merged.insert(key.to_owned(), v.clone());
-                    }
-                }
-                evaluate_one(state, caller, &merged, &prefix, started).await
-            }
-            other => Err(ApiError::field(
-                prefix.clone(),
-                format!("must be an object, not {}", body::kind(other)),
-            )),
+        let outcome = match batch_item(map, item, &prefix) {
+            Ok(merged) => evaluate_one(state, caller, &merged, &prefix, started).await,
+            Err(e) => Err(e),
         };
         // Per-item failures are denials carrying the error (fail closed), not a failed batch.
         let (allowed, value) = match outcome {
@@ -138,32 +113,88 @@ async fn evaluations_inner(
     Ok(json!({ "evaluations": results }))
 }
 
-/// `options.evaluations_semantic`, `execute_all` when absent.
-fn semantic(map: &Map<String, Value>) -> Result<Semantic, ApiError> {
-    Ok(
-        match body::opt_object(map, "", "options")?.and_then(|o| o.get("evaluations_semantic")) {
-            None | Some(Value::Null) => Semantic::ExecuteAll,
-            Some(Value::String(s)) => match s.as_str() {
-                "execute_all" => Semantic::ExecuteAll,
-                "deny_on_first_deny" => Semantic::DenyOnFirstDeny,
-                "permit_on_first_permit" => Semantic::PermitOnFirstPermit,
-                other => {
-                    return Err(ApiError::field(
-                        "options.evaluations_semantic",
-                        format!(
-                            "`{other}` is not one of execute_all, deny_on_first_deny, permit_on_first_permit"
-                        ),
-                    ));
-                }
-            },
-            Some(other) => {
+/// The items and semantic of a boxcarred request; `None` when the body has no (or an empty)
+/// `evaluations` array and is a single evaluation.
+fn batch(map: &Map<String, Value>) -> Result<Option<(&[Value], Semantic)>, ApiError> {
+    let items = match map.get("evaluations") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) if a.is_empty() => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(ApiError::field(
+                "evaluations",
+                format!("must be an array, not {}", body::kind(other)),
+            ));
+        }
+    };
+    let semantic = match body::opt_object(map, "", "options")?
+        .and_then(|o| o.get("evaluations_semantic"))
+    {
+        None | Some(Value::Null) => Semantic::ExecuteAll,
+        Some(Value::String(s)) => match s.as_str() {
+            "execute_all" => Semantic::ExecuteAll,
+            "deny_on_first_deny" => Semantic::DenyOnFirstDeny,
+            "permit_on_first_permit" => Semantic::PermitOnFirstPermit,
+            other => {
                 return Err(ApiError::field(
                     "options.evaluations_semantic",
-                    format!("must be a string, not {}", body::kind(other)),
+                    format!(
+                        "`{other}` is not one of execute_all, deny_on_first_deny, permit_on_first_permit"
+                    ),
                 ));
             }
         },
-    )
+        Some(other) => {
+            return Err(ApiError::field(
+                "options.evaluations_semantic",
+                format!("must be a string, not {}", body::kind(other)),
+            ));
+        }
+    };
+    Ok(Some((items, semantic)))
+}
+
+/// One batch item as a single evaluation: top-level members are defaults, and an item's own
+/// member replaces the default whole (no merging of properties, as the specification says).
+fn batch_item(
+    map: &Map<String, Value>,
+    item: &Value,
+    prefix: &str,
+) -> Result<Map<String, Value>, ApiError> {
+    match item {
+        Value::Object(own) => {
+            let mut merged = Map::new();
+            for key in ["subject", "action", "resource", "context"] {
+                if let Some(v) = own.get(key).or_else(|| map.get(key)) {
+                    merged.insert(key.to_owned(), v.clone());
+                }
+            }
+            Ok(merged)
+        }
+        other => Err(ApiError::field(
+            prefix.to_owned(),
+            format!("must be an object, not {}", body::kind(other)),
+        )),
+    }
+}
+
+/// Every request a body asks to evaluate, each parsed or refused on its own (the decisions
+/// aside, what [`evaluations`] does with it); for the fuzz targets (SECURITY F-04).
+pub(crate) fn requests(
+    caller: &Caller,
+    map: &Map<String, Value>,
+) -> Result<Vec<Result<CheckRequest, ApiError>>, ApiError> {
+    let Some((items, _)) = batch(map)? else {
+        return Ok(vec![evaluation_request(caller, map, "")]);
+    };
+    Ok(items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let prefix = format!("evaluations[{i}]");
+            batch_item(map, item, &prefix).and_then(|m| evaluation_request(caller, &m, &prefix))
+        })
+        .collect())
 }
 
 fn item_error(e: &ApiError) -> Value {
@@ -197,6 +228,16 @@ async fn evaluate_one(
     prefix: &str,
     started: Instant,
 ) -> Result<Settled, ApiError> {
+    let request = evaluation_request(caller, map, prefix)?;
+    Ok(state.service.check(&request, started).await)
+}
+
+/// One evaluation's members as a check request; every error names its field under `prefix`.
+fn evaluation_request(
+    caller: &Caller,
+    map: &Map<String, Value>,
+    prefix: &str,
+) -> Result<CheckRequest, ApiError> {
     let p = |e| prefixed(prefix, e);
     let subject: EntityRef = body::entity_ref(map, "subject", false).map_err(p)?;
     let action = body::object(map, "", "action").map_err(p)?;
@@ -209,7 +250,7 @@ async fn evaluate_one(
     let resource = body::entity_ref(map, "resource", false).map_err(p)?;
     let context = body::context(map).map_err(p)?;
     let principal = subject_principal(caller, Some(&subject), "subject").map_err(p)?;
-    let request = CheckRequest {
+    Ok(CheckRequest {
         principal,
         action: action_name,
         action_properties,
@@ -219,8 +260,7 @@ async fn evaluate_one(
             properties: resource.properties,
         },
         context,
-    };
-    Ok(state.service.check(&request, started).await)
+    })
 }
 
 /// The AuthZEN Decision for one core decision.

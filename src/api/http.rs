@@ -71,7 +71,7 @@ async fn check_inner(
         .await
 }
 
-fn parse_check(caller: &Caller, bytes: &[u8]) -> Result<CheckRequest, ApiError> {
+pub(crate) fn parse_check(caller: &Caller, bytes: &[u8]) -> Result<CheckRequest, ApiError> {
     let (subject, action, resource, context) = match body::quick_check(bytes) {
         Some((action, resource, context)) => (None, action, resource, context),
         None => read_check(bytes)?,
@@ -91,9 +91,9 @@ fn parse_check(caller: &Caller, bytes: &[u8]) -> Result<CheckRequest, ApiError> 
 }
 
 /// A check body read field by field: every error names its field.
-type CheckBody = (Option<EntityRef>, String, EntityRef, Map<String, Value>);
+pub(crate) type CheckBody = (Option<EntityRef>, String, EntityRef, Map<String, Value>);
 
-fn read_check(bytes: &[u8]) -> Result<CheckBody, ApiError> {
+pub(crate) fn read_check(bytes: &[u8]) -> Result<CheckBody, ApiError> {
     let map = body::parse_object(bytes)?;
     body::only_known(&map, "", &["subject", "action", "resource", "context"])?;
     let subject = match map.get("subject") {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub mod dev;
 mod error;
-mod jwks;
+pub(crate) mod jwks;
 mod jws;
 mod keys;
 #[cfg(test)]

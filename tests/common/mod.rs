@@ -166,6 +166,11 @@ pub fn python(script: &str, args: &[&str]) -> String {
 /// with its listening address read from its log. Its stderr keeps being drained so the
 /// server never blocks on a full pipe.
 pub fn spawn_serve(audit: &Path) -> (std::process::Child, String) {
+    spawn_serve_env(audit, &[])
+}
+
+/// [`spawn_serve`] with more `MANDATE_…` overrides in its environment.
+pub fn spawn_serve_env(audit: &Path, env: &[(&str, &str)]) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     let started = std::time::Instant::now();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
@@ -177,6 +182,7 @@ pub fn spawn_serve(audit: &Path) -> (std::process::Child, String) {
         .env("MANDATE_LOG__FORMAT", "text")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
