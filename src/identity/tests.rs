@@ -313,7 +313,7 @@ fn url_source(url: &str, min_refetch: Duration) -> JwksSource {
         refresh: Duration::from_secs(300),
         min_refetch_interval: min_refetch,
         max_staleness: Duration::from_secs(3600),
-        fetch_timeout: keys::FETCH_TIMEOUT,
+        fetch_timeout: sources::FETCH_TIMEOUT,
         ca_file: None,
     }
 }
@@ -1544,7 +1544,7 @@ async fn k12_key_rotation_timeline() {
 
 #[test]
 fn k14_cache_control_max_age_is_clamped() {
-    let clamp = |v: &str| keys::max_age(v).map(keys::clamp_refresh);
+    let clamp = |v: &str| sources::max_age(v).map(keys::clamp_refresh);
     assert_eq!(clamp("max-age=0"), Some(Duration::from_secs(30)));
     assert_eq!(
         clamp("public, max-age=31536000"),
@@ -1667,7 +1667,7 @@ async fn k05_hung_jwks_never_holds_a_decision_past_the_miss_wait() {
         assert!(took < FAST, "{took:?}");
     }
     // Single flight: the hung fetch is the only one, well inside its 5 s timeout.
-    assert!(started.elapsed() < keys::FETCH_TIMEOUT);
+    assert!(started.elapsed() < sources::FETCH_TIMEOUT);
     assert_eq!(mock.hits(), 2, "start fetch plus the one hung refetch");
     assert!(
         v.ready(),

@@ -134,6 +134,19 @@ impl Verifier {
         cache: CacheSettings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IdentityConfigError> {
+        Self::build(issuers, cache, clock, IssuerKeys::new)
+    }
+
+    fn build(
+        issuers: Vec<IssuerSettings>,
+        cache: CacheSettings,
+        clock: Arc<dyn Clock>,
+        mut issuer_keys: impl FnMut(
+            IssuerSettings,
+            Arc<dyn Clock>,
+            OnKeysRemoved,
+        ) -> Result<IssuerKeys, IdentityConfigError>,
+    ) -> Result<Self, IdentityConfigError> {
         let token_cache: TokenCache = moka::sync::Cache::builder()
             .max_capacity(cache.max_entries)
             .expire_after(ExpireAtExp {
@@ -165,7 +178,7 @@ impl Verifier {
                     format!("`{}` is configured twice", s.issuer),
                 ));
             }
-            keyed.push(Arc::new(IssuerKeys::new(
+            keyed.push(Arc::new(issuer_keys(
                 s,
                 Arc::clone(&clock),
                 Arc::clone(&on_removed),
@@ -185,7 +198,7 @@ impl Verifier {
     /// then background refresh.
     pub async fn start(&self) {
         let mut set = tokio::task::JoinSet::new();
-        for issuer in self.inner.issuers.iter().filter(|i| i.is_url()) {
+        for issuer in self.inner.issuers.iter().filter(|i| i.is_refreshed()) {
             let issuer = Arc::clone(issuer);
             set.spawn(async move { issuer.start().await });
         }
@@ -333,7 +346,7 @@ async fn find_key(
     let mut refetched = false;
     loop {
         let Some(set) = issuer.current() else {
-            if issuer.is_url() && !refetched {
+            if issuer.is_refreshed() && !refetched {
                 refetched = true;
                 issuer.refetch_on_miss().await;
                 continue;
@@ -354,7 +367,7 @@ async fn find_key(
                     kid: "(none; several keys could apply)".into(),
                 });
             }
-            Lookup::Unknown if issuer.is_url() && !refetched => {
+            Lookup::Unknown if issuer.is_refreshed() && !refetched => {
                 refetched = true;
                 issuer.refetch_on_miss().await;
             }
