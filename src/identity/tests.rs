@@ -25,6 +25,8 @@ use super::jws::B64;
 use super::*;
 use crate::clock::ManualClock;
 
+mod key_source;
+
 const NOW: i64 = 1_700_000_000;
 const ISS: &str = "https://issuer.example";
 const TD: &str = "example.org";
@@ -336,6 +338,20 @@ async fn code_of(v: &Verifier, token: &str) -> &'static str {
         Ok(_) => "ok",
         Err(e) => e.code(),
     }
+}
+
+/// The codes of `n` checks of `token` released at once by a barrier (K-02).
+async fn concurrent_codes(v: &Verifier, token: &str, n: usize) -> Vec<&'static str> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (v, t, b) = (v.clone(), token.to_owned(), barrier.clone());
+        tasks.spawn(async move {
+            b.wait().await;
+            code_of(&v, &t).await
+        });
+    }
+    tasks.join_all().await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1326,25 +1342,7 @@ async fn k02_concurrent_unknown_kid_triggers_one_fetch() {
     v.start().await;
     mock.set(Reply::keys(vec![old.jwk("old"), new.jwk("new")]));
     let token = sign_raw(&es_header("new"), &claims(json!({})), Signer::Ec(&new));
-    let barrier = Arc::new(tokio::sync::Barrier::new(200));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..200 {
-        let (v, t, b) = (v.clone(), token.clone(), barrier.clone());
-        tasks.spawn(async move {
-            b.wait().await;
-            v.verify_uncached(&t)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.code())
-        });
-    }
-    let mut ok = 0;
-    while let Some(r) = tasks.join_next().await {
-        if r.unwrap().is_ok() {
-            ok += 1;
-        }
-    }
-    assert_eq!(ok, 200);
+    assert_eq!(concurrent_codes(&v, &token, 200).await, vec!["ok"; 200]);
     assert_eq!(mock.hits(), 2, "one start fetch plus one coalesced refetch");
 }
 

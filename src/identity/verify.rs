@@ -13,6 +13,8 @@ use sha2::{Digest, Sha256};
 use super::error::{IdentityConfigError, IdentityError, shown};
 use super::jwks::Lookup;
 use super::jws::{self, Claims, Header};
+#[cfg(test)]
+use super::keys::KeySource;
 use super::keys::{IssuerKeys, OnKeysRemoved};
 use super::{IssuerSettings, Profile};
 use crate::clock::Clock;
@@ -135,6 +137,21 @@ impl Verifier {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IdentityConfigError> {
         Self::build(issuers, cache, clock, IssuerKeys::new)
+    }
+
+    /// As [`Verifier::new`], with each issuer's keys from the source `source_for` gives it
+    /// (`None`: HMAC only) instead of its `jwks` setting: how tests substitute a key source.
+    #[cfg(test)]
+    pub(crate) fn with_key_sources(
+        issuers: Vec<IssuerSettings>,
+        cache: CacheSettings,
+        clock: Arc<dyn Clock>,
+        mut source_for: impl FnMut(&IssuerSettings) -> Option<Arc<dyn KeySource>>,
+    ) -> Result<Self, IdentityConfigError> {
+        Self::build(issuers, cache, clock, |s, clock, on_removed| {
+            let source = source_for(&s);
+            IssuerKeys::with_source(s, source, clock, on_removed)
+        })
     }
 
     fn build(
