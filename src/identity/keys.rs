@@ -1,32 +1,30 @@
-//! Where each issuer's keys come from (a file loaded once, a URL refreshed in the background,
-//! a configured HMAC secret) and the rules that bound fetching: coalesced, rate-limited
-//! refetch on an unknown `kid`, last-known-good up to a maximum staleness (shared/SECURITY.md
-//! K-01..K-14).
+//! Where each issuer's keys come from and the rules that bound fetching them. The identity
+//! core owns the [`KeySource`] trait (a file and a URL implement it in `sources`; a test may
+//! substitute its own), and over any source applies one set of rules: coalesced,
+//! rate-limited refetch on an unknown `kid`, background refresh, last-known-good up to a
+//! maximum staleness (shared/SECURITY.md K-01..K-14). An issuer's HMAC secret is held here
+//! too, apart from any key set, so a public key never becomes an HMAC secret (J-03).
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, DecodingKey};
-use reqwest::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::IssuerSettings;
 use super::error::IdentityConfigError;
-use super::jwks::{self, KeySet, MAX_JWKS_BYTES};
-use super::{IssuerSettings, JwksSource};
+use super::jwks::{JwksError, KeySet};
+use super::sources;
 use crate::clock::Clock;
 
 /// How long a request that missed a `kid` waits for the refetch it triggered or joined. The
 /// decision path must stay far below Envoy's 200 ms ext_authz timeout (K-05); a fetch that
 /// takes longer still completes in the background and serves later requests.
 pub const MISS_WAIT: Duration = Duration::from_millis(100);
-/// Default and largest bound on one JWKS fetch, connection and TLS handshake included.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shortest wait after a failed fetch before the next background attempt.
 pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
 /// Longest wait between background attempts after repeated failures.
@@ -37,12 +35,68 @@ pub const REFRESH_MIN: Duration = Duration::from_secs(30);
 pub const REFRESH_MAX: Duration = Duration::from_secs(3600);
 /// Shortest configurable refresh period (the operator's choice, unlike `max-age`).
 pub const CONFIGURED_REFRESH_MIN: Duration = Duration::from_secs(1);
+/// Time past a source's own fetch timeout after which a fetch counts as failed. The URL
+/// source's client times out first; this bounds any source, so one that hangs cannot hold
+/// the single flight forever.
+const FETCH_GRACE: Duration = Duration::from_secs(1);
 
 /// Called when a refresh removed keys, so principals verified with them leave the cache.
 pub type OnKeysRemoved = Arc<dyn Fn() + Send + Sync>;
 
-/// A key set and when it was fetched (injected-clock seconds; `None`: from a file, never
-/// stale).
+/// Where one issuer's validated key set comes from.
+#[async_trait]
+pub trait KeySource: Send + Sync {
+    /// Where the keys come from, for logs and errors; never carries credentials.
+    fn location(&self) -> &str;
+    /// How the refresh rules treat this source; `None`: it is read once, when built, and its
+    /// keys never go stale (a file).
+    fn refresh_policy(&self) -> Option<RefreshPolicy>;
+    /// Keys at hand without waiting when the issuer is built (a file read at startup).
+    fn loaded(&self) -> Option<KeySet> {
+        None
+    }
+    /// Fetch and validate the key set now. At most one fetch per issuer runs at a time.
+    async fn fetch(&self) -> Result<Fetched, FetchError>;
+}
+
+/// A validated key set, as one fetch returned it.
+#[derive(Debug)]
+pub struct Fetched {
+    pub set: KeySet,
+    /// How long the source says the set stays fresh (`Cache-Control: max-age`); it can only
+    /// shorten the refresh period (K-13, K-14).
+    pub max_age: Option<Duration>,
+}
+
+/// What the refresh rules need to know about a source that can be fetched again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshPolicy {
+    /// Longest time between background refreshes (clamped into 1 s..1 h).
+    pub refresh: Duration,
+    /// At most one refetch for an unknown `kid` per this interval.
+    pub min_refetch_interval: Duration,
+    /// Last good keys are used at most this long after the last successful fetch.
+    pub max_staleness: Duration,
+    /// The source's own bound on one fetch.
+    pub fetch_timeout: Duration,
+}
+
+/// Why one fetch produced no key set; the last good set stays in use (K-04, K-06).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The document was refused whole (K-06..K-10).
+    #[error(transparent)]
+    Invalid(#[from] JwksError),
+    /// The source failed to deliver a document (unreachable, a non-200 answer, too large).
+    #[error(transparent)]
+    Source(Box<dyn std::error::Error + Send + Sync>),
+    /// No answer within the source's fetch timeout and [`FETCH_GRACE`].
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+}
+
+/// A key set and when it was fetched (injected-clock seconds; `None`: from a source that is
+/// never refreshed, never stale).
 #[derive(Debug)]
 struct Loaded {
     set: Arc<KeySet>,
@@ -63,19 +117,14 @@ struct Flight {
     last_miss_fetch: Option<Instant>,
 }
 
-struct UrlSource {
-    url: reqwest::Url,
-    /// `url` without userinfo, for logs and errors.
-    shown_url: String,
-    refresh: Duration,
-    min_refetch_interval: Duration,
-    max_staleness: Duration,
-    fetch_timeout: Duration,
-    client: reqwest::Client,
+/// A source that is fetched again, and the state of its fetches.
+struct Refreshed {
+    source: Arc<dyn KeySource>,
+    policy: RefreshPolicy,
     flight: Mutex<Flight>,
     done: watch::Sender<Outcome>,
     fetches: AtomicU64,
-    /// Why the latest fetch failed (naming the URL); `None` after a success.
+    /// Why the latest fetch failed (naming the source); `None` after a success.
     last_error: Mutex<Option<String>>,
 }
 
@@ -84,7 +133,7 @@ pub struct IssuerKeys {
     pub settings: IssuerSettings,
     loaded: ArcSwapOption<Loaded>,
     hmac: Option<Arc<DecodingKey>>,
-    url: Option<UrlSource>,
+    refreshed: Option<Refreshed>,
     clock: Arc<dyn Clock>,
     on_removed: OnKeysRemoved,
     started: AtomicBool,
@@ -115,54 +164,6 @@ pub fn refresh_delay(configured: Duration, max_age: Option<Duration>) -> Duratio
     max_age.map_or(configured, |m| clamp_refresh(m).min(configured))
 }
 
-/// An error and its sources, `: `-joined (reqwest's own message omits the TLS cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
-}
-
-/// The CA certificates in a PEM file, each checked to be a usable trust anchor.
-fn ca_certs(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
-    let shown = path.display();
-    let mut roots = rustls::RootCertStore::empty();
-    let mut certs = Vec::new();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("`{shown}`: {e}"))? {
-        let cert = cert.map_err(|e| format!("`{shown}`: {e}"))?;
-        roots
-            .add(cert.clone())
-            .map_err(|e| format!("`{shown}`: not a usable CA certificate: {e}"))?;
-        certs.push(
-            reqwest::Certificate::from_der(cert.as_ref())
-                .map_err(|e| format!("`{shown}`: {}", error_chain(&e)))?,
-        );
-    }
-    if certs.is_empty() {
-        return Err(format!("`{shown}` holds no PEM certificate"));
-    }
-    Ok(certs)
-}
-
-/// `max-age` from a `Cache-Control` value, if there is one.
-pub fn max_age(cache_control: &str) -> Option<Duration> {
-    cache_control.split(',').find_map(|directive| {
-        let (name, value) = directive.trim().split_once('=')?;
-        if !name.trim().eq_ignore_ascii_case("max-age") {
-            return None;
-        }
-        let secs: u64 = value.trim().trim_matches('"').parse().ok()?;
-        Some(Duration::from_secs(secs))
-    })
-}
-
 /// The wait before the next background attempt after `failures` failures in a row.
 pub fn backoff(failures: u32, min_refetch_interval: Duration, refresh: Duration) -> Duration {
     let base = min_refetch_interval.max(FAILURE_COOLDOWN);
@@ -172,169 +173,120 @@ pub fn backoff(failures: u32, min_refetch_interval: Duration, refresh: Duration)
         .min(refresh.max(base))
 }
 
-fn loopback_host(url: &reqwest::Url) -> bool {
-    matches!(url.host_str(), Some("127.0.0.1" | "[::1]" | "localhost"))
+/// Check that the allowed algorithms, the HMAC secret and the presence of a key source
+/// agree; the prepared HMAC key, if HS* is allowed.
+fn check_keys(
+    settings: &IssuerSettings,
+    has_source: bool,
+) -> Result<Option<Arc<DecodingKey>>, IdentityConfigError> {
+    let invalid = |field, msg: String| IdentityConfigError::invalid(&settings.name, field, msg);
+    if settings.algorithms.is_empty() {
+        return Err(invalid(
+            "algorithms",
+            "at least one algorithm is required".into(),
+        ));
+    }
+    let wants_hmac = settings.algorithms.iter().any(is_hmac);
+    let wants_keys = settings.algorithms.iter().any(|a| !is_hmac(a));
+    // HMAC only with a configured secret of at least 256 bits (RFC 7518 §3.2); never from a
+    // key set, so a public key can never be used as an HMAC secret (J-03).
+    let hmac = match (&settings.hmac_secret, wants_hmac) {
+        (Some(s), true) if s.len() >= 32 => Some(Arc::new(
+            DecodingKey::from_secret(s).map_err(|e| invalid("hmac_secret", e.to_string()))?,
+        )),
+        (Some(_), true) => {
+            return Err(invalid("hmac_secret", "must be at least 32 bytes".into()));
+        }
+        (None, true) => {
+            return Err(invalid(
+                "algorithms",
+                "HS256/HS384/HS512 require `hmac_secret`".into(),
+            ));
+        }
+        (Some(_), false) => {
+            return Err(invalid(
+                "hmac_secret",
+                "set, but no HS* algorithm is allowed".into(),
+            ));
+        }
+        (None, false) => None,
+    };
+    match (has_source, wants_keys) {
+        (false, true) => Err(invalid(
+            "jwks",
+            "asymmetric algorithms require a jwks source".into(),
+        )),
+        (true, false) => Err(invalid(
+            "jwks",
+            "set, but only HS* algorithms are allowed".into(),
+        )),
+        _ => Ok(hmac),
+    }
 }
 
 impl IssuerKeys {
-    /// Validate one issuer's key settings; a `File` source is read now.
+    /// Validate one issuer's key settings and build the source its `jwks` setting names; a
+    /// file is read now.
     pub fn new(
         settings: IssuerSettings,
         clock: Arc<dyn Clock>,
         on_removed: OnKeysRemoved,
     ) -> Result<Self, IdentityConfigError> {
-        let name = settings.name.clone();
-        let invalid = |field, msg: String| IdentityConfigError::invalid(&name, field, msg);
-        if settings.algorithms.is_empty() {
-            return Err(invalid(
-                "algorithms",
-                "at least one algorithm is required".into(),
-            ));
-        }
-        let wants_hmac = settings.algorithms.iter().any(is_hmac);
-        let wants_keys = settings.algorithms.iter().any(|a| !is_hmac(a));
-        // HMAC only with a configured secret of at least 256 bits (RFC 7518 §3.2); never
-        // from a key set, so a public key can never be used as an HMAC secret (J-03).
-        let hmac = match (&settings.hmac_secret, wants_hmac) {
-            (Some(s), true) if s.len() >= 32 => Some(Arc::new(
-                DecodingKey::from_secret(s).map_err(|e| invalid("hmac_secret", e.to_string()))?,
-            )),
-            (Some(_), true) => {
-                return Err(invalid("hmac_secret", "must be at least 32 bytes".into()));
-            }
-            (None, true) => {
-                return Err(invalid(
-                    "algorithms",
-                    "HS256/HS384/HS512 require `hmac_secret`".into(),
-                ));
-            }
-            (Some(_), false) => {
-                return Err(invalid(
-                    "hmac_secret",
-                    "set, but no HS* algorithm is allowed".into(),
-                ));
-            }
-            (None, false) => None,
-        };
-        let mut loaded = None;
-        let mut url = None;
-        match (&settings.jwks, wants_keys) {
-            (None, true) => {
-                return Err(invalid(
-                    "jwks",
-                    "asymmetric algorithms require a jwks source".into(),
-                ));
-            }
-            (Some(_), false) => {
-                return Err(invalid(
-                    "jwks",
-                    "set, but only HS* algorithms are allowed".into(),
-                ));
-            }
-            (None, false) => {}
-            (Some(JwksSource::File(path)), true) => {
-                let bytes =
-                    std::fs::read(path).map_err(|source| IdentityConfigError::JwksFileRead {
-                        issuer: name.clone(),
-                        path: path.clone(),
-                        source,
-                    })?;
-                let set = jwks::parse(&bytes, &settings.algorithms, &name).map_err(|e| {
-                    IdentityConfigError::JwksFileInvalid {
-                        issuer: name.clone(),
-                        path: path.clone(),
-                        message: e.to_string(),
-                    }
-                })?;
-                loaded = Some(Arc::new(Loaded {
-                    set: Arc::new(set),
-                    fetched_at: None,
-                }));
-            }
-            (
-                Some(JwksSource::Url {
-                    url: raw,
-                    refresh,
-                    min_refetch_interval,
-                    max_staleness,
-                    fetch_timeout,
-                    ca_file,
-                }),
-                true,
-            ) => {
-                let parsed = reqwest::Url::parse(raw)
-                    .map_err(|e| invalid("jwks.url", format!("`{raw}` is not a URL: {e}")))?;
-                let loopback = loopback_host(&parsed);
-                // Plain HTTP would let anyone on the path swap the keys; only a loopback test
-                // server is exempt.
-                if !(parsed.scheme() == "https" || (parsed.scheme() == "http" && loopback)) {
-                    return Err(invalid(
-                        "jwks.url",
-                        format!("`{raw}` must be https (http only on a loopback host)"),
-                    ));
-                }
-                if fetch_timeout.is_zero() || *fetch_timeout > FETCH_TIMEOUT {
-                    return Err(invalid(
-                        "jwks_fetch_timeout",
-                        format!(
-                            "must be above 0 and at most {}",
-                            humantime::format_duration(FETCH_TIMEOUT)
-                        ),
-                    ));
-                }
-                let mut builder = reqwest::Client::builder()
-                    .redirect(reqwest::redirect::Policy::none())
-                    .timeout(*fetch_timeout)
-                    .connect_timeout(*fetch_timeout);
-                if loopback {
-                    builder = builder.no_proxy();
-                }
-                if let Some(path) = ca_file {
-                    if parsed.scheme() != "https" {
-                        return Err(invalid(
-                            "jwks_ca_file",
-                            format!("set, but `{raw}` is not https"),
-                        ));
-                    }
-                    // Only these roots: a private issuer's keys are not trusted on the word
-                    // of any public CA.
-                    let certs = ca_certs(path).map_err(|m| invalid("jwks_ca_file", m))?;
-                    builder = builder.tls_certs_only(certs);
-                }
-                let client = builder
-                    .build()
-                    .map_err(|e| invalid("jwks.url", format!("http client: {e}")))?;
-                let mut shown = parsed.clone();
-                let _ = shown.set_password(None);
-                let _ = shown.set_username("");
-                url = Some(UrlSource {
-                    shown_url: shown.to_string(),
-                    url: parsed,
-                    refresh: (*refresh).clamp(CONFIGURED_REFRESH_MIN, REFRESH_MAX),
-                    min_refetch_interval: *min_refetch_interval,
-                    max_staleness: *max_staleness,
-                    fetch_timeout: *fetch_timeout,
-                    client,
-                    flight: Mutex::new(Flight::default()),
-                    done: watch::Sender::new(Outcome::default()),
-                    fetches: AtomicU64::new(0),
-                    last_error: Mutex::new(None),
-                });
-            }
-        }
+        // The settings are checked before any file is read or URL parsed.
+        check_keys(&settings, settings.jwks.is_some())?;
+        let source = settings
+            .jwks
+            .as_ref()
+            .map(|jwks| sources::from_config(&settings.name, &settings.algorithms, jwks))
+            .transpose()?;
+        Self::with_source(settings, source, clock, on_removed)
+    }
+
+    /// One issuer whose keys come from `source` (`None`: HMAC only) rather than from its
+    /// `jwks` setting.
+    pub fn with_source(
+        settings: IssuerSettings,
+        source: Option<Arc<dyn KeySource>>,
+        clock: Arc<dyn Clock>,
+        on_removed: OnKeysRemoved,
+    ) -> Result<Self, IdentityConfigError> {
+        let hmac = check_keys(&settings, source.is_some())?;
+        let loaded = source.as_ref().and_then(|s| s.loaded());
+        let refreshed = source.and_then(|source| {
+            let policy = source.refresh_policy()?;
+            Some(Refreshed {
+                source,
+                policy: RefreshPolicy {
+                    refresh: policy.refresh.clamp(CONFIGURED_REFRESH_MIN, REFRESH_MAX),
+                    ..policy
+                },
+                flight: Mutex::new(Flight::default()),
+                done: watch::Sender::new(Outcome::default()),
+                fetches: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+            })
+        });
+        let fetched_at = refreshed.as_ref().map(|_| clock.now_unix());
+        let loaded = loaded.map(|set| {
+            Arc::new(Loaded {
+                set: Arc::new(set),
+                fetched_at,
+            })
+        });
         Ok(Self {
             settings,
             loaded: ArcSwapOption::new(loaded),
             hmac,
-            url,
+            refreshed,
             clock,
             on_removed,
             started: AtomicBool::new(false),
         })
     }
 
-    pub fn is_url(&self) -> bool {
-        self.url.is_some()
+    /// True when the keys come from a source that is fetched again (a URL).
+    pub fn is_refreshed(&self) -> bool {
+        self.refreshed.is_some()
     }
 
     pub fn hmac_key(&self) -> Option<&Arc<DecodingKey>> {
@@ -344,9 +296,9 @@ impl IssuerKeys {
     /// The key set, unless none was ever loaded or the last good one is past max staleness.
     pub fn current(&self) -> Option<Arc<KeySet>> {
         let loaded = self.loaded.load_full()?;
-        if let (Some(at), Some(src)) = (loaded.fetched_at, &self.url) {
+        if let (Some(at), Some(r)) = (loaded.fetched_at, &self.refreshed) {
             let age = self.clock.now_unix().saturating_sub(at);
-            let max = i64::try_from(src.max_staleness.as_secs()).unwrap_or(i64::MAX);
+            let max = i64::try_from(r.policy.max_staleness.as_secs()).unwrap_or(i64::MAX);
             // Fail closed: keys older than the staleness bound may have been revoked long
             // ago, so the issuer becomes unavailable rather than trusted forever.
             if age > max {
@@ -362,10 +314,11 @@ impl IssuerKeys {
         !needs_keys || self.current().is_some()
     }
 
-    /// Why the latest JWKS fetch failed (naming the URL), if it did.
+    /// Why the latest JWKS fetch failed (naming the source), if it did.
     pub fn last_error(&self) -> Option<String> {
-        let src = self.url.as_ref()?;
-        src.last_error
+        self.refreshed
+            .as_ref()?
+            .last_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -373,25 +326,25 @@ impl IssuerKeys {
 
     /// JWKS fetches attempted so far (tests and metrics).
     pub fn fetch_count(&self) -> u64 {
-        self.url
+        self.refreshed
             .as_ref()
-            .map_or(0, |u| u.fetches.load(Ordering::Relaxed))
+            .map_or(0, |r| r.fetches.load(Ordering::Relaxed))
     }
 
     /// A request missed a `kid` (or found no keys): join the fetch in flight, or start one
     /// if the rate limit allows, and wait at most [`MISS_WAIT`] for it.
     pub async fn refetch_on_miss(self: &Arc<Self>) {
-        let Some(src) = &self.url else { return };
-        let mut rx = src.done.subscribe();
+        let Some(r) = &self.refreshed else { return };
+        let mut rx = r.done.subscribe();
         let seen = rx.borrow_and_update().generation;
         {
-            let mut flight = src.flight.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut flight = r.flight.lock().unwrap_or_else(PoisonError::into_inner);
             if !flight.in_flight {
                 // Unknown kids are attacker-controlled: at most one fetch per interval,
                 // however many distinct kids arrive (K-01).
                 if flight
                     .last_miss_fetch
-                    .is_some_and(|t| t.elapsed() < src.min_refetch_interval)
+                    .is_some_and(|t| t.elapsed() < r.policy.min_refetch_interval)
                 {
                     return;
                 }
@@ -407,19 +360,19 @@ impl IssuerKeys {
 
     /// Fetch now unless a fetch is in flight, and wait for whichever completes.
     async fn fetch_coalesced(self: &Arc<Self>) -> Outcome {
-        let Some(src) = &self.url else {
+        let Some(r) = &self.refreshed else {
             return Outcome::default();
         };
-        let mut rx = src.done.subscribe();
+        let mut rx = r.done.subscribe();
         let seen = rx.borrow_and_update().generation;
         let start = {
-            let mut flight = src.flight.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut flight = r.flight.lock().unwrap_or_else(PoisonError::into_inner);
             !std::mem::replace(&mut flight.in_flight, true)
         };
         if start {
             return self.fetch_and_store().await;
         }
-        let wait = src.fetch_timeout + Duration::from_secs(1);
+        let wait = r.policy.fetch_timeout + FETCH_GRACE;
         match tokio::time::timeout(wait, rx.wait_for(|o| o.generation != seen)).await {
             Ok(Ok(o)) => *o,
             _ => Outcome::default(),
@@ -428,16 +381,17 @@ impl IssuerKeys {
 
     /// One fetch; the caller has set `in_flight`. Publishes the outcome and clears the flag.
     async fn fetch_and_store(&self) -> Outcome {
-        let Some(src) = &self.url else {
+        let Some(r) = &self.refreshed else {
             return Outcome::default();
         };
-        src.fetches.fetch_add(1, Ordering::Relaxed);
-        let result = self.fetch(src).await;
+        r.fetches.fetch_add(1, Ordering::Relaxed);
+        let bound = r.policy.fetch_timeout + FETCH_GRACE;
+        let result = tokio::time::timeout(bound, r.source.fetch())
+            .await
+            .unwrap_or(Err(FetchError::TimedOut(bound)));
         let (ok, max_age) = match result {
-            Ok((set, max_age)) => {
-                *src.last_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = None;
+            Ok(Fetched { set, max_age }) => {
+                *r.last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 let removed = self
                     .loaded
                     .load()
@@ -452,24 +406,23 @@ impl IssuerKeys {
                 }
                 (true, max_age)
             }
-            Err(message) => {
+            Err(e) => {
+                let message = e.to_string();
                 // Keep the last good keys: an outage or a bad document must not revoke
                 // every key at once (K-04, K-06).
-                tracing::warn!(issuer = %self.settings.name, url = %src.shown_url, %message,
-                    "jwks fetch failed; keeping the last good key set");
-                *src.last_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(format!(
+                tracing::warn!(issuer = %self.settings.name, url = %r.source.location(),
+                    %message, "jwks fetch failed; keeping the last good key set");
+                *r.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(format!(
                     "jwks fetch from `{}` failed: {message}",
-                    src.shown_url
+                    r.source.location()
                 ));
                 (false, None)
             }
         };
-        let mut flight = src.flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut flight = r.flight.lock().unwrap_or_else(PoisonError::into_inner);
         flight.in_flight = false;
         let mut outcome = Outcome::default();
-        src.done.send_modify(|o| {
+        r.done.send_modify(|o| {
             o.generation += 1;
             o.ok = ok;
             o.max_age = max_age;
@@ -478,56 +431,15 @@ impl IssuerKeys {
         outcome
     }
 
-    async fn fetch(&self, src: &UrlSource) -> Result<(KeySet, Option<Duration>), String> {
-        let mut resp = src
-            .client
-            .get(src.url.clone())
-            .header(ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(|e| format!("request failed: {}", error_chain(&e.without_url())))?;
-        // Redirects are not followed (K-11): a 3xx is a failure like any non-200.
-        if resp.status() != reqwest::StatusCode::OK {
-            return Err(format!("status {}", resp.status()));
-        }
-        let max_age = resp
-            .headers()
-            .get(CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok())
-            .and_then(max_age);
-        let declared = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > MAX_JWKS_BYTES) {
-            return Err(format!("body is larger than {MAX_JWKS_BYTES} bytes"));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| format!("reading body: {}", error_chain(&e.without_url())))?
-        {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(format!("body is larger than {MAX_JWKS_BYTES} bytes"));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let set = jwks::parse(&body, &self.settings.algorithms, &self.settings.name)
-            .map_err(|e| e.to_string())?;
-        Ok((set, max_age))
-    }
-
     /// First fetch now, then background refresh for as long as the verifier lives.
     pub async fn start(self: &Arc<Self>) {
-        let Some(src) = &self.url else { return };
+        let Some(r) = &self.refreshed else { return };
         if self.started.swap(true, Ordering::SeqCst) {
             return;
         }
         let first = self.fetch_coalesced().await;
-        let refresh = src.refresh;
-        let min_refetch = src.min_refetch_interval;
+        let refresh = r.policy.refresh;
+        let min_refetch = r.policy.min_refetch_interval;
         let weak: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut failures = u32::from(!first.ok);

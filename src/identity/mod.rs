@@ -9,7 +9,9 @@
 //! - `jws`: compact-serialization parsing before any cryptography (size, shape, base64url,
 //!   header and claim types, forbidden header parameters).
 //! - `jwks`: key-set documents to validated keys, each bound to its algorithms.
-//! - `keys`: key sources (file, URL with refresh and bounded refetch, HMAC secret).
+//! - `keys`: the `KeySource` trait and, over any source, refresh, bounded refetch on an
+//!   unknown `kid` and last-known-good; HMAC secrets.
+//! - `sources`: the configured key sources, a JWKS file and a JWKS URL.
 //! - `verify`: the [`Verifier`] and its verified-token cache.
 //! - [`dev`]: dev-token minting with the key in `config/dev/`.
 
@@ -22,6 +24,7 @@ mod error;
 pub(crate) mod jwks;
 mod jws;
 mod keys;
+mod sources;
 #[cfg(test)]
 mod tests;
 mod verify;

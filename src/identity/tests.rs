@@ -25,6 +25,8 @@ use super::jws::B64;
 use super::*;
 use crate::clock::ManualClock;
 
+mod key_source;
+
 const NOW: i64 = 1_700_000_000;
 const ISS: &str = "https://issuer.example";
 const TD: &str = "example.org";
@@ -313,7 +315,7 @@ fn url_source(url: &str, min_refetch: Duration) -> JwksSource {
         refresh: Duration::from_secs(300),
         min_refetch_interval: min_refetch,
         max_staleness: Duration::from_secs(3600),
-        fetch_timeout: keys::FETCH_TIMEOUT,
+        fetch_timeout: sources::FETCH_TIMEOUT,
         ca_file: None,
     }
 }
@@ -336,6 +338,20 @@ async fn code_of(v: &Verifier, token: &str) -> &'static str {
         Ok(_) => "ok",
         Err(e) => e.code(),
     }
+}
+
+/// The codes of `n` checks of `token` released at once by a barrier (K-02).
+async fn concurrent_codes(v: &Verifier, token: &str, n: usize) -> Vec<&'static str> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (v, t, b) = (v.clone(), token.to_owned(), barrier.clone());
+        tasks.spawn(async move {
+            b.wait().await;
+            code_of(&v, &t).await
+        });
+    }
+    tasks.join_all().await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1326,25 +1342,7 @@ async fn k02_concurrent_unknown_kid_triggers_one_fetch() {
     v.start().await;
     mock.set(Reply::keys(vec![old.jwk("old"), new.jwk("new")]));
     let token = sign_raw(&es_header("new"), &claims(json!({})), Signer::Ec(&new));
-    let barrier = Arc::new(tokio::sync::Barrier::new(200));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..200 {
-        let (v, t, b) = (v.clone(), token.clone(), barrier.clone());
-        tasks.spawn(async move {
-            b.wait().await;
-            v.verify_uncached(&t)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.code())
-        });
-    }
-    let mut ok = 0;
-    while let Some(r) = tasks.join_next().await {
-        if r.unwrap().is_ok() {
-            ok += 1;
-        }
-    }
-    assert_eq!(ok, 200);
+    assert_eq!(concurrent_codes(&v, &token, 200).await, vec!["ok"; 200]);
     assert_eq!(mock.hits(), 2, "one start fetch plus one coalesced refetch");
 }
 
@@ -1544,7 +1542,7 @@ async fn k12_key_rotation_timeline() {
 
 #[test]
 fn k14_cache_control_max_age_is_clamped() {
-    let clamp = |v: &str| keys::max_age(v).map(keys::clamp_refresh);
+    let clamp = |v: &str| sources::max_age(v).map(keys::clamp_refresh);
     assert_eq!(clamp("max-age=0"), Some(Duration::from_secs(30)));
     assert_eq!(
         clamp("public, max-age=31536000"),
@@ -1667,7 +1665,7 @@ async fn k05_hung_jwks_never_holds_a_decision_past_the_miss_wait() {
         assert!(took < FAST, "{took:?}");
     }
     // Single flight: the hung fetch is the only one, well inside its 5 s timeout.
-    assert!(started.elapsed() < keys::FETCH_TIMEOUT);
+    assert!(started.elapsed() < sources::FETCH_TIMEOUT);
     assert_eq!(mock.hits(), 2, "start fetch plus the one hung refetch");
     assert!(
         v.ready(),

@@ -13,6 +13,8 @@ use sha2::{Digest, Sha256};
 use super::error::{IdentityConfigError, IdentityError, shown};
 use super::jwks::Lookup;
 use super::jws::{self, Claims, Header};
+#[cfg(test)]
+use super::keys::KeySource;
 use super::keys::{IssuerKeys, OnKeysRemoved};
 use super::{IssuerSettings, Profile};
 use crate::clock::Clock;
@@ -134,6 +136,34 @@ impl Verifier {
         cache: CacheSettings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IdentityConfigError> {
+        Self::build(issuers, cache, clock, IssuerKeys::new)
+    }
+
+    /// As [`Verifier::new`], with each issuer's keys from the source `source_for` gives it
+    /// (`None`: HMAC only) instead of its `jwks` setting: how tests substitute a key source.
+    #[cfg(test)]
+    pub(crate) fn with_key_sources(
+        issuers: Vec<IssuerSettings>,
+        cache: CacheSettings,
+        clock: Arc<dyn Clock>,
+        mut source_for: impl FnMut(&IssuerSettings) -> Option<Arc<dyn KeySource>>,
+    ) -> Result<Self, IdentityConfigError> {
+        Self::build(issuers, cache, clock, |s, clock, on_removed| {
+            let source = source_for(&s);
+            IssuerKeys::with_source(s, source, clock, on_removed)
+        })
+    }
+
+    fn build(
+        issuers: Vec<IssuerSettings>,
+        cache: CacheSettings,
+        clock: Arc<dyn Clock>,
+        mut issuer_keys: impl FnMut(
+            IssuerSettings,
+            Arc<dyn Clock>,
+            OnKeysRemoved,
+        ) -> Result<IssuerKeys, IdentityConfigError>,
+    ) -> Result<Self, IdentityConfigError> {
         let token_cache: TokenCache = moka::sync::Cache::builder()
             .max_capacity(cache.max_entries)
             .expire_after(ExpireAtExp {
@@ -165,7 +195,7 @@ impl Verifier {
                     format!("`{}` is configured twice", s.issuer),
                 ));
             }
-            keyed.push(Arc::new(IssuerKeys::new(
+            keyed.push(Arc::new(issuer_keys(
                 s,
                 Arc::clone(&clock),
                 Arc::clone(&on_removed),
@@ -185,7 +215,7 @@ impl Verifier {
     /// then background refresh.
     pub async fn start(&self) {
         let mut set = tokio::task::JoinSet::new();
-        for issuer in self.inner.issuers.iter().filter(|i| i.is_url()) {
+        for issuer in self.inner.issuers.iter().filter(|i| i.is_refreshed()) {
             let issuer = Arc::clone(issuer);
             set.spawn(async move { issuer.start().await });
         }
@@ -333,7 +363,7 @@ async fn find_key(
     let mut refetched = false;
     loop {
         let Some(set) = issuer.current() else {
-            if issuer.is_url() && !refetched {
+            if issuer.is_refreshed() && !refetched {
                 refetched = true;
                 issuer.refetch_on_miss().await;
                 continue;
@@ -354,7 +384,7 @@ async fn find_key(
                     kid: "(none; several keys could apply)".into(),
                 });
             }
-            Lookup::Unknown if issuer.is_url() && !refetched => {
+            Lookup::Unknown if issuer.is_refreshed() && !refetched => {
                 refetched = true;
                 issuer.refetch_on_miss().await;
             }
