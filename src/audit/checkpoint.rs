@@ -181,21 +181,30 @@ impl CheckpointSink for CheckpointFile {
     async fn put(&self, _log_id: &str, checkpoint: &Checkpoint) -> Result<(), String> {
         let mut line = serde_json::to_vec(checkpoint).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| format!("`{}`: {e}", self.path.display()))?;
-        file.write_all(&line)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| format!("`{}`: {e}", self.path.display()))
+        let path = self.path.clone();
+        // Blocking I/O (an append and an fdatasync): off the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| format!("`{}`: {e}", path.display()))?;
+            file.write_all(&line)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| format!("`{}`: {e}", path.display()))
+        })
+        .await
+        .map_err(|e| format!("checkpoint task failed: {e}"))?
     }
 }
+
+/// The least time between two checkpoints, whatever `every` says.
+const MIN_SPACING: Duration = Duration::from_secs(1);
 
 /// When checkpoints are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointSchedule {
-    /// After this many records since the last checkpoint.
+    /// After this many records since the last checkpoint (at most one checkpoint a second).
     pub every: u64,
     /// And at least this often while records arrive.
     pub interval: Duration,
@@ -234,10 +243,17 @@ impl Checkpointer {
         if seq == 0 || seq == after {
             return Ok(after);
         }
-        self.log.sync().map_err(|e| e.to_string())?;
-        let log_id = super::verify::first_hash(self.log.path())
-            .map_err(|e| format!("cannot read the log's first record: {e}"))?
-            .ok_or_else(|| "the log has no first record".to_owned())?;
+        // The sync and the read are blocking I/O: off the runtime's threads, so a checkpoint
+        // never stalls the checks being answered.
+        let log = self.log.clone();
+        let log_id = tokio::task::spawn_blocking(move || {
+            log.sync().map_err(|e| e.to_string())?;
+            super::verify::first_hash(log.path())
+                .map_err(|e| format!("cannot read the log's first record: {e}"))?
+                .ok_or_else(|| "the log has no first record".to_owned())
+        })
+        .await
+        .map_err(|e| format!("checkpoint task failed: {e}"))??;
         let mut hex = [0u8; 64];
         let cp = self
             .key
@@ -271,7 +287,10 @@ impl Checkpointer {
             tokio::select! {
                 _ = tick.tick() => {
                     let seq = self.log.last_seq();
-                    let due = seq.saturating_sub(last) >= schedule.every
+                    // At most one checkpoint a second however fast records come: each costs
+                    // two syncs and a store write.
+                    let due = (seq.saturating_sub(last) >= schedule.every
+                        && since.elapsed() >= MIN_SPACING)
                         || (seq != last && since.elapsed() >= schedule.interval);
                     if due {
                         last = self.logged(last).await;
