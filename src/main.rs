@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
+use mandate::cli::client::{self, Answer, ApiCall, Output};
 use mandate::config::{self, Config};
 use mandate::{app, cli, telemetry};
 
@@ -66,24 +67,43 @@ enum Command {
     },
     /// Grants, through a running server's API, with your own token.
     Grants {
-        #[arg(long, env = "MANDATE_SERVER", default_value = "http://127.0.0.1:8181")]
-        server: String,
-        #[arg(long, env = "MANDATE_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        remote: Remote,
         #[command(subcommand)]
         command: GrantsCommand,
     },
     /// Approval requests, through a running server's approvals API, with your own token.
     Approvals {
-        /// The server's base URL.
-        #[arg(long, env = "MANDATE_SERVER", default_value = "http://127.0.0.1:8181")]
-        server: String,
-        /// Your bearer token (an approver's, or the requesting agent's).
-        #[arg(long, env = "MANDATE_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        remote: Remote,
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+    /// Print shell completions, e.g. `mandate completions bash > ~/.local/share/bash-completion/completions/mandate`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// How `approvals` and `grants` reach the server, and how they print its answers.
+#[derive(Debug, clap::Args)]
+struct Remote {
+    /// The server's base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "MANDATE_SERVER",
+        default_value = "http://127.0.0.1:8181"
+    )]
+    server: String,
+    /// Your bearer token: an approver's to review, the requesting agent's to wait or cancel.
+    #[arg(long, global = true, env = "MANDATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// `table`: aligned tables and summaries; `json`: the API's answer; `id`: only the ids
+    /// (of requests; of grants for `grants list`; of the grant made for `approve`).
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,16 +113,18 @@ enum GrantsCommand {
         #[arg(long)]
         all: bool,
     },
-    /// End a grant before its time.
+    /// End a grant before its time: the same request escalates again.
     Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
 enum ApprovalsCommand {
-    /// The requests you may review.
+    /// The requests you may review (pending, approved, denied, expired or cancelled).
     List {
+        /// pending, approved, denied, expired or cancelled.
         #[arg(long)]
         status: Option<String>,
+        /// Only requests for this approver group.
         #[arg(long)]
         group: Option<String>,
     },
@@ -112,9 +134,6 @@ enum ApprovalsCommand {
         id: String,
         #[arg(long)]
         wait: Option<String>,
-        /// Print the API's JSON answer only (the policy texts stay in its `policy_text`).
-        #[arg(long)]
-        json: bool,
     },
     /// Approve, with a rationale and the evidence the policy asks for (`--evidence ticket=FIN-1`).
     Approve {
@@ -184,7 +203,18 @@ enum DevCommand {
         /// Lifetime, e.g. `15m`.
         #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Issued this long ago, e.g. `--ttl 1m --age 5m` for a token that expired 4 minutes
+        /// ago (past the 30 s leeway), to see how it is refused.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        age: Duration,
     },
+}
+
+impl Remote {
+    fn call(self, call: ApiCall) -> anyhow::Result<u8> {
+        let token = client::require_token(self.token)?;
+        client::api(&self.server, &token, call, self.output)
+    }
 }
 
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -246,12 +276,17 @@ fn main() -> ExitCode {
             PolicyCommand::Test { dir } => cli::policy_test(&dir),
         },
         Command::Dev { command } => match command {
-            DevCommand::Token { sub, claims, ttl } => {
+            DevCommand::Token {
+                sub,
+                claims,
+                ttl,
+                age,
+            } => {
                 let cfg = match load_config(&args.config) {
                     Ok(c) => c,
                     Err(code) => return code,
                 };
-                cli::dev_token(&cfg, &sub, &claims, ttl)
+                cli::dev_token(&cfg, &sub, &claims, ttl, age)
             }
         },
         Command::Audit { command } => match command {
@@ -270,54 +305,34 @@ fn main() -> ExitCode {
             }
             AuditCommand::Keygen { file } => cli::audit_keygen(&file),
         },
-        Command::Grants {
-            server,
-            token,
-            command,
-        } => {
+        Command::Grants { remote, command } => {
             let call = match command {
-                GrantsCommand::List { all } => cli::ApiCall::get(if all {
-                    "/v1/grants?all=true".to_owned()
-                } else {
-                    "/v1/grants".to_owned()
-                }),
+                GrantsCommand::List { all } => ApiCall::get("/v1/grants".into(), Answer::Grants)
+                    .param("all", all.then(|| "true".to_owned())),
                 GrantsCommand::Revoke { id } => {
-                    cli::ApiCall::post(format!("/v1/grants/{id}/revoke"), serde_json::json!({}))
+                    ApiCall::post(format!("/v1/grants/{id}/revoke"), Answer::Grant)
                 }
             };
-            call.and_then(|c| cli::api(&server, &token, c))
+            remote.call(call)
         }
-        Command::Approvals {
-            server,
-            token,
-            command,
-        } => {
+        Command::Approvals { remote, command } => {
             let call = match command {
                 ApprovalsCommand::List { status, group } => {
-                    let mut q = Vec::new();
-                    if let Some(s) = status {
-                        q.push(format!("status={s}"));
-                    }
-                    if let Some(g) = group {
-                        q.push(format!("group={g}"));
-                    }
-                    cli::ApiCall::get(if q.is_empty() {
-                        "/v1/approvals".to_owned()
-                    } else {
-                        format!("/v1/approvals?{}", q.join("&"))
-                    })
+                    Ok(ApiCall::get("/v1/approvals".into(), Answer::Requests)
+                        .param("status", status)
+                        .param("group", group))
                 }
-                ApprovalsCommand::Show { id, wait, json } => cli::ApiCall::get(match wait {
-                    Some(w) => format!("/v1/approvals/{id}?wait={w}"),
-                    None => format!("/v1/approvals/{id}"),
-                })
-                .map(|c| if json { c } else { c.approval_view() }),
+                ApprovalsCommand::Show { id, wait } => Ok(ApiCall::get(
+                    format!("/v1/approvals/{id}"),
+                    Answer::RequestWithPolicies,
+                )
+                .param("wait", wait)),
                 ApprovalsCommand::Approve {
                     id,
                     rationale,
                     evidence,
                     binding_hash,
-                } => cli::ApiCall::review(
+                } => ApiCall::review(
                     &id,
                     "approve",
                     &rationale,
@@ -328,12 +343,22 @@ fn main() -> ExitCode {
                     id,
                     rationale,
                     binding_hash,
-                } => cli::ApiCall::review(&id, "deny", &rationale, &[], binding_hash.as_deref()),
-                ApprovalsCommand::Cancel { id } => {
-                    cli::ApiCall::post(format!("/v1/approvals/{id}/cancel"), serde_json::json!({}))
-                }
+                } => ApiCall::review(&id, "deny", &rationale, &[], binding_hash.as_deref()),
+                ApprovalsCommand::Cancel { id } => Ok(ApiCall::post(
+                    format!("/v1/approvals/{id}/cancel"),
+                    Answer::Request,
+                )),
             };
-            call.and_then(|c| cli::api(&server, &token, c))
+            call.and_then(|c| remote.call(c))
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Args::command(),
+                "mandate",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
         }
     };
     match result {

@@ -129,18 +129,22 @@ pub struct ApprovalRequirement {
     pub recertify_by: Option<String>,
 }
 
-/// The answer to one check.
+/// The answer to one check. Serialized with the HTTP API's keys (`decision`, `decision_id`,
+/// ...), so `mandate check` prints what `POST /v1/check` answers.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Decision {
-    /// Random, time-ordered (UUID v7): the key of the audit record.
-    pub id: uuid::Uuid,
+    #[serde(rename = "decision")]
     pub outcome: Outcome,
+    /// Random, time-ordered (UUID v7): the key of the audit record.
+    #[serde(rename = "decision_id")]
+    pub id: uuid::Uuid,
     /// `<manifest revision>+<first 16 hex of the bundle's SHA-256>`.
     pub policy_version: Arc<str>,
     /// The policies that determined the outcome (forbids for a deny, permits otherwise).
     pub policy_ids: Vec<String>,
     pub reasons: Vec<Reason>,
     /// Present exactly when `outcome` is `Escalate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalRequirement>,
 }
 

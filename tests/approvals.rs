@@ -810,7 +810,10 @@ async fn the_approvals_cli_lists_shows_and_approves() {
     .await
     .unwrap();
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("\"approved\""), "{out}");
+    assert!(
+        out.starts_with(&format!("approved: request {id}; grant ")),
+        "{out}"
+    );
     let (a, b, idc) = (alice, base, id);
     let (code, _, err) = tokio::task::spawn_blocking(move || {
         cli(
@@ -1192,8 +1195,8 @@ async fn a07_a23_the_approver_sees_the_policy_text_of_the_requests_version_even_
     );
     assert_eq!(v2["policy_version"], &*new_version);
 
-    // `mandate approvals show` prints the policy verbatim, under its id and version; `--json`
-    // is the API's answer.
+    // `mandate approvals show` prints the policy verbatim, under its id and version; `--output
+    // json` is the API's answer.
     let (b, a, idc) = (s.base.clone(), alice.clone(), id.clone());
     let (code, out, err) = tokio::task::spawn_blocking(move || cli(&b, &a, &["show", &idc]))
         .await
@@ -1207,7 +1210,7 @@ async fn a07_a23_the_approver_sees_the_policy_text_of_the_requests_version_even_
     );
     let (b, a, idc) = (s.base.clone(), alice, id);
     let (code, out, err) =
-        tokio::task::spawn_blocking(move || cli(&b, &a, &["show", &idc, "--json"]))
+        tokio::task::spawn_blocking(move || cli(&b, &a, &["show", &idc, "--output", "json"]))
             .await
             .unwrap();
     assert_eq!(code, 0, "{err}");

@@ -326,10 +326,10 @@ impl Service {
         let Some(wait) = wait.map(|w| w.min(MAX_WAIT)) else {
             return Ok(request);
         };
+        // Only a pending request can still change: a decided one is answered at once.
         let deadline = tokio::time::Instant::now() + wait;
         let mut current = request;
-        let initial = current.status;
-        while current.status == initial && tokio::time::Instant::now() < deadline {
+        while current.status == Status::Pending && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(WAIT_POLL.min(deadline - tokio::time::Instant::now())).await;
             if let Some(r) = self
                 .store

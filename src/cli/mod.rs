@@ -1,6 +1,10 @@
-//! The offline subcommands, for policy authors and for trying Mandate locally: `check`,
-//! `policy validate`, `policy test`, `dev token`, `audit verify`. Each returns the process
-//! exit code.
+//! The subcommands other than `serve`. Offline, for policy authors and for trying Mandate
+//! locally: `check`, `policy validate`, `policy test`, `dev token`, `audit verify|keygen`
+//! (here); against a running server with the caller's own token: `approvals …` and
+//! `grants …` ([`client`], printed by [`render`]). Each returns the process exit code.
+
+pub mod client;
+pub mod render;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -126,12 +130,14 @@ pub fn policy_test(dir: &Path) -> anyhow::Result<u8> {
 }
 
 /// `mandate dev token`: mint a token with the example config's dev key, printing only the
-/// token so `TOKEN=$(mandate dev token --sub agent-1)` works.
+/// token so `TOKEN=$(mandate dev token --sub agent-1)` works. `age` backdates it (issued
+/// that long ago), to try what the server says of an expired token without waiting.
 pub fn dev_token(
     config: &Config,
     sub: &str,
     claims: &[String],
     ttl: Duration,
+    age: Duration,
 ) -> anyhow::Result<u8> {
     crate::app::install_crypto()?;
     let Some(dev) = &config.dev else {
@@ -151,7 +157,8 @@ pub fn dev_token(
             dev.signing_key.display()
         )
     })?;
-    let now = crate::clock::Clock::now_unix(&crate::clock::SystemClock);
+    let now = crate::clock::Clock::now_unix(&crate::clock::SystemClock)
+        - i64::try_from(age.as_secs()).context("--age is too long")?;
     let token = crate::identity::dev::mint(
         &key,
         &dev.kid,
@@ -303,26 +310,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn approval_view_prints_policy_texts_verbatim_after_the_request() {
-        let v = serde_json::json!({
-            "id": "r1",
-            "policy_version": "1+abc",
-            "policy_ids": ["p1", "p2"],
-            "policy_text": {"p1": "@id(\"p1\")\npermit (principal, action, resource);\n"},
-        });
-        let out = render_approval(&v);
-        let (json, texts) = out.split_once("\n\n").unwrap();
-        let request: Value = serde_json::from_str(json).unwrap();
-        assert!(request.get("policy_text").is_none(), "{json}");
-        assert_eq!(request["id"], "r1");
-        assert_eq!(
-            texts,
-            "// policy `p1`, policy version 1+abc:\n@id(\"p1\")\npermit (principal, action, resource);\n\
-             \n// policy `p2`, policy version 1+abc:\n// (no policy text was stored with this request)\n"
-        );
-    }
-
-    #[test]
     fn entity_arguments() {
         assert_eq!(
             parse_entity("Agent::agent-1", "x").unwrap(),
@@ -345,143 +332,4 @@ mod tests {
         );
         assert!(parse_pair("novalue").is_err());
     }
-}
-
-/// One call to a running server's API (`mandate approvals ...`).
-#[derive(Debug)]
-pub struct ApiCall {
-    pub path: String,
-    /// `None` for a GET.
-    pub body: Option<Value>,
-    /// Print a successful answer as an approval request for a human (see
-    /// [`render_approval`]) rather than as JSON.
-    pub approval_view: bool,
-}
-
-impl ApiCall {
-    pub fn get(path: String) -> anyhow::Result<Self> {
-        Ok(Self {
-            path,
-            body: None,
-            approval_view: false,
-        })
-    }
-
-    pub fn post(path: String, body: Value) -> anyhow::Result<Self> {
-        Ok(Self {
-            path,
-            body: Some(body),
-            approval_view: false,
-        })
-    }
-
-    /// Answered as [`render_approval`] prints it.
-    pub fn approval_view(self) -> Self {
-        Self {
-            approval_view: true,
-            ..self
-        }
-    }
-
-    /// An approve or deny: the rationale and `kind=value` evidence pairs.
-    pub fn review(
-        id: &str,
-        verb: &str,
-        rationale: &str,
-        evidence: &[String],
-        binding_hash: Option<&str>,
-    ) -> anyhow::Result<Self> {
-        let mut ev = Map::new();
-        for e in evidence {
-            let Some((k, v)) = e.split_once('=') else {
-                bail!("--evidence `{e}` must look like `kind=value`");
-            };
-            ev.insert(k.to_owned(), Value::String(v.to_owned()));
-        }
-        let mut body = serde_json::json!({"rationale": rationale, "evidence": ev});
-        if let (Some(hash), Some(obj)) = (binding_hash, body.as_object_mut()) {
-            obj.insert("binding_hash".into(), Value::String(hash.to_owned()));
-        }
-        Self::post(format!("/v1/approvals/{id}/{verb}"), body)
-    }
-}
-
-/// Send `call` with `token` and print the JSON answer; exit 0 on success, 1 on an error
-/// answer (which is printed too: it names what was wrong).
-pub fn api(server: &str, token: &str, call: ApiCall) -> anyhow::Result<u8> {
-    crate::app::install_crypto()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let url = format!("{}{}", server.trim_end_matches('/'), call.path);
-    runtime.block_on(async move {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(75))
-            .build()?;
-        let req = match call.body {
-            None => client.get(&url),
-            Some(body) => client
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(body.to_string()),
-        };
-        let resp = req
-            .bearer_auth(token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach `{url}`"))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        let parsed = serde_json::from_str::<Value>(&text);
-        if status.is_success()
-            && call.approval_view
-            && let Ok(v) = &parsed
-        {
-            print!("{}", render_approval(v));
-            return Ok(0);
-        }
-        let pretty = parsed
-            .and_then(|v| serde_json::to_string_pretty(&v))
-            .unwrap_or(text);
-        if status.is_success() {
-            println!("{pretty}");
-            Ok(0)
-        } else {
-            eprintln!("error: {status}: {pretty}");
-            Ok(1)
-        }
-    })
-}
-
-/// An approval request as `mandate approvals show` prints it: the request as pretty JSON
-/// without its `policy_text`, then the Cedar source of each policy that asked for approval,
-/// verbatim, under a header naming the policy and the version it is from.
-pub fn render_approval(v: &Value) -> String {
-    let mut request = v.clone();
-    let texts = request
-        .as_object_mut()
-        .and_then(|o| o.remove("policy_text"))
-        .and_then(|t| match t {
-            Value::Object(m) => Some(m),
-            _ => None,
-        })
-        .unwrap_or_default();
-    let mut out = serde_json::to_string_pretty(&request).unwrap_or_default();
-    out.push('\n');
-    let version = v["policy_version"].as_str().unwrap_or("?");
-    let ids: Vec<&str> = v["policy_ids"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    for id in ids {
-        out.push_str(&format!("\n// policy `{id}`, policy version {version}:\n"));
-        match texts.get(id).and_then(Value::as_str) {
-            Some(text) => {
-                out.push_str(text.trim_end());
-                out.push('\n');
-            }
-            None => out.push_str("// (no policy text was stored with this request)\n"),
-        }
-    }
-    out
 }
