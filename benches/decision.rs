@@ -1,5 +1,5 @@
 //! The decision path's cost (`Engine::decide`) as the bundle grows: with per-action slices it
-//! must stay flat from 10 to 1,000 policies (shared/DESIGN.md §8).
+//! must stay flat from 10 to 1,000 policies (docs/design.md §8).
 //!
 //! Each bundle is generated into a temporary directory: the real `payments:transfer` shape
 //! (an autonomous permit, an approval permit, a forbid) plus filler policies spread over

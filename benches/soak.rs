@@ -1,4 +1,4 @@
-//! Soak run (shared/SECURITY.md R-02a, R-02b): the release `mandate serve` process under a
+//! Soak run (docs/security.md R-02a, R-02b): the release `mandate serve` process under a
 //! steady mix of checks, escalations and reviews from 1,000 distinct tokens for N minutes,
 //! its memory sampled every 10 s, and a verdict on whether resident memory stays flat once
 //! warmed up. Not part of CI; run it through `scripts/soak [MINUTES]`.

@@ -1,5 +1,5 @@
 //! Token verification cost: the full pipeline cold (ES256, RS256-2048) and the cached hot path
-//! (a SHA-256 and a moka hit), shared/DESIGN.md §8.
+//! (a SHA-256 and a moka hit), docs/design.md §8.
 #![expect(
     clippy::unwrap_used,
     reason = "a bench is test code: a failed setup should stop it loudly"

@@ -25,7 +25,7 @@ use crate::service::{DECISION_CACHE_ENTRIES, Service};
 
 /// Install aws-lc-rs as the process's rustls provider, and check jsonwebtoken found its
 /// backend. A second TLS backend in the build (ring, OpenSSL) would make rustls panic at run
-/// time (shared/DESIGN.md §8), so fail at start instead.
+/// time (docs/design.md §8), so fail at start instead.
 pub fn install_crypto() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     anyhow::ensure!(

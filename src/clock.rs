@@ -1,5 +1,5 @@
 //! Time, injectable: every expiry decision (tokens, recertification dates, grants) reads the
-//! clock through [`Clock`] so tests can move it (shared/SECURITY.md J-14, J-17).
+//! clock through [`Clock`] so tests can move it (docs/security.md J-14, J-17).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

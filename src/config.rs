@@ -101,7 +101,7 @@ pub struct DevConfig {
     pub issuer: String,
 }
 
-/// The audit log of every decision (shared/DESIGN.md §5).
+/// The audit log of every decision (docs/design.md §5).
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
     /// The hash-chained JSON-lines file; default `audit.jsonl` beside the configuration file.

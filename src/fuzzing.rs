@@ -1,4 +1,4 @@
-//! Entry points for the standing fuzz targets (shared/SECURITY.md §3.6, F-01 to F-04): thin
+//! Entry points for the standing fuzz targets (docs/security.md §3.6, F-01 to F-04): thin
 //! wrappers that reach the private parsers, each checking its oracle and returning what it
 //! saw wrong as a [`Violation`], never panicking itself.
 //!
@@ -76,7 +76,7 @@ const ALL_ALGS: &[Algorithm] = &[
     Algorithm::EdDSA,
 ];
 
-/// F-01: the whole verification pipeline of shared/SECURITY.md §1.0 with fixed keys and a
+/// F-01: the whole verification pipeline of docs/security.md §1.0 with fixed keys and a
 /// fixed clock. Three issuers: ES256 OIDC and ES256 SPIFFE on the key set at `jwks_file`,
 /// and HS256 OIDC on [`HMAC_SECRET`].
 pub struct Tokens {

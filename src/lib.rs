@@ -1,5 +1,8 @@
 //! Mandate: a runtime authorization sidecar for AI agents and workloads.
 //!
+//! Comments cite the design card and the attack and fault catalogue in `docs/`: `DESIGN §5`
+//! is section 5 of `docs/design.md`, `SECURITY A-16` is case A-16 of `docs/security.md`.
+//!
 //! # Layout
 //!
 //! Dependencies point inward and downward; there is no import cycle among these modules.

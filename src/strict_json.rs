@@ -1,6 +1,6 @@
 //! Strict JSON for untrusted bytes (token headers and claims, key sets, request bodies):
-//! duplicate keys rejected at every depth, nesting bounded, UTF-8 only, no BOM (shared/
-//! SECURITY.md J-22, J-23, K-08; the same rule for the API's request bodies).
+//! duplicate keys rejected at every depth, nesting bounded, UTF-8 only, no BOM
+//! (docs/security.md J-22, J-23, K-08; the same rule for the API's request bodies).
 //!
 //! `serde_json` alone keeps the last of duplicate keys, which lets `{"sub":"a","sub":"admin"}`
 //! or `{"amount":20000,"amount":250}` mean different things to different parsers (and to the

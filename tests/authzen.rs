@@ -1,7 +1,7 @@
-//! The AuthZEN 1.0 certification scenario (shared/authzen/certification-scenario-1_0.md) at
-//! the Basic, Batch and Discovery levels, against the real server on port 0 loaded with the
-//! scenario's fixture (tests/fixtures/authzen). The harness authenticates as a configured
-//! enforcement point, as a PEP does; each test names the scenario section it covers.
+//! The AuthZEN 1.0 certification scenario (docs/authzen.md) at the Basic, Batch and
+//! Discovery levels, against the real server on port 0 loaded with the scenario's fixture
+//! (tests/fixtures/authzen). The harness authenticates as a configured enforcement point, as
+//! a PEP does; each test names the scenario section it covers.
 
 #![allow(
     clippy::unwrap_used,

@@ -1,4 +1,4 @@
-//! Crash consistency under load (shared/SECURITY.md R-03a, AU-03): the real `mandate serve`
+//! Crash consistency under load (docs/security.md R-03a, AU-03): the real `mandate serve`
 //! process on SQLite takes a burst of checks, escalations, reviews and grant uses from
 //! several concurrent clients and is killed with SIGKILL at a random moment, then started
 //! again on the same files, several times over. Afterwards, offline:

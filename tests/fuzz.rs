@@ -1,4 +1,4 @@
-//! The fuzz targets of `fuzz/` (shared/SECURITY.md F-01 to F-04) on the stable toolchain,
+//! The fuzz targets of `fuzz/` (docs/security.md F-01 to F-04) on the stable toolchain,
 //! without cargo-fuzz: each test replays the committed seed corpus (`fuzz/seeds/<target>/`),
 //! then runs a seeded random mutator over it for a bounded time. The mutator is blind (no
 //! coverage feedback); `scripts/fuzz` runs the same targets under libFuzzer.

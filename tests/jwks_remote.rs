@@ -2,7 +2,7 @@
 //! content, latency and TLS certificate each test controls: a hung or tarpitting issuer never
 //! holds a decision (K-05), a key removed from the set is dropped by the background refresh
 //! alone (K-13), and an https issuer is trusted only through the configured CA, failing
-//! closed otherwise. Each case names its shared/SECURITY.md id.
+//! closed otherwise. Each case names its docs/security.md id.
 
 #![allow(
     clippy::unwrap_used,

@@ -1,4 +1,4 @@
-//! Network abuse (shared/SECURITY.md §3.7): slow headers (H-01), slow bodies (H-02), HTTP/2
+//! Network abuse (docs/security.md §3.7): slow headers (H-01), slow bodies (H-02), HTTP/2
 //! rapid reset and stream floods (H-05), connection floods and idle connections (H-07). Each
 //! test runs the real server on 127.0.0.1 port 0 with small limits, attacks it with a bounded
 //! number of sockets for a bounded time, and checks that other clients are answered

@@ -1,7 +1,7 @@
 //! Tokens minted independently by PyJWT and `cryptography` (keys Mandate never generated),
 //! verified by the real server: valid SPIFFE, Kubernetes and OIDC tokens are allowed, and
 //! every rejection class of the identity pipeline answers 401 naming its reason. Each case
-//! names the shared/SECURITY.md id it covers.
+//! names the docs/security.md id it covers.
 
 #![allow(
     clippy::unwrap_used,

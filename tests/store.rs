@@ -1,7 +1,7 @@
 //! The approval store suite: written once, run against every backend (SQLite in a temporary
 //! directory; PostgreSQL from `MANDATE_TEST_POSTGRES_URL`, each test in a fresh schema) by the
 //! `store_suite!` macro, as limitador runs one suite per storage. Test names carry the
-//! shared/SECURITY.md case they cover.
+//! docs/security.md case they cover.
 
 #![allow(
     clippy::unwrap_used,

@@ -1,13 +1,13 @@
-//! OpenID AuthZEN Authorization API 1.0 (shared/authzen/authorization-api-1_0.md): access
-//! evaluation, boxcarred evaluations with all three `evaluations_semantic` values, and PDP
-//! metadata discovery.
+//! OpenID AuthZEN Authorization API 1.0 (what is implemented and the specifications'
+//! addresses: docs/authzen.md): access evaluation, boxcarred evaluations with all three
+//! `evaluations_semantic` values, and PDP metadata discovery.
 //!
 //! Mapping onto the core: `subject` is the Cedar principal (`type::"id"`, `properties` as
 //! attributes); `action.name` is `Action::"name"` and `action.properties` reach policies as
 //! `context.mandate.action`; `resource` is the resource entity; `context` the context.
 //! Unknown request members are ignored, as the specification requires. An escalation is a
 //! denial (`decision: false`) with `context.reason = "approval_required"` and
-//! `context.access_request` (shared/authzen/access-request-approval-profile-1_0.md).
+//! `context.access_request`, as the Access Request and Approval profile describes.
 
 use std::time::Instant;
 

@@ -4,7 +4,7 @@
 //! maps to HTTP statuses in one `match` here ([`ApiError`]'s `From` impls); parse errors are
 //! `400`s naming their field.
 //!
-//! Status discipline (shared/DESIGN.md §3): a deny is a `200` with the decision in the body;
+//! Status discipline (docs/design.md §3): a deny is a `200` with the decision in the body;
 //! 4xx are for malformed requests and failed caller authentication, always with a JSON body
 //! that names what was wrong. Nothing here can turn an error into an allow: every path that
 //! fails returns early with an error status or a deny decision.

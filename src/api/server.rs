@@ -1,5 +1,5 @@
 //! Listeners and connections: TCP (optionally TLS / mTLS with rustls) and a Unix socket, each
-//! served by hyper with the abuse limits of shared/SECURITY.md §3.7 set explicitly, each
+//! served by hyper with the abuse limits of docs/security.md §3.7 set explicitly, each
 //! connection under the connection guard (silent, idle and surplus connections closed:
 //! `conn_guard`), and a graceful shutdown that lets in-flight checks finish.
 

@@ -1,5 +1,5 @@
 //! The grant cache on the hot path: every escalating check asks whether an active grant binds
-//! exactly its request (shared/DESIGN.md §4). Without a cache that is one or two store round
+//! exactly its request (docs/design.md §4). Without a cache that is one or two store round
 //! trips per check; with it, a repeat is a hash-map lookup.
 //!
 //! Keyed by binding hash, an entry holds either the active grant with its approvers (id and

@@ -1,6 +1,6 @@
 //! Human approval, the core: approval requests, reviews, grants, the binding hash that ties a
 //! grant to one exact request, and the [`ApprovalStore`] trait the backends in `store`
-//! implement (shared/DESIGN.md §4). No SQL here: the state machine of a review is decided by
+//! implement (docs/design.md §4). No SQL here: the state machine of a review is decided by
 //! [`apply_review`], so every backend enforces the same rules.
 
 pub mod cache;

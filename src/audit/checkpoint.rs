@@ -1,4 +1,4 @@
-//! Signed checkpoints of the audit chain (shared/DESIGN.md §5). A chain proves order, not
+//! Signed checkpoints of the audit chain (docs/design.md §5). A chain proves order, not
 //! origin: whoever can write the log can recompute every hash after an edit, or cut records
 //! off the end. So every `every` records or `interval` (and at shutdown) the head of the chain
 //! (its `seq` and `hash`) is signed with an Ed25519 key the log's writer need not hold in the

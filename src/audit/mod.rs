@@ -1,4 +1,4 @@
-//! The audit log of every decision (shared/DESIGN.md §5, SECURITY §0 item 2 and AU-01..AU-06):
+//! The audit log of every decision (docs/design.md §5, SECURITY §0 item 2 and AU-01..AU-06):
 //! a hash-chained JSON-lines file, one record per decision (allow included) and per approval
 //! event, with an offline verifier.
 //!

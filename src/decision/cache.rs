@@ -1,5 +1,5 @@
 //! The per-second decision cache: a repeat of exactly the same check within the same second
-//! reuses the verdict (shared/SECURITY.md R-04c).
+//! reuses the verdict (docs/security.md R-04c).
 
 use std::sync::Arc;
 

@@ -1,5 +1,5 @@
 //! A bundle's own test cases, run through the real decision engine: `mandate policy test`,
-//! the CI gate of a policy change (shared/DESIGN.md §6). The cases are parsed with the bundle
+//! the CI gate of a policy change (docs/design.md §6). The cases are parsed with the bundle
 //! ([`crate::policy::TestCase`]); running them needs the engine, so it lives above it.
 
 use std::fmt;

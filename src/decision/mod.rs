@@ -1,5 +1,5 @@
 //! The decision: a verified principal, an action, a resource and a context in; exactly one of
-//! allow, deny or escalate out (shared/DESIGN.md §1).
+//! allow, deny or escalate out (docs/design.md §1).
 //!
 //! A decision runs in named stages over the action's slice of the bundle: `context` builds
 //! the Cedar context, `entities` the entity store, `evaluate` answers each policy's

@@ -471,7 +471,7 @@ impl Gen {
     }
 }
 
-/// The reference model of shared/DESIGN.md §1.
+/// The reference model of docs/design.md §1.
 fn model(policies: &[Gen], amount: i64) -> Outcome {
     let hit = |f: fn(&Gen) -> bool| policies.iter().any(|p| p.satisfied(amount) && f(p));
     if hit(|p| matches!(p, Gen::Forbid(_))) {

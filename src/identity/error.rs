@@ -1,5 +1,5 @@
 //! Why a token or an issuer configuration was refused: one variant per stable reason code
-//! (shared/SECURITY.md §1.0), each message naming the field and the offending value.
+//! (docs/security.md §1.0), each message naming the field and the offending value.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! JWKS documents to verification keys (shared/SECURITY.md K-06..K-10, J-30, J-31): parsed
+//! JWKS documents to verification keys (docs/security.md K-06..K-10, J-30, J-31): parsed
 //! with the strict JSON pass, bounded in size, every key validated once at load and bound to
 //! exactly one algorithm family, its `DecodingKey` prepared so the hot path never re-parses.
 

@@ -1,4 +1,4 @@
-//! Strict JWS compact parsing, before any key lookup or cryptography (shared/SECURITY.md
+//! Strict JWS compact parsing, before any key lookup or cryptography (docs/security.md
 //! §1.0 steps 1–5): size and shape, strict base64url, strict header and payload JSON, the
 //! header parameters no profile may use, and strict types for the registered claims.
 
@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use super::error::{IdentityError, shown};
 use crate::strict_json;
 
-/// Longest token accepted, in bytes (shared/SECURITY.md §1.0 step 1).
+/// Longest token accepted, in bytes (docs/security.md §1.0 step 1).
 pub const MAX_TOKEN_LEN: usize = 8192;
 /// Longest decoded header accepted, in bytes.
 pub const MAX_HEADER_LEN: usize = 1024;
@@ -227,7 +227,7 @@ fn claims_invalid(why: impl Into<String>) -> IdentityError {
 }
 
 /// Step 5: strict payload JSON and strict registered-claim types. Numeric dates are integers
-/// only: a float `exp` is refused rather than rounded (shared/SECURITY.md §1.1).
+/// only: a float `exp` is refused rather than rounded (docs/security.md §1.1).
 fn parse_claims(bytes: &[u8]) -> Result<Claims, IdentityError> {
     let value =
         strict_json::parse(bytes, MAX_JSON_DEPTH).map_err(|e| claims_invalid(e.to_string()))?;

@@ -2,7 +2,7 @@
 //! core owns the [`KeySource`] trait (a file and a URL implement it in `sources`; a test may
 //! substitute its own), and over any source applies one set of rules: coalesced,
 //! rate-limited refetch on an unknown `kid`, background refresh, last-known-good up to a
-//! maximum staleness (shared/SECURITY.md K-01..K-14). An issuer's HMAC secret is held here
+//! maximum staleness (docs/security.md K-01..K-14). An issuer's HMAC secret is held here
 //! too, apart from any key set, so a public key never becomes an HMAC secret (J-03).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,5 +1,5 @@
 //! Workload identity: who is asking, proven by a JWT from a configured, trusted issuer
-//! (shared/DESIGN.md §2, shared/SECURITY.md §1).
+//! (docs/design.md §2, docs/security.md §1).
 //!
 //! The types below are the contract the rest of the crate uses. The pipeline lives in the
 //! submodules, each one step of it:

@@ -1,5 +1,5 @@
 //! The configured implementations of [`KeySource`]: a JWKS file read once at startup, and a
-//! JWKS URL fetched with a bounded, redirect-free HTTPS client (shared/SECURITY.md K-05, K-07,
+//! JWKS URL fetched with a bounded, redirect-free HTTPS client (docs/security.md K-05, K-07,
 //! K-11, K-14). The refresh rules that drive them live in `keys`, and apply to any source.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! End-to-end tests of the verifier against shared/SECURITY.md §1 (J-xx tokens, K-xx key
+//! End-to-end tests of the verifier against docs/security.md §1 (J-xx tokens, K-xx key
 //! sets): keys generated in-test, tokens signed by hand so every negative case can be built,
 //! and a counting JWKS server on 127.0.0.1:0 for the URL cases.
 

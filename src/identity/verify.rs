@@ -1,4 +1,4 @@
-//! The token verifier: the whole pipeline of shared/SECURITY.md §1.0, each step its own check
+//! The token verifier: the whole pipeline of docs/security.md §1.0, each step its own check
 //! in order, and the verified-token cache that makes the hot path a hash and a lookup.
 
 use std::collections::{HashMap, HashSet};

@@ -1,7 +1,7 @@
 //! Mandate's policy annotations (`@approval`, `@quorum`, `@recertify_by`, ...), parsed and
 //! checked once at load into a [`PolicyMeta`], so the decision path only reads prepared values.
 //!
-//! Annotation rules (shared/DESIGN.md §1):
+//! Annotation rules (docs/design.md §1):
 //! - on approval permits: `@approval("g1,g2")`, `@quorum("N")` (1..=10), `@grant_ttl("1h")`
 //!   (at most 24h, default 15m), `@evidence("ticket,...")`, `@fallback("g")` together with
 //!   `@fallback_after("30m")`;

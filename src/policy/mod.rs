@@ -2,7 +2,7 @@
 //! annotations, and prepare everything the decision path needs (per-action policy slices,
 //! base entities, the policy version) so that nothing is parsed or formatted per request.
 //!
-//! A bundle directory holds (shared/DESIGN.md §6):
+//! A bundle directory holds (docs/design.md §6):
 //! - `*.cedar` at the top level, read in sorted order. A policy's id is its `@id("...")`
 //!   annotation, else `<file stem>.<index in file>`;
 //! - `schema.cedarschema` (required, Cedar schema syntax). Policies are validated against it

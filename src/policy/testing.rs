@@ -1,7 +1,7 @@
 //! A bundle's own test cases (`tests/*.yaml`): requests with the decision they must get,
 //! parsed here when the bundle loads, and run through the real decision engine by
 //! [`crate::decision::cases`] for `mandate policy test` (the CI gate of a policy
-//! change, shared/DESIGN.md §6).
+//! change, docs/design.md §6).
 //!
 //! Format (unknown keys are errors):
 //!

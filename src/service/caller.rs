@@ -1,5 +1,5 @@
 //! Who is calling: an agent proving itself with its own workload token, or a trusted
-//! enforcement point (PEP) that may name the subject of a check (shared/DESIGN.md §2).
+//! enforcement point (PEP) that may name the subject of a check (docs/design.md §2).
 //!
 //! An agent's subject is always its token's; a request in which an agent names another
 //! subject is refused, so a compromised agent cannot ask on someone else's behalf.
