@@ -1,11 +1,12 @@
 //! Configuration: a TOML file plus `MANDATE_SECTION__KEY` environment overrides, parsed whole.
 //!
-//! Every bad value is collected with its key path (`issuers[0].algorithms`) and all of them are
+//! Every bad value is collected with its key path (`issuers[0].algorithms`) and where it came
+//! from (the file's line, or the environment variable or flag that set it), and all of them are
 //! reported together before start-up fails, so an operator fixes a file in one pass. Unknown
 //! keys are errors too: a typo in a security setting must not be silently ignored.
 //! Relative paths are resolved against the directory of the configuration file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -161,6 +162,38 @@ pub struct LogConfig {
 pub struct Problem {
     pub key: String,
     pub message: String,
+    /// Where the value (or the table a missing key belongs in) came from, when known.
+    pub origin: Option<Origin>,
+}
+
+/// Where a problem's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A line (1-based) of the configuration file.
+    Line(usize),
+    /// The environment variable (`MANDATE_SERVER__LISTEN`) or flag (`--listen`) that set it.
+    Override(String),
+}
+
+/// A value set over the file's: by a `MANDATE_SECTION__KEY` variable or a `serve` flag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// What set it, as the operator wrote it: `MANDATE_SERVER__LISTEN` or `--listen`.
+    pub name: String,
+    /// The key path: `["server", "listen"]`, `["issuers", "0", "leeway"]`.
+    pub path: Vec<String>,
+    pub value: Value,
+}
+
+impl Override {
+    /// A command-line flag setting the dotted `key` to the string `value`, as given.
+    pub fn flag(name: &str, key: &str, value: impl Into<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            path: key.split('.').map(str::to_owned).collect(),
+            value: Value::String(value.into()),
+        }
+    }
 }
 
 /// All the problems found in one configuration.
@@ -180,7 +213,12 @@ impl fmt::Display for ConfigError {
             if self.problems.len() == 1 { "" } else { "s" }
         )?;
         for p in &self.problems {
-            write!(f, "\n  {}: {}", p.key, p.message)?;
+            match &p.origin {
+                Some(Origin::Line(n)) => write!(f, "\n  {}:{n}: ", self.source)?,
+                Some(Origin::Override(name)) => write!(f, "\n  {name}: ")?,
+                None => write!(f, "\n  ")?,
+            }
+            write!(f, "{}: {}", p.key, p.message)?;
         }
         Ok(())
     }
@@ -191,19 +229,36 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Read `path`, apply the process environment's overrides, and validate.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, &[])
+    }
+
+    /// [`Config::load`], then `flags` over the file and the environment (`mandate serve
+    /// --listen`).
+    pub fn load_with(path: &Path, flags: &[Override]) -> Result<Self, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source: path.display().to_string(),
             problems: vec![Problem {
                 key: "(file)".into(),
                 message: format!("cannot read: {e}"),
+                origin: None,
             }],
         })?;
-        Self::parse(&text, path, &env)
+        Self::parse_with(&text, path, &env, flags)
     }
 
     /// Parse `text` (read from `path`) with the given environment; pure, for tests.
     pub fn parse(text: &str, path: &Path, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        Self::parse_with(text, path, env, &[])
+    }
+
+    /// [`Config::parse`] with `flags` applied last: flag over environment over file.
+    pub fn parse_with(
+        text: &str,
+        path: &Path,
+        env: &[(String, String)],
+        flags: &[Override],
+    ) -> Result<Self, ConfigError> {
         let fail = |problems| ConfigError {
             source: path.display().to_string(),
             problems,
@@ -215,10 +270,13 @@ impl Config {
             fail(vec![Problem {
                 key: line.map_or("(syntax)".into(), |l| format!("(line {l})")),
                 message: e.message().to_owned(),
+                origin: None,
             }])
         })?;
         let mut problems = Vec::new();
-        apply_env(&mut table, env, &mut problems);
+        let mut overrides = env_overrides(env, &mut problems);
+        overrides.extend_from_slice(flags);
+        let set = apply_overrides(&mut table, &overrides, &mut problems);
         let base = path
             .parent()
             .map(Path::to_path_buf)
@@ -226,22 +284,28 @@ impl Config {
         let mut r = Reader { base, problems };
         let config = r.config(&table);
         if r.problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(fail(r.problems))
+            return Ok(config);
         }
+        let lines = key_lines(text);
+        for p in &mut r.problems {
+            if p.origin.is_none() {
+                p.origin = origin_of(&p.key, &lines, &set);
+            }
+        }
+        Err(fail(r.problems))
     }
 }
 
 /// `MANDATE_SERVER__LISTEN=127.0.0.1:0` sets `server.listen`; `MANDATE_ISSUERS__0__LEEWAY`
 /// sets `issuers[0].leeway`. A value that parses as a TOML value (number, bool, array) is
-/// taken as one; anything else is a string.
-fn apply_env(table: &mut Table, env: &[(String, String)], problems: &mut Vec<Problem>) {
+/// taken as one; anything else is a string. Sorted by name, the order they are applied in.
+fn env_overrides(env: &[(String, String)], problems: &mut Vec<Problem>) -> Vec<Override> {
     let mut vars: Vec<&(String, String)> = env
         .iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
         .collect();
     vars.sort();
+    let mut out = Vec::with_capacity(vars.len());
     for (name, raw) in vars {
         let path: Vec<String> = name[ENV_PREFIX.len()..]
             .split("__")
@@ -251,6 +315,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)], problems: &mut Vec<Pro
             problems.push(Problem {
                 key: name.clone(),
                 message: "empty key segment in environment override".into(),
+                origin: None,
             });
             continue;
         }
@@ -259,47 +324,143 @@ fn apply_env(table: &mut Table, env: &[(String, String)], problems: &mut Vec<Pro
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| Value::String(raw.clone()));
-        if let Err(message) = set_path(table, &path, value) {
-            problems.push(Problem {
-                key: name.clone(),
+        out.push(Override {
+            name: name.clone(),
+            path,
+            value,
+        });
+    }
+    out
+}
+
+/// Apply `overrides` in order (a later one wins); returns, in the same order, the dotted key
+/// path each one set (`issuers.0.leeway`) with its name, so problems can point at it.
+fn apply_overrides(
+    table: &mut Table,
+    overrides: &[Override],
+    problems: &mut Vec<Problem>,
+) -> Vec<(String, String)> {
+    let mut set = Vec::with_capacity(overrides.len());
+    for o in overrides {
+        let mut root = Value::Table(std::mem::take(table));
+        let mut resolved = Vec::with_capacity(o.path.len());
+        let result = set_in(&mut root, &o.path, o.value.clone(), &mut resolved);
+        if let Value::Table(t) = root {
+            *table = t;
+        }
+        match result {
+            Ok(()) => set.push((resolved.join("."), o.name.clone())),
+            Err(message) => problems.push(Problem {
+                key: o.name.clone(),
                 message,
-            });
+                origin: None,
+            }),
         }
     }
+    set
 }
 
-fn set_path(table: &mut Table, path: &[String], value: Value) -> Result<(), String> {
-    let mut root = Value::Table(std::mem::take(table));
-    let result = set_in(&mut root, path, value);
-    if let Value::Table(t) = root {
-        *table = t;
-    }
-    result
-}
-
-fn set_in(node: &mut Value, path: &[String], value: Value) -> Result<(), String> {
+/// Set `path` under `node` to `value`, recording the path as resolved (`00` as index `0`).
+fn set_in(
+    node: &mut Value,
+    path: &[String],
+    value: Value,
+    resolved: &mut Vec<String>,
+) -> Result<(), String> {
     let Some((seg, rest)) = path.split_first() else {
         *node = value;
         return Ok(());
     };
     match node {
         Value::Table(t) => {
+            resolved.push(seg.clone());
             let child = t
                 .entry(seg.clone())
                 .or_insert_with(|| Value::Table(Table::new()));
-            set_in(child, rest, value)
+            set_in(child, rest, value, resolved)
         }
         Value::Array(a) => {
             let i: usize = seg
                 .parse()
                 .map_err(|_| format!("`{seg}` is not an array index"))?;
+            resolved.push(i.to_string());
             let child = a
                 .get_mut(i)
                 .ok_or_else(|| format!("index `{i}` is past the end of the array"))?;
-            set_in(child, rest, value)
+            set_in(child, rest, value, resolved)
         }
         _ => Err(format!("`{seg}` is not inside a table")),
     }
+}
+
+/// The line of every key path in `text`, dotted with array indices as segments:
+/// `server.listen`, `issuers.0` (its `[[issuers]]` header), `issuers.0.algorithms.1`.
+fn key_lines(text: &str) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    let Ok(root) = toml::de::DeTable::parse(text) else {
+        return out;
+    };
+    let newlines: Vec<usize> = text.match_indices('\n').map(|(i, _)| i).collect();
+    let line = |offset: usize| newlines.partition_point(|&n| n < offset) + 1;
+    lines_of_table(root.get_ref(), "", &line, &mut out);
+    out
+}
+
+fn lines_of_table(
+    t: &toml::de::DeTable<'_>,
+    prefix: &str,
+    line: &dyn Fn(usize) -> usize,
+    out: &mut HashMap<String, usize>,
+) {
+    for (k, v) in t.iter() {
+        let path = join(prefix, k.get_ref());
+        out.insert(path.clone(), line(k.span().start));
+        lines_of_value(v.get_ref(), &path, line, out);
+    }
+}
+
+fn lines_of_value(
+    v: &toml::de::DeValue<'_>,
+    path: &str,
+    line: &dyn Fn(usize) -> usize,
+    out: &mut HashMap<String, usize>,
+) {
+    match v {
+        toml::de::DeValue::Table(t) => lines_of_table(t, path, line, out),
+        toml::de::DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let p = format!("{path}.{i}");
+                out.insert(p.clone(), line(item.span().start));
+                lines_of_value(item.get_ref(), &p, line, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Where the problem at `key` (`issuers[0].leeway`) came from: the last override that set it
+/// or a table above it; else its line in the file; else, for a key the file lacks, the line
+/// of the table it belongs in.
+fn origin_of(
+    key: &str,
+    lines: &HashMap<String, usize>,
+    set: &[(String, String)],
+) -> Option<Origin> {
+    let path = key.replace('[', ".").replace(']', "");
+    let under = |p: &str| {
+        path == p
+            || path
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('.'))
+    };
+    if let Some((_, name)) = set.iter().rev().find(|(p, _)| under(p)) {
+        return Some(Origin::Override(name.clone()));
+    }
+    if let Some(&l) = lines.get(&path) {
+        return Some(Origin::Line(l));
+    }
+    let (parent, _) = path.rsplit_once('.')?;
+    lines.get(parent).map(|&l| Origin::Line(l))
 }
 
 /// Reads typed values out of the TOML tree, recording every problem instead of stopping at
@@ -322,6 +483,7 @@ impl Reader {
         self.problems.push(Problem {
             key: key.into(),
             message: message.into(),
+            origin: None,
         });
     }
 
@@ -1696,6 +1858,156 @@ format = "xml"
                 "store.max_pending_per_principal",
                 "store.max_requests_per_hour"
             ]
+        );
+    }
+
+    /// Each problem's key with where it came from.
+    fn origins(err: &ConfigError) -> Vec<(&str, Option<Origin>)> {
+        err.problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.origin.clone()))
+            .collect()
+    }
+
+    fn env_var(name: &str) -> Option<Origin> {
+        Some(Origin::Override(name.to_owned()))
+    }
+
+    #[test]
+    fn unknown_key_in_the_file_names_the_file_and_line() {
+        let err = parse(
+            "# comment\n[server]\nlisten = \"127.0.0.1:0\"\nlistn = \"127.0.0.1:1\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(origins(&err), [("server.listn", Some(Origin::Line(4)))]);
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "\n  /etc/mandate/mandate.toml:4: server.listn: unknown key (expected one of: listen,"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_values_in_a_second_issuer_name_their_own_lines() {
+        // GOOD's lines 1-13; the second `[[issuers]]` starts on line 14.
+        let text = format!(
+            "{GOOD}[[issuers]]\nname = \"b\"\nissuer = \"https://b\"\n\
+             algorithms = [\"ES256\", \"none\"]\njwks_file = \"b.json\"\n\
+             leeway = \"5 fortnights\"\n[issuers.claims]\nteam = 7\n"
+        );
+        let err = parse(&text, &[]).unwrap_err();
+        assert_eq!(
+            origins(&err),
+            [
+                // Missing: the line of the `[[issuers]]` header it belongs under.
+                ("issuers[1].audiences", Some(Origin::Line(14))),
+                ("issuers[1].algorithms[1]", Some(Origin::Line(17))),
+                ("issuers[1].claims.team", Some(Origin::Line(21))),
+                ("issuers[1].leeway", Some(Origin::Line(19))),
+            ]
+        );
+        let err = parse("[server.tls]\ncert = \"c.pem\"\n", &[]).unwrap_err();
+        assert_eq!(origins(&err), [("server.tls.key", Some(Origin::Line(1)))]);
+    }
+
+    #[test]
+    fn env_override_problems_name_the_variable() {
+        let err = parse(
+            GOOD,
+            &[
+                ("MANDATE_SERVER__LISTN", "127.0.0.1:1"),
+                // Over a value the file sets (line 3): the variable, not the line.
+                ("MANDATE_SERVER__LISTEN", "nowhere"),
+                // `00` is index 0; the array's items belong to the variable that set it.
+                ("MANDATE_ISSUERS__00__LEEWAY", "5m"),
+                ("MANDATE_ISSUERS__0__ALGORITHMS", r#"["ES256", "none"]"#),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            origins(&err),
+            [
+                ("server.listn", env_var("MANDATE_SERVER__LISTN")),
+                // Not an address, and so no listener.
+                ("server.listen", env_var("MANDATE_SERVER__LISTEN")),
+                ("server.listen", env_var("MANDATE_SERVER__LISTEN")),
+                (
+                    "issuers[0].algorithms[1]",
+                    env_var("MANDATE_ISSUERS__0__ALGORITHMS")
+                ),
+                ("issuers[0].leeway", env_var("MANDATE_ISSUERS__00__LEEWAY")),
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("\n  MANDATE_SERVER__LISTN: server.listn: unknown key (expected one of:"),
+            "{text}"
+        );
+        // A missing key in a table only the environment made has no line to point at.
+        let err = parse("", &[("MANDATE_DEV__KID", "k")]).unwrap_err();
+        assert_eq!(
+            origins(&err),
+            [("dev.signing_key", None), ("dev.issuer", None)]
+        );
+        assert!(
+            err.to_string().contains("\n  dev.issuer: is required"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_and_env_problems_are_reported_together() {
+        let err = parse(
+            "[log]\nlevel = \"info\"\nformat = \"xml\"\n",
+            &[("MANDATE_LOG__LEVL", "debug")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            origins(&err),
+            [
+                ("log.levl", env_var("MANDATE_LOG__LEVL")),
+                ("log.format", Some(Origin::Line(3))),
+            ]
+        );
+        let text = err.to_string();
+        assert!(text.contains("(2 problems)"), "{text}");
+        assert!(
+            text.contains("\n  MANDATE_LOG__LEVL: log.levl: unknown key"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  /etc/mandate/mandate.toml:3: log.format: `xml` is not"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn flags_win_over_the_environment_and_name_themselves() {
+        let path = Path::new("/etc/mandate/mandate.toml");
+        let env = [("MANDATE_SERVER__LISTEN".to_owned(), "nowhere".to_owned())];
+        let flags = [
+            Override::flag("--listen", "server.listen", "127.0.0.1:9000"),
+            Override::flag("--bundle", "policy.bundle", "/srv/bundle"),
+        ];
+        let c = Config::parse_with(GOOD, path, &env, &flags).unwrap();
+        assert_eq!(c.server.listen, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(c.policy.bundle, PathBuf::from("/srv/bundle"));
+        let flags = [Override::flag("--log-level", "log.level", "mandate=loud")];
+        let err = Config::parse_with(GOOD, path, &env, &flags).unwrap_err();
+        assert_eq!(
+            origins(&err),
+            [
+                ("server.listen", env_var("MANDATE_SERVER__LISTEN")),
+                ("server.listen", env_var("MANDATE_SERVER__LISTEN")),
+                ("log.level", env_var("--log-level")),
+            ]
+        );
+        assert!(
+            err.to_string().contains("\n  --log-level: log.level: "),
+            "{err}"
         );
     }
 

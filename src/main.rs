@@ -26,7 +26,32 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the sidecar.
-    Serve,
+    #[command(after_help = "\
+Environment:
+  MANDATE_CONFIG             the configuration file (as --config)
+  MANDATE_<SECTION>__<KEY>   sets one key of the file, array items by index; a value that
+                             parses as TOML (number, boolean, array) is taken as one:
+                               MANDATE_SERVER__LISTEN=127.0.0.1:9000
+                               MANDATE_ISSUERS__0__LEEWAY=10s
+                               MANDATE_STORE__URL=postgres://mandate@db/mandate
+  RUST_LOG                   log filter, over log.level (not over --log-level)
+
+Flags win over the environment, the environment over the file. A configuration problem
+names where it came from: FILE:LINE, the variable, or the flag.")]
+    Serve {
+        /// TCP address to listen on, e.g. `127.0.0.1:9000` (`server.listen`; "" for none).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Policy bundle directory, relative to the working directory (`policy.bundle`).
+        #[arg(long, value_name = "DIR")]
+        bundle: Option<PathBuf>,
+        /// Log filter, e.g. `info` or `mandate=debug` (`log.level`; wins over RUST_LOG).
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<String>,
+        /// Log format (`log.format`).
+        #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+        log_format: Option<String>,
+    },
     /// Decide one request offline against a policy bundle (exit 0 allow, 2 deny, 3 escalate).
     Check {
         /// Bundle directory (default: the configured `policy.bundle`).
@@ -227,12 +252,40 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
-        Command::Serve => {
-            let cfg = match load_config(&args.config) {
+        Command::Serve {
+            listen,
+            bundle,
+            log_level,
+            log_format,
+        } => {
+            // A relative `--bundle` is the operator's, from here (the file's are from its
+            // directory).
+            let bundle = bundle.map(|b| std::path::absolute(&b).unwrap_or(b));
+            let flags: Vec<config::Override> = [
+                ("--listen", "server.listen", listen),
+                (
+                    "--bundle",
+                    "policy.bundle",
+                    bundle.map(|b| b.to_string_lossy().into_owned()),
+                ),
+                ("--log-level", "log.level", log_level.clone()),
+                ("--log-format", "log.format", log_format),
+            ]
+            .into_iter()
+            .filter_map(|(flag, key, v)| v.map(|v| config::Override::flag(flag, key, v)))
+            .collect();
+            let cfg = match Config::load_with(&args.config, &flags) {
                 Ok(c) => c,
-                Err(code) => return code,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
             };
-            telemetry::init(&cfg.log);
+            if log_level.is_some() {
+                telemetry::init_over_rust_log(&cfg.log);
+            } else {
+                telemetry::init(&cfg.log);
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

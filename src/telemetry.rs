@@ -10,6 +10,18 @@ pub fn init(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    init_filter(cfg, filter);
+}
+
+/// [`init`] with the configured level over `RUST_LOG` (`mandate serve --log-level`).
+pub fn init_over_rust_log(cfg: &LogConfig) {
+    init_filter(
+        cfg,
+        EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")),
+    );
+}
+
+fn init_filter(cfg: &LogConfig, filter: EnvFilter) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,6 +1,6 @@
 //! The `mandate` binary as users run it: `serve` (with an environment override, readiness,
 //! and a clean stop), `dev token`, `check`, `policy validate`, `policy test`, and
-//! configuration errors reported all at once.
+//! configuration errors reported all at once, each naming its file line, variable or flag.
 
 #![allow(
     clippy::unwrap_used,
@@ -143,6 +143,112 @@ fn every_config_problem_is_reported_before_exiting() {
     ] {
         assert!(err.contains(key), "missing {key}: {err}");
     }
+}
+
+#[test]
+fn config_problems_name_the_file_line_the_variable_or_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mandate.toml");
+    let file = path.to_str().unwrap();
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\nlistn = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["serve", "--config", file]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{file}:3: server.listn: unknown key (expected one of:"
+        )),
+        "{err}"
+    );
+
+    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let out = mandate()
+        .args(["serve", "--config", file])
+        .env("MANDATE_SERVER__LISTN", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("\n  MANDATE_SERVER__LISTN: server.listn: unknown key"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(&["serve", "--config", file, "--listen", "nonsense"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("\n  --listen: server.listen: `nonsense` is not an address"),
+        "{err}"
+    );
+}
+
+#[test]
+fn serve_help_lists_the_flags_and_the_environment_overrides() {
+    let (code, out, err) = run(&["serve", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    for text in [
+        "--listen <ADDR>",
+        "--bundle <DIR>",
+        "--log-level <LEVEL>",
+        "--log-format <FORMAT>",
+        "MANDATE_CONFIG",
+        "MANDATE_<SECTION>__<KEY>",
+        "MANDATE_SERVER__LISTEN=127.0.0.1:9000",
+        "MANDATE_ISSUERS__0__LEEWAY=10s",
+        "RUST_LOG",
+    ] {
+        assert!(out.contains(text), "missing {text}: {out}");
+    }
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_flags_win_over_the_environment() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    // The environment's listener and log filter would fail or silence the start: the flags
+    // replace both.
+    let mut child = Killed(
+        mandate()
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "info"])
+            .args(["--log-format", "text"])
+            .env("MANDATE_SERVER__LISTEN", "nowhere")
+            .env("RUST_LOG", "off")
+            .env("MANDATE_AUDIT__PATH", dir.path().join("audit.jsonl"))
+            .env("MANDATE_STORE__URL", dir.path().join("mandate.db"))
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.split("addr=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_owned)
+        })
+        .expect("listening line logged at the flag's level");
+    std::thread::spawn(move || for _ in lines {});
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let resp = http_get(&addr, "/healthz").unwrap_or_default();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
 
 /// A bare HTTP/1.1 GET over std's TcpStream: no client library, no external tool.
