@@ -3,7 +3,8 @@
 //! Every bad value is collected with its key path (`issuers[0].algorithms`) and all of them are
 //! reported together before start-up fails, so an operator fixes a file in one pass. Unknown
 //! keys are errors too: a typo in a security setting must not be silently ignored.
-//! Relative paths are resolved against the directory of the configuration file.
+//! Relative paths are resolved against the directory of the configuration file, and shown
+//! and used folded (`config/../data/audit.jsonl` is `data/audit.jsonl`: [`normalize`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -475,9 +476,9 @@ impl Reader {
     fn path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
-            p.to_path_buf()
+            normalize(p)
         } else {
-            self.base.join(p)
+            normalize(&self.base.join(p))
         }
     }
 
@@ -1351,6 +1352,36 @@ impl Reader {
     }
 }
 
+/// `p` with its `.` components dropped and each `dir/..` folded, the way the kernel resolves
+/// it, without needing the files to exist: `config/../data/audit.jsonl` is
+/// `data/audit.jsonl`. A `..` after a symbolic link is kept (`link/..` is the parent of the
+/// link's target, which only the filesystem knows); a `..` at the root is the root.
+pub fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) if !is_symlink(&out) => {
+                    out.pop();
+                }
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+fn is_symlink(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+}
+
 fn is_hmac(a: jsonwebtoken::Algorithm) -> bool {
     matches!(
         a,
@@ -1638,10 +1669,7 @@ format = "xml"
             &[],
         )
         .unwrap();
-        assert_eq!(
-            c.audit.path,
-            PathBuf::from("/etc/mandate/../data/audit.jsonl")
-        );
+        assert_eq!(c.audit.path, PathBuf::from("/etc/data/audit.jsonl"));
         assert_eq!(c.audit.group_commit, Duration::from_millis(20));
         let c = parse("", &[("MANDATE_AUDIT__PATH", "/var/log/mandate/a.jsonl")]).unwrap();
         assert_eq!(c.audit.path, PathBuf::from("/var/log/mandate/a.jsonl"));
@@ -1696,6 +1724,44 @@ format = "xml"
                 "store.max_pending_per_principal",
                 "store.max_requests_per_hour"
             ]
+        );
+    }
+
+    #[test]
+    fn paths_are_folded_as_the_example_config_is_run_from_the_repository() {
+        let env: Vec<(String, String)> = Vec::new();
+        let text = "[policy]\nbundle = \"./policies\"\n[audit]\npath = \"../data/audit.jsonl\"\n\
+                    [store]\nurl = \"sqlite://../data/mandate.db\"\n";
+        let c = Config::parse(text, Path::new("config/mandate.toml"), &env).unwrap();
+        assert_eq!(c.audit.path, PathBuf::from("data/audit.jsonl"));
+        assert_eq!(c.store.url, "data/mandate.db");
+        assert_eq!(c.policy.bundle, PathBuf::from("config/policies"));
+        let c = Config::parse(text, Path::new("mandate.toml"), &env).unwrap();
+        assert_eq!(c.audit.path, PathBuf::from("../data/audit.jsonl"));
+        assert_eq!(c.policy.bundle, PathBuf::from("policies"));
+    }
+
+    #[test]
+    fn normalize_folds_dots_but_not_through_a_symlink() {
+        for (from, to) in [
+            ("a/./b/../c", "a/c"),
+            ("../a/../../b", "../../b"),
+            ("/../etc/x/..", "/etc"),
+            ("a/..", "."),
+            ("./", "."),
+        ] {
+            assert_eq!(normalize(Path::new(from)), PathBuf::from(to), "{from}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real/inner");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // `link/..` is `real`, not `dir`: the `..` stays for the kernel to resolve.
+        assert_eq!(normalize(&link.join("../x")), link.join("../x"));
+        assert_eq!(
+            normalize(&dir.path().join("real/inner/../x")),
+            dir.path().join("real/x")
         );
     }
 
