@@ -95,6 +95,7 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
         escalation_limits: config.store.escalation_limits,
         notifier: crate::notify::Notifier::start(config.notifications.clone()),
         enforcement_points: config.enforcement_points.clone(),
+        stats: Default::default(),
     })
 }
 
@@ -220,6 +221,14 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         config.store.sweep_interval,
         wait_stop(stopped.clone()),
     )));
+    // A running server is not silent: what it did, every `log.summary_interval`.
+    if !config.log.summary_interval.is_zero() {
+        tasks.push(tokio::spawn(summary_loop(
+            service.clone(),
+            config.log.summary_interval,
+            wait_stop(stopped.clone()),
+        )));
+    }
     let bundle = service.engine.bundle();
     tracing::info!(
         bundle = bundle.name(),
@@ -369,6 +378,44 @@ async fn sweep_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => { service.sweep().await; }
+            () = &mut stop => break,
+        }
+    }
+}
+
+/// Log what the service did every `every` until `stop`: decisions by outcome, approval
+/// requests created, credentials refused; `idle` when nothing came.
+async fn summary_loop(
+    service: Arc<Service>,
+    every: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = humantime::format_duration(every).to_string();
+    let mut last = service.stats.counts();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = service.stats.counts();
+                let c = now.since(last);
+                last = now;
+                if c.is_idle() {
+                    tracing::info!(%interval, "summary: idle (no checks, no refused credentials)");
+                } else {
+                    tracing::info!(
+                        %interval,
+                        decisions = c.decisions(),
+                        allow = c.allow,
+                        deny = c.deny,
+                        escalate = c.escalate,
+                        approval_requests = c.approval_requests,
+                        token_rejections = c.token_rejections,
+                        "summary"
+                    );
+                }
+            }
             () = &mut stop => break,
         }
     }

@@ -155,6 +155,9 @@ pub struct LogConfig {
     /// `tracing` filter, e.g. `info` or `mandate=debug`.
     pub level: String,
     pub json: bool,
+    /// How often a running server logs a summary line (decisions by outcome, approval
+    /// requests, token rejections in the interval); zero turns it off.
+    pub summary_interval: Duration,
 }
 
 /// One bad value, with where it is.
@@ -525,7 +528,7 @@ impl Reader {
         let enforcement_points = self.enforcement_points(root, &issuers);
         let dev = self.table(root, "", "dev").map(|t| self.dev(t, &issuers));
         let log_t = self.table(root, "", "log").unwrap_or(&empty);
-        self.known(log_t, "log", &["level", "format"]);
+        self.known(log_t, "log", &["level", "format", "summary_interval"]);
         let level = self
             .string(log_t, "log", "level")
             .unwrap_or_else(|| "info".into());
@@ -543,6 +546,13 @@ impl Reader {
                 false
             }
         };
+        let summary_interval = self.duration(
+            log_t,
+            "log",
+            "summary_interval",
+            Duration::from_secs(60),
+            Duration::from_secs(24 * 3600),
+        );
         let audit_t = self.table(root, "", "audit").unwrap_or(&empty);
         let audit = self.audit(audit_t);
         let store_t = self.table(root, "", "store").unwrap_or(&empty);
@@ -581,7 +591,11 @@ impl Reader {
             issuers,
             enforcement_points,
             dev,
-            log: LogConfig { level, json },
+            log: LogConfig {
+                level,
+                json,
+                summary_interval,
+            },
             audit,
             store,
             notifications,
@@ -1763,6 +1777,20 @@ format = "xml"
             normalize(&dir.path().join("real/inner/../x")),
             dir.path().join("real/x")
         );
+    }
+
+    #[test]
+    fn log_summary_interval_defaults_to_a_minute_and_zero_turns_it_off() {
+        assert_eq!(
+            parse("", &[]).unwrap().log.summary_interval,
+            Duration::from_secs(60)
+        );
+        let c = parse("[log]\nsummary_interval = \"0s\"\n", &[]).unwrap();
+        assert_eq!(c.log.summary_interval, Duration::ZERO);
+        let c = parse("", &[("MANDATE_LOG__SUMMARY_INTERVAL", "5m")]).unwrap();
+        assert_eq!(c.log.summary_interval, Duration::from_secs(300));
+        let err = parse("[log]\nsummary_interval = \"soon\"\n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "log.summary_interval");
     }
 
     #[test]
