@@ -363,3 +363,75 @@ fn serve_start_up_names_resolved_paths_warns_of_dev_keys_and_summarizes() {
     assert!(idle.last().unwrap().contains("interval=1s"), "{idle:?}");
     stop(child);
 }
+
+/// SIGHUP reloads the bundle; a broken bundle is refused, logged, and the last good one goes
+/// on answering.
+#[test]
+fn sighup_reloads_the_bundle_and_a_broken_one_leaves_the_last_good_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, rx) = serve_copy_of_example(dir.path(), &[]);
+    let start = lines_until(&rx, |l| l.contains("mandate started"));
+    let addr = start
+        .iter()
+        .find_map(|l| l.split("addr=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let token = common::dev_token("agent-1", serde_json::json!({}), Duration::from_secs(300));
+    let read = r#"{"action":"crm:read","resource":{"type":"CrmRecord","id":"c-1"}}"#;
+    let decision = || {
+        let resp = http_post(&addr, "/v1/check", &token, read);
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        let v: serde_json::Value = serde_json::from_str(&body).expect("a decision");
+        (
+            v["decision"].as_str().unwrap().to_owned(),
+            v["policy_version"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (first, v1) = decision();
+    assert_eq!(first, "allow");
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    let bundle = dir.path().join("config/policies");
+    std::fs::write(
+        bundle.join("freeze.cedar"),
+        "@id(\"crm-freeze\")\nforbid (principal, action == Action::\"crm:read\", resource);\n",
+    )
+    .unwrap();
+    hup();
+    let reloaded = lines_until(&rx, |l| l.contains("policy bundle reloaded"));
+    let v2 = decision();
+    assert_eq!(v2.0, "deny");
+    assert_ne!(v2.1, v1);
+    assert!(
+        reloaded
+            .last()
+            .unwrap()
+            .contains(&format!("version=\"{}\"", v2.1)),
+        "{reloaded:?}"
+    );
+
+    std::fs::write(
+        bundle.join("broken.cedar"),
+        "permit (principal, action, resource) when { context.nope > };\n",
+    )
+    .unwrap();
+    hup();
+    // The error may span lines (one per problem); the active version closes it.
+    let refused = lines_until(&rx, |l| l.contains("active="));
+    let text = refused.join("\n");
+    assert!(
+        text.contains("ERROR") && text.contains("policy bundle refused"),
+        "{text}"
+    );
+    assert!(text.contains("broken.cedar"), "{text}");
+    assert!(text.contains(&format!("active=\"{}\"", v2.1)), "{text}");
+    assert_eq!(decision(), v2, "the last good bundle goes on answering");
+    stop(child);
+}
