@@ -107,6 +107,11 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("mandate.db").display().to_string();
         let store = mandate::store::connect(&db).await.unwrap();
-        run("sqlite", store, total, clients).await;
+        let name = if bench {
+            "sqlite"
+        } else {
+            "sqlite (smoke run in test mode: `cargo bench --bench escalations` measures)"
+        };
+        run(name, store, total, clients).await;
     });
 }

@@ -6,7 +6,9 @@
 //!    server answering a fixed JSON body over the same kind of connection (target <= 1.5x);
 //! 3. resident memory after 10,000 checks from 1,000 distinct tokens (target < 30 MiB).
 //!
-//! Run: `cargo bench --bench roundtrip`. Bounded: about 30 s, loopback only.
+//! Run: `cargo bench --bench roundtrip`. Bounded: about 30 s, loopback only. In test mode
+//! (`cargo test --bench roundtrip`, a debug build, as scripts/test runs it) it is a smoke run:
+//! the same steps, a few hundred checks, every answer checked, no target judged.
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -24,13 +26,38 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-const ROUND_TRIPS: usize = 5_000;
-const WARM_UP: usize = 500;
-/// Calls per stream and round.
-const STEPS: usize = WARM_UP + ROUND_TRIPS;
-const ROUNDS: usize = 3;
-const MEMORY_CHECKS: usize = 10_000;
-const DISTINCT_TOKENS: usize = 1_000;
+/// How much to do: the measurement (`cargo bench`) or a smoke run (test mode).
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    /// Recorded calls per stream and round.
+    round_trips: usize,
+    warm_up: usize,
+    rounds: usize,
+    memory_checks: usize,
+    distinct_tokens: usize,
+}
+
+impl Sizes {
+    const BENCH: Sizes = Sizes {
+        round_trips: 5_000,
+        warm_up: 500,
+        rounds: 3,
+        memory_checks: 10_000,
+        distinct_tokens: 1_000,
+    };
+    const SMOKE: Sizes = Sizes {
+        round_trips: 100,
+        warm_up: 10,
+        rounds: 1,
+        memory_checks: 200,
+        distinct_tokens: 20,
+    };
+
+    /// Calls per stream and round.
+    fn steps(self) -> usize {
+        self.warm_up + self.round_trips
+    }
+}
 
 /// A keep-alive HTTP/1.1 client on one connection: writes a request, reads exactly one
 /// response (by Content-Length). Hand-rolled so both servers see the identical client.
@@ -206,7 +233,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// One measured stream: a keep-alive connection and the requests it cycles through (one
-/// request: the same check repeated; `ROUND_TRIPS` distinct ones: every check a new one).
+/// request: the same check repeated; `round_trips` distinct ones: every check a new one).
 struct Stream<'a> {
     conn: Conn,
     /// Where in `requests` this round starts (requests never repeat across rounds).
@@ -217,13 +244,19 @@ struct Stream<'a> {
 }
 
 impl<'a> Stream<'a> {
-    fn new(addr: SocketAddr, start: usize, requests: &'a [Vec<u8>], expect: &'a [u8]) -> Self {
+    fn new(
+        addr: SocketAddr,
+        start: usize,
+        requests: &'a [Vec<u8>],
+        expect: &'a [u8],
+        sizes: Sizes,
+    ) -> Self {
         Self {
             conn: Conn::new(addr),
             start,
             requests,
             expect,
-            samples: Vec::with_capacity(ROUND_TRIPS),
+            samples: Vec::with_capacity(sizes.round_trips),
         }
     }
 
@@ -251,20 +284,31 @@ impl<'a> Stream<'a> {
 
 /// Sample the streams in turn, one call each per step, so that whatever else the machine is
 /// doing at any moment weighs on all of them alike; the warm-up steps are not recorded.
-fn measure(streams: &mut [Stream<'_>]) {
-    for i in 0..STEPS {
+fn measure(streams: &mut [Stream<'_>], sizes: Sizes) {
+    for i in 0..sizes.steps() {
         for s in streams.iter_mut() {
-            s.call(i, i >= WARM_UP);
+            s.call(i, i >= sizes.warm_up);
         }
     }
 }
 
 fn main() {
-    // `cargo test --all-targets` runs benches once in test mode: keep that quick.
-    if std::env::args().any(|a| a == "--test" || a == "--list") {
-        println!("roundtrip: skipped in test mode (run `cargo bench --bench roundtrip`)");
+    // `cargo bench` passes `--bench`; `cargo test` (a debug build) does not: there, a smoke
+    // run that checks every answer and judges no target.
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
         return;
     }
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let sizes = if smoke { Sizes::SMOKE } else { Sizes::BENCH };
+    let Sizes {
+        round_trips,
+        rounds,
+        memory_checks,
+        distinct_tokens,
+        ..
+    } = sizes;
+    let steps = sizes.steps();
     let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let key = std::fs::read(repo.join("config/dev/signing-key.pem")).expect("dev key");
     let now = std::time::SystemTime::now()
@@ -295,7 +339,7 @@ fn main() {
 
     // Every check distinct (another resource id each time): each one is decided, none is a
     // repeat the decision cache could answer.
-    let distinct: Vec<Vec<u8>> = (0..ROUNDS * STEPS)
+    let distinct: Vec<Vec<u8>> = (0..rounds * steps)
         .map(|i| {
             let body = format!(
                 r#"{{"action":"payments:transfer","resource":{{"type":"Account","id":"acct-{i}"}},"context":{{"amount":50}}}}"#
@@ -305,19 +349,19 @@ fn main() {
         .collect();
     let same = vec![check.clone()];
     // Interleave the measurements call by call so drift on a shared machine hits them alike;
-    // three rounds, and the median round of each.
+    // three rounds, and the median round of each (one round in a smoke run).
     let mut bare_p50 = Vec::new();
     let mut mandate_p50 = Vec::new();
     let mut mandate_p99 = Vec::new();
     let mut distinct_p50 = Vec::new();
-    for round in 0..ROUNDS {
-        let start = round * STEPS;
+    for round in 0..rounds {
+        let start = round * steps;
         let mut streams = [
-            Stream::new(bare, 0, &same, b"\"allow\""),
-            Stream::new(m.addr, 0, &same, b"\"allow\""),
-            Stream::new(m.addr, start, &distinct, b"\"allow\""),
+            Stream::new(bare, 0, &same, b"\"allow\"", sizes),
+            Stream::new(m.addr, 0, &same, b"\"allow\"", sizes),
+            Stream::new(m.addr, start, &distinct, b"\"allow\"", sizes),
         ];
-        measure(&mut streams);
+        measure(&mut streams, sizes);
         let [b, s, d] = &mut streams;
         bare_p50.push(b.p50());
         mandate_p50.push(s.p50());
@@ -328,19 +372,25 @@ fn main() {
     mandate_p50.sort();
     mandate_p99.sort();
     distinct_p50.sort();
-    let (bare_med, mandate_med) = (bare_p50[1], mandate_p50[1]);
+    let mid = rounds / 2;
+    let (bare_med, mandate_med) = (bare_p50[mid], mandate_p50[mid]);
     let ratio = mandate_med.as_secs_f64() / bare_med.as_secs_f64();
-    let distinct_ratio = distinct_p50[1].as_secs_f64() / bare_med.as_secs_f64();
+    let distinct_ratio = distinct_p50[mid].as_secs_f64() / bare_med.as_secs_f64();
 
     // Memory: 10,000 checks from 1,000 distinct tokens (each verified once, then cached).
-    let tokens: Vec<Vec<u8>> = (0..DISTINCT_TOKENS)
+    let tokens: Vec<Vec<u8>> = (0..distinct_tokens)
         .map(|i| check_request(&mint(&format!("agent-{i}")), body))
         .collect();
     let mut conn = Conn::new(m.addr);
     let t = Instant::now();
-    for i in 0..MEMORY_CHECKS {
-        let (status, _) = conn.call(&tokens[i % DISTINCT_TOKENS]);
+    for i in 0..memory_checks {
+        let (status, body) = conn.call(&tokens[i % distinct_tokens]);
         assert_eq!(status, 200);
+        assert!(
+            find(&body, b"\"allow\"").is_some(),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
     }
     let spread_elapsed = t.elapsed();
     let pid = m.child.id();
@@ -349,8 +399,18 @@ fn main() {
     let _ = m.child.kill();
     let _ = m.child.wait();
 
+    if smoke {
+        let checks = rounds * steps * 2 + memory_checks;
+        println!(
+            "roundtrip: smoke run (test mode, debug build): {checks} checks against the real server, \
+             every answer right; no target judged (ready after {:.0} ms; `cargo bench --bench roundtrip` measures)",
+            m.ready_after.as_secs_f64() * 1e3
+        );
+        return;
+    }
+
     println!(
-        "mandate roundtrip benchmark (loopback, keep-alive connections sampled in turn, {ROUND_TRIPS} requests each x 3 rounds)"
+        "mandate roundtrip benchmark (loopback, keep-alive connections sampled in turn, {round_trips} requests each x {rounds} rounds)"
     );
     println!(
         "  ready after start          {:>10.1} ms   (target < 200 ms)",
@@ -366,7 +426,7 @@ fn main() {
     );
     println!(
         "  mandate /v1/check p99      {:>10.1} us",
-        mandate_p99[1].as_secs_f64() * 1e6
+        mandate_p99[mid].as_secs_f64() * 1e6
     );
     println!(
         "  ratio mandate / bare       {:>10.2}      (target <= 1.5)",
@@ -374,16 +434,16 @@ fn main() {
     );
     println!(
         "  distinct checks p50        {:>10.1} us   (a new check every time: each one decided)",
-        distinct_p50[1].as_secs_f64() * 1e6
+        distinct_p50[mid].as_secs_f64() * 1e6
     );
     println!(
         "  ratio distinct / bare      {:>10.2}      (target <= 1.5)",
         distinct_ratio
     );
     println!(
-        "  {MEMORY_CHECKS} checks, {DISTINCT_TOKENS} tokens {:>7.0} ms   ({:.0} checks/s, first use of each token verifies ES256)",
+        "  {memory_checks} checks, {distinct_tokens} tokens {:>7.0} ms   ({:.0} checks/s, first use of each token verifies ES256)",
         spread_elapsed.as_secs_f64() * 1e3,
-        MEMORY_CHECKS as f64 / spread_elapsed.as_secs_f64()
+        memory_checks as f64 / spread_elapsed.as_secs_f64()
     );
     println!(
         "  resident memory after      {:>10.1} MiB  (target < 30 MiB; peak {:.1} MiB)",

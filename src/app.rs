@@ -72,6 +72,10 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
     let store = crate::store::connect(&config.store.url)
         .await
         .map_err(|e| anyhow::anyhow!("approval store: {e}"))?;
+    tracing::info!(
+        location = %crate::store::location(&config.store.url),
+        "approval store open"
+    );
     // Past start-up, an outage fails escalations fast instead of stalling each one.
     let store = Arc::new(GuardedStore::new(store, config.store.guard));
     // A shared (PostgreSQL) store is trusted only once the change listener `start` runs is
@@ -91,6 +95,7 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
         escalation_limits: config.store.escalation_limits,
         notifier: crate::notify::Notifier::start(config.notifications.clone()),
         enforcement_points: config.enforcement_points.clone(),
+        stats: Default::default(),
     })
 }
 
@@ -136,11 +141,22 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
     // store) untouched, since another server may be writing them.
     let bound = bind_listeners(config).await?;
     let locks = lock_data_files(config)?;
+    warn_published_dev_issuers(config);
     let service = Arc::new(build_service(config, clock).await?);
     let checkpoint_key = match &config.audit.checkpoints {
         Some(cp) => Some(Arc::new(load_checkpoint_key(&cp.key)?)),
         None => None,
     };
+    if let Some(key) = &checkpoint_key
+        && key.public_hex() == PUBLISHED_CHECKPOINT_KEY
+    {
+        tracing::warn!(
+            key_id = key.key_id(),
+            "audit checkpoints are signed with the published dev key \
+             (config/dev/audit-checkpoint-key.pem): anyone can forge them; make your own \
+             with `mandate audit keygen FILE`"
+        );
+    }
     let state = Arc::new(AppState {
         service: service.clone(),
         server: config.server.clone(),
@@ -205,9 +221,18 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         config.store.sweep_interval,
         wait_stop(stopped.clone()),
     )));
+    // A running server is not silent: what it did, every `log.summary_interval`.
+    if !config.log.summary_interval.is_zero() {
+        tasks.push(tokio::spawn(summary_loop(
+            service.clone(),
+            config.log.summary_interval,
+            wait_stop(stopped.clone()),
+        )));
+    }
     let bundle = service.engine.bundle();
     tracing::info!(
         bundle = bundle.name(),
+        path = %config.policy.bundle.display(),
         version = &*bundle.version(),
         policies = bundle.policy_count(),
         ready = service.verifier.ready(),
@@ -221,6 +246,42 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         tasks,
         _locks: locks,
     })
+}
+
+/// `x` of the published dev issuer's ES256 public key (config/dev/jwks.json, kid `dev-1`),
+/// whose private key is config/dev/signing-key.pem: a key set holding it trusts tokens
+/// anyone can mint.
+const PUBLISHED_DEV_JWK_X: &str = "5Ws-CcdYwssV17if-kBv1P36ptSJX7x4D4Ejl3_AIcc";
+/// The public key (hex) of config/dev/audit-checkpoint-key.pem, also published.
+const PUBLISHED_CHECKPOINT_KEY: &str =
+    "362d58ef4af6cd06ee4439ba9ee2a34ab4459525273c957ba4462b9bcd4fe4ef";
+
+/// The trusted issuers that accept tokens anyone can mint: the one `[dev]` names for
+/// `mandate dev token`, and any whose key file holds the published dev key.
+pub fn published_dev_issuers(config: &Config) -> Vec<String> {
+    config
+        .issuers
+        .iter()
+        .filter(|i| {
+            config.dev.as_ref().is_some_and(|d| d.issuer == i.name)
+                || matches!(&i.jwks, Some(crate::identity::JwksSource::File(path))
+                    if std::fs::read_to_string(path)
+                        .is_ok_and(|text| text.contains(PUBLISHED_DEV_JWK_X)))
+        })
+        .map(|i| i.name.clone())
+        .collect()
+}
+
+/// One warning line per issuer that trusts the published dev key: whoever reads this log
+/// must not mistake the example configuration for a production one.
+fn warn_published_dev_issuers(config: &Config) {
+    for name in published_dev_issuers(config) {
+        tracing::warn!(
+            issuer = %name,
+            "the dev issuer is trusted: its private key is published (config/dev/), so anyone \
+             can mint tokens it accepts; do not use this configuration in production"
+        );
+    }
 }
 
 /// The checkpoint signing key, from its file or environment variable (PEM, DER, or base64
@@ -322,6 +383,44 @@ async fn sweep_loop(
     }
 }
 
+/// Log what the service did every `every` until `stop`: decisions by outcome, approval
+/// requests created, credentials refused; `idle` when nothing came.
+async fn summary_loop(
+    service: Arc<Service>,
+    every: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = humantime::format_duration(every).to_string();
+    let mut last = service.stats.counts();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = service.stats.counts();
+                let c = now.since(last);
+                last = now;
+                if c.is_idle() {
+                    tracing::info!(%interval, "summary: idle (no checks, no refused credentials)");
+                } else {
+                    tracing::info!(
+                        %interval,
+                        decisions = c.decisions(),
+                        allow = c.allow,
+                        deny = c.deny,
+                        escalate = c.escalate,
+                        approval_requests = c.approval_requests,
+                        token_rejections = c.token_rejections,
+                        "summary"
+                    );
+                }
+            }
+            () = &mut stop => break,
+        }
+    }
+}
+
 async fn wait_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
@@ -363,5 +462,44 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_file(path: &str) -> String {
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_published_keys_are_the_ones_in_config_dev() {
+        assert!(repo_file("config/dev/jwks.json").contains(PUBLISHED_DEV_JWK_X));
+        assert_eq!(
+            repo_file("config/dev/audit-checkpoint-key.pem.pub").trim(),
+            PUBLISHED_CHECKPOINT_KEY
+        );
+        let key = load_checkpoint_key(&KeySource::File(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config/dev/audit-checkpoint-key.pem"),
+        ))
+        .unwrap();
+        assert_eq!(key.public_hex(), PUBLISHED_CHECKPOINT_KEY);
+    }
+
+    #[test]
+    fn the_example_configs_dev_issuer_is_published_and_found_by_its_key_too() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mandate.toml");
+        let text = repo_file("config/mandate.toml");
+        let config = Config::parse(&text, &path, &[]).unwrap();
+        assert_eq!(published_dev_issuers(&config), ["dev"]);
+        // Without the `[dev]` section, the key file still gives it away.
+        let mut config = config;
+        config.dev = None;
+        assert_eq!(published_dev_issuers(&config), ["dev"]);
+        config.issuers.clear();
+        assert!(published_dev_issuers(&config).is_empty());
     }
 }

@@ -4,7 +4,8 @@
 //! from (the file's line, or the environment variable or flag that set it), and all of them are
 //! reported together before start-up fails, so an operator fixes a file in one pass. Unknown
 //! keys are errors too: a typo in a security setting must not be silently ignored.
-//! Relative paths are resolved against the directory of the configuration file.
+//! Relative paths are resolved against the directory of the configuration file, and shown
+//! and used folded (`config/../data/audit.jsonl` is `data/audit.jsonl`: [`normalize`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -155,6 +156,9 @@ pub struct LogConfig {
     /// `tracing` filter, e.g. `info` or `mandate=debug`.
     pub level: String,
     pub json: bool,
+    /// How often a running server logs a summary line (decisions by outcome, approval
+    /// requests, token rejections in the interval); zero turns it off.
+    pub summary_interval: Duration,
 }
 
 /// One bad value, with where it is.
@@ -637,9 +641,9 @@ impl Reader {
     fn path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
-            p.to_path_buf()
+            normalize(p)
         } else {
-            self.base.join(p)
+            normalize(&self.base.join(p))
         }
     }
 
@@ -686,7 +690,7 @@ impl Reader {
         let enforcement_points = self.enforcement_points(root, &issuers);
         let dev = self.table(root, "", "dev").map(|t| self.dev(t, &issuers));
         let log_t = self.table(root, "", "log").unwrap_or(&empty);
-        self.known(log_t, "log", &["level", "format"]);
+        self.known(log_t, "log", &["level", "format", "summary_interval"]);
         let level = self
             .string(log_t, "log", "level")
             .unwrap_or_else(|| "info".into());
@@ -704,6 +708,13 @@ impl Reader {
                 false
             }
         };
+        let summary_interval = self.duration(
+            log_t,
+            "log",
+            "summary_interval",
+            Duration::from_secs(60),
+            Duration::from_secs(24 * 3600),
+        );
         let audit_t = self.table(root, "", "audit").unwrap_or(&empty);
         let audit = self.audit(audit_t);
         let store_t = self.table(root, "", "store").unwrap_or(&empty);
@@ -742,7 +753,11 @@ impl Reader {
             issuers,
             enforcement_points,
             dev,
-            log: LogConfig { level, json },
+            log: LogConfig {
+                level,
+                json,
+                summary_interval,
+            },
             audit,
             store,
             notifications,
@@ -1513,6 +1528,36 @@ impl Reader {
     }
 }
 
+/// `p` with its `.` components dropped and each `dir/..` folded, the way the kernel resolves
+/// it, without needing the files to exist: `config/../data/audit.jsonl` is
+/// `data/audit.jsonl`. A `..` after a symbolic link is kept (`link/..` is the parent of the
+/// link's target, which only the filesystem knows); a `..` at the root is the root.
+pub fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) if !is_symlink(&out) => {
+                    out.pop();
+                }
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+fn is_symlink(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+}
+
 fn is_hmac(a: jsonwebtoken::Algorithm) -> bool {
     matches!(
         a,
@@ -1800,10 +1845,7 @@ format = "xml"
             &[],
         )
         .unwrap();
-        assert_eq!(
-            c.audit.path,
-            PathBuf::from("/etc/mandate/../data/audit.jsonl")
-        );
+        assert_eq!(c.audit.path, PathBuf::from("/etc/data/audit.jsonl"));
         assert_eq!(c.audit.group_commit, Duration::from_millis(20));
         let c = parse("", &[("MANDATE_AUDIT__PATH", "/var/log/mandate/a.jsonl")]).unwrap();
         assert_eq!(c.audit.path, PathBuf::from("/var/log/mandate/a.jsonl"));
@@ -2009,6 +2051,58 @@ format = "xml"
             err.to_string().contains("\n  --log-level: log.level: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn paths_are_folded_as_the_example_config_is_run_from_the_repository() {
+        let env: Vec<(String, String)> = Vec::new();
+        let text = "[policy]\nbundle = \"./policies\"\n[audit]\npath = \"../data/audit.jsonl\"\n\
+                    [store]\nurl = \"sqlite://../data/mandate.db\"\n";
+        let c = Config::parse(text, Path::new("config/mandate.toml"), &env).unwrap();
+        assert_eq!(c.audit.path, PathBuf::from("data/audit.jsonl"));
+        assert_eq!(c.store.url, "data/mandate.db");
+        assert_eq!(c.policy.bundle, PathBuf::from("config/policies"));
+        let c = Config::parse(text, Path::new("mandate.toml"), &env).unwrap();
+        assert_eq!(c.audit.path, PathBuf::from("../data/audit.jsonl"));
+        assert_eq!(c.policy.bundle, PathBuf::from("policies"));
+    }
+
+    #[test]
+    fn normalize_folds_dots_but_not_through_a_symlink() {
+        for (from, to) in [
+            ("a/./b/../c", "a/c"),
+            ("../a/../../b", "../../b"),
+            ("/../etc/x/..", "/etc"),
+            ("a/..", "."),
+            ("./", "."),
+        ] {
+            assert_eq!(normalize(Path::new(from)), PathBuf::from(to), "{from}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real/inner");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // `link/..` is `real`, not `dir`: the `..` stays for the kernel to resolve.
+        assert_eq!(normalize(&link.join("../x")), link.join("../x"));
+        assert_eq!(
+            normalize(&dir.path().join("real/inner/../x")),
+            dir.path().join("real/x")
+        );
+    }
+
+    #[test]
+    fn log_summary_interval_defaults_to_a_minute_and_zero_turns_it_off() {
+        assert_eq!(
+            parse("", &[]).unwrap().log.summary_interval,
+            Duration::from_secs(60)
+        );
+        let c = parse("[log]\nsummary_interval = \"0s\"\n", &[]).unwrap();
+        assert_eq!(c.log.summary_interval, Duration::ZERO);
+        let c = parse("", &[("MANDATE_LOG__SUMMARY_INTERVAL", "5m")]).unwrap();
+        assert_eq!(c.log.summary_interval, Duration::from_secs(300));
+        let err = parse("[log]\nsummary_interval = \"soon\"\n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "log.summary_interval");
     }
 
     #[test]

@@ -294,3 +294,250 @@ fn serve_starts_ready_fast_answers_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `mandate serve` run as a fresh clone runs it: from a directory holding a copy of the
+/// repository's `config/` (so the example's `../data` is that directory's `data/`), on port 0,
+/// with `env`. Every line it logs comes through the receiver.
+fn serve_copy_of_example(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    common::copy_dir(&repo().join("config"), &dir.join("config"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .current_dir(dir)
+        .arg("serve")
+        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_LOG__FORMAT", "text")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn mandate serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Lines from `rx` up to and including the first that `stop` accepts (30 s at most).
+fn lines_until(
+    rx: &std::sync::mpsc::Receiver<String>,
+    mut stop: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let done = stop(&line);
+                seen.push(line);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("log line not seen within 30 s; got:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// `key=value` of a text log line, as a number.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A bare HTTP/1.1 POST of JSON with a bearer token; the whole response.
+fn http_post(addr: &str, path: &str, token: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 11 item 5: start-up says what matters (resolved paths, the store, a warning for the
+/// published dev keys), and a running server logs a summary every `log.summary_interval`.
+#[test]
+fn serve_start_up_names_resolved_paths_warns_of_dev_keys_and_summarizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, rx) = serve_copy_of_example(dir.path(), &[("MANDATE_LOG__SUMMARY_INTERVAL", "1s")]);
+    let start = lines_until(&rx, |l| l.contains("mandate started"));
+    let text = start.join("\n");
+    let line = |what: &str| {
+        start
+            .iter()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no `{what}` line:\n{text}"))
+    };
+    let warn = line("the dev issuer is trusted");
+    assert!(
+        warn.contains("WARN") && warn.contains("issuer=dev"),
+        "{warn}"
+    );
+    assert!(warn.contains("production"), "{warn}");
+    assert!(line("audit checkpoints are signed with the published dev key").contains("WARN"));
+    assert!(
+        line("audit log open").contains("path=data/audit.jsonl "),
+        "{text}"
+    );
+    assert!(
+        line("approval store open").contains("location=sqlite data/mandate.db"),
+        "{text}"
+    );
+    assert!(
+        line("audit checkpoints on").contains("file=data/audit.jsonl.checkpoints"),
+        "{text}"
+    );
+    assert!(
+        line("mandate started").contains("path=config/policies"),
+        "{text}"
+    );
+    assert!(!text.contains(".."), "paths are shown folded:\n{text}");
+    let addr = line("listening")
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+
+    // One decision of each outcome (the escalation creates an approval request) and one
+    // refused token: the summary lines of the next intervals add up to exactly that.
+    let token = common::dev_token(
+        "agent-1",
+        serde_json::json!({"owner": "bob", "groups": ["payments-agents"]}),
+        Duration::from_secs(300),
+    );
+    for (amount, outcome) in [(50, "allow"), (20_000, "deny"), (250, "escalate")] {
+        let body = format!(
+            r#"{{"action":"payments:transfer","resource":{{"type":"Account","id":"acct-1"}},"context":{{"amount":{amount}}}}}"#
+        );
+        let resp = http_post(&addr, "/v1/check", &token, &body);
+        assert!(resp.contains(&format!("\"{outcome}\"")), "{resp}");
+    }
+    let resp = http_post(&addr, "/v1/check", "not.a.token", "{}");
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    let keys = [
+        "decisions",
+        "allow",
+        "deny",
+        "escalate",
+        "approval_requests",
+        "token_rejections",
+    ];
+    let mut totals = [0u64; 6];
+    lines_until(&rx, |l| {
+        if l.contains(" INFO ") && l.contains(": summary ") {
+            for (t, k) in totals.iter_mut().zip(keys) {
+                *t += field(l, k);
+            }
+        }
+        totals == [3, 1, 1, 1, 1, 1]
+    });
+    // Then nothing more happens, and the summary says so.
+    let idle = lines_until(&rx, |l| l.contains("summary: idle"));
+    assert!(idle.last().unwrap().contains("interval=1s"), "{idle:?}");
+    stop(child);
+}
+
+/// SIGHUP reloads the bundle; a broken bundle is refused, logged, and the last good one goes
+/// on answering.
+#[test]
+fn sighup_reloads_the_bundle_and_a_broken_one_leaves_the_last_good_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, rx) = serve_copy_of_example(dir.path(), &[]);
+    let start = lines_until(&rx, |l| l.contains("mandate started"));
+    let addr = start
+        .iter()
+        .find_map(|l| l.split("addr=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let token = common::dev_token("agent-1", serde_json::json!({}), Duration::from_secs(300));
+    let read = r#"{"action":"crm:read","resource":{"type":"CrmRecord","id":"c-1"}}"#;
+    let decision = || {
+        let resp = http_post(&addr, "/v1/check", &token, read);
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        let v: serde_json::Value = serde_json::from_str(&body).expect("a decision");
+        (
+            v["decision"].as_str().unwrap().to_owned(),
+            v["policy_version"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (first, v1) = decision();
+    assert_eq!(first, "allow");
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    let bundle = dir.path().join("config/policies");
+    std::fs::write(
+        bundle.join("freeze.cedar"),
+        "@id(\"crm-freeze\")\nforbid (principal, action == Action::\"crm:read\", resource);\n",
+    )
+    .unwrap();
+    hup();
+    let reloaded = lines_until(&rx, |l| l.contains("policy bundle reloaded"));
+    let v2 = decision();
+    assert_eq!(v2.0, "deny");
+    assert_ne!(v2.1, v1);
+    assert!(
+        reloaded
+            .last()
+            .unwrap()
+            .contains(&format!("version=\"{}\"", v2.1)),
+        "{reloaded:?}"
+    );
+
+    std::fs::write(
+        bundle.join("broken.cedar"),
+        "permit (principal, action, resource) when { context.nope > };\n",
+    )
+    .unwrap();
+    hup();
+    // The error may span lines (one per problem); the active version closes it.
+    let refused = lines_until(&rx, |l| l.contains("active="));
+    let text = refused.join("\n");
+    assert!(
+        text.contains("ERROR") && text.contains("policy bundle refused"),
+        "{text}"
+    );
+    assert!(text.contains("broken.cedar"), "{text}");
+    assert!(text.contains(&format!("active=\"{}\"", v2.1)), "{text}");
+    assert_eq!(decision(), v2, "the last good bundle goes on answering");
+    stop(child);
+}

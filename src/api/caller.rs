@@ -48,17 +48,24 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 }
 
 /// Authenticate the caller of any API: its bearer credential and client certificate, as the
-/// service judges them.
+/// service judges them. A refusal is counted for the summary line.
 pub async fn authenticate(
     state: &AppState,
     conn: &ConnInfo,
     headers: &HeaderMap,
 ) -> Result<Caller, ApiError> {
-    let token = bearer(headers)?;
-    Ok(state
-        .service
-        .authenticate(token, &conn.client_uri_sans)
-        .await?)
+    let caller = match bearer(headers) {
+        Ok(token) => state
+            .service
+            .authenticate(token, &conn.client_uri_sans)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    if caller.is_err() {
+        state.service.stats.token_rejected();
+    }
+    caller
 }
 
 /// The principal a check is about, for a request whose subject (if any) is at `field`.

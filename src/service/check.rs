@@ -112,6 +112,7 @@ impl Service {
             settled.grant = None;
             settled.approvers.clear();
         }
+        self.stats.decided(settled.decision.outcome);
         settled
     }
 
@@ -191,6 +192,7 @@ impl Service {
         match self.store.create_or_get_pending(new).await {
             Ok((request, created)) => {
                 if created {
+                    self.stats.approval_request_created();
                     self.notifier.send("created", &request);
                 }
                 Settled {

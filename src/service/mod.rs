@@ -9,6 +9,7 @@
 //! - [`approvals`]: review (separation of duties, approver groups, evidence, the `approve`
 //!   policy, audit before and after), cancel, revoke, and the read queries.
 //! - [`sweep`]: fallback and expiry of pending approval requests.
+//! - [`stats`]: what was done, counted for the periodic summary line.
 //!
 //! Every fail-closed choice of a workflow is made here, with a comment at the spot; errors
 //! are typed ([`caller::SubjectError`], [`ApprovalError`]) so each adapter maps them to its
@@ -18,6 +19,7 @@ pub mod approvals;
 pub mod caller;
 pub mod check;
 mod error;
+pub mod stats;
 pub mod sweep;
 
 use std::sync::Arc;
@@ -64,6 +66,8 @@ pub struct Service {
     pub notifier: Notifier,
     /// Callers trusted to name the subject of a check.
     pub enforcement_points: Vec<EnforcementPoint>,
+    /// Decisions by outcome, approval requests created, credentials refused.
+    pub stats: stats::Stats,
 }
 
 impl Service {

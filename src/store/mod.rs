@@ -43,6 +43,46 @@ pub fn is_shared(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// Where the store at `url` is, for the log: the SQLite file, or the PostgreSQL URL with its
+/// password (in the user part or a `password=` parameter) replaced by `***`.
+pub fn location(url: &str) -> String {
+    if !is_shared(url) {
+        return match sqlite_file(url) {
+            Some(file) => format!("sqlite {}", file.display()),
+            None => format!("sqlite {url}"),
+        };
+    }
+    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+    let (base, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match base.find('/') {
+        Some(i) => base.split_at(i),
+        None => (base, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => format!("{user}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
 /// The file of a SQLite store at `url`, for the one-writer lock taken at start-up
 /// ([`crate::lockfile`]); `None` for PostgreSQL (shared by design) and in-memory SQLite.
 pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
@@ -323,5 +363,24 @@ fn not_found_grant(id: Uuid) -> StoreError {
     StoreError::NotFound {
         what: "grant",
         id: id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::location;
+
+    #[test]
+    fn location_names_the_file_or_the_server_never_a_password() {
+        assert_eq!(location("data/mandate.db"), "sqlite data/mandate.db");
+        assert_eq!(
+            location("postgres://postgres@127.0.0.1:5432/test"),
+            "postgres://postgres@127.0.0.1:5432/test"
+        );
+        assert_eq!(
+            location("postgresql://app:s3cr%40t@db.internal/mandate?sslmode=require&password=x"),
+            "postgresql://app:***@db.internal/mandate?sslmode=require&password=***"
+        );
+        assert_eq!(location("postgres://db"), "postgres://db");
     }
 }
