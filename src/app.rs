@@ -427,14 +427,18 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
 
 /// `mandate serve`: run until SIGINT or SIGTERM; SIGHUP reloads the policy bundle.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // The handlers are in place before the server is ready: a supervisor may signal as soon
+    // as `/readyz` answers, and a signal with no handler yet would kill the process instead
+    // of stopping it cleanly.
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let running = start(&config, crate::clock::system()).await?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot install the SIGHUP handler")?;
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            () = &mut stop => break,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
             _ = hup.recv() => match running.reload() {
                 Ok(version) => tracing::info!(version = &*version, "policy bundle reloaded"),
                 Err(e) => tracing::error!(
@@ -448,21 +452,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = term => {},
-    }
 }
 
 #[cfg(test)]

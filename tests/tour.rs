@@ -14,13 +14,7 @@ mod common;
 
 use std::process::Command;
 
-use common::repo;
-
-fn mandate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mandate"));
-    c.current_dir(repo());
-    c
-}
+use common::{mandate, repo};
 
 struct Stop(std::process::Child);
 

@@ -162,6 +162,13 @@ pub fn python(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The `mandate` binary, run from the repository's root (where `config/mandate.toml` is).
+pub fn mandate() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"));
+    c.current_dir(repo());
+    c
+}
+
 /// `mandate serve` as a real process (example configuration, port 0, audit log at `audit`),
 /// with its listening address read from its log. Its stderr keeps being drained so the
 /// server never blocks on a full pipe.
