@@ -416,7 +416,9 @@ impl Service {
                 }
             }
         }
-        out.sort_by_key(|r| (r.created_at, r.id));
+        // Oldest first. The sort is stable, so requests of the same second keep the store's
+        // order, which is the order they were created in (ids are random: SECURITY A-22).
+        out.sort_by_key(|r| r.created_at);
         Ok(out)
     }
 
