@@ -154,7 +154,7 @@ enum ApprovalsCommand {
         group: Option<String>,
     },
     /// One request in full, then the Cedar source of the policies that asked for approval;
-    /// `--wait 30s` returns as soon as its status changes.
+    /// `--wait 30s` waits (at most 60 s) while it is pending and answers once it is decided.
     Show {
         id: String,
         #[arg(long)]

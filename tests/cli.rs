@@ -14,7 +14,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{mandate, repo};
+use common::{Killed, mandate, repo};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = mandate().args(args).output().expect("mandate runs");
@@ -195,16 +195,6 @@ fn serve_help_lists_the_flags_and_the_environment_overrides() {
         "RUST_LOG",
     ] {
         assert!(out.contains(text), "missing {text}: {out}");
-    }
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

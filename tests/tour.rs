@@ -14,22 +14,13 @@ mod common;
 
 use std::process::Command;
 
-use common::{mandate, repo};
-
-struct Stop(std::process::Child);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Killed, mandate, repo};
 
 #[test]
 fn the_readme_tour_prints_what_the_readme_shows() {
     let dir = tempfile::tempdir().unwrap();
     let (child, addr) = common::spawn_serve(&dir.path().join("audit.jsonl"));
-    let _server = Stop(child);
+    let _server = Killed(child);
     let out = Command::new(repo().join("scripts/tour"))
         .current_dir(repo())
         .args(["--server", &format!("http://{addr}")])

@@ -162,6 +162,16 @@ pub fn python(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A child process killed when the test ends, however it ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The `mandate` binary, run from the repository's root (where `config/mandate.toml` is).
 pub fn mandate() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"));
