@@ -304,7 +304,11 @@ fn bundle_mounted_as_configmap_links_loads_like_plain_files() {
     }
     std::fs::write(second.join("tools.cedar"), "").unwrap();
     symlink("..2026_12_02_11_00_00.2", mounted.path().join("..data.tmp")).unwrap();
-    std::fs::rename(mounted.path().join("..data.tmp"), mounted.path().join("..data")).unwrap();
+    std::fs::rename(
+        mounted.path().join("..data.tmp"),
+        mounted.path().join("..data"),
+    )
+    .unwrap();
     let reloaded = Bundle::load(mounted.path()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(reloaded.policy_count(), 7);
     assert_ne!(reloaded.version(), loaded.version());
