@@ -493,7 +493,7 @@ fn h10_kubernetes_sidecar_matches_its_configuration() {
 
     // The agent finds Mandate on the pod's loopback.
     let env = list(&agent, "env");
-    let url = s(named(env, "name", "MANDATE_URL"), "value");
+    let url = s(named(env, "name", "MANDATE_SERVER"), "value");
     assert_eq!(url, format!("http://127.0.0.1:{}", listen.port()));
 
     // No ingress but the node's (the kubelet's probes, which no NetworkPolicy blocks).
