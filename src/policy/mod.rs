@@ -630,11 +630,17 @@ impl Loader<'_> {
     }
 }
 
+/// The names of the regular files in `dir` that `keep` accepts, sorted. A symbolic link to a
+/// regular file counts as one: a Kubernetes ConfigMap or Secret volume presents every key as a
+/// link (`payments.cedar -> ..data/payments.cedar`), and skipping those would load a bundle
+/// with no policies at all, which denies everything while validating fine.
 fn list_files(dir: &Path, keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if !entry.file_type()?.is_file() {
+        // `metadata` follows links (`DirEntry::file_type` does not); a dangling link is
+        // left out like any other non-file.
+        if !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
             continue;
         }
         if let Some(name) = entry.file_name().to_str()

@@ -263,6 +263,61 @@ fn failing_case_loads_and_is_reported_by_run() {
     assert!(text.contains("no_matching_policy"), "{text}");
 }
 
+/// A bundle mounted from a Kubernetes ConfigMap: each key is a link into `..data`, itself a
+/// link to a timestamped directory that an update replaces whole. It must load exactly as the
+/// same files copied plainly (it once loaded with no policies at all), and an update must be
+/// seen by the next load (what SIGHUP does).
+#[test]
+fn bundle_mounted_as_configmap_links_loads_like_plain_files() {
+    use std::os::unix::fs::symlink;
+    let files = [
+        "approvals.cedar",
+        "crm.cedar",
+        "manifest.toml",
+        "payments.cedar",
+        "schema.cedarschema",
+        "tools.cedar",
+    ];
+    let plain = tempfile::tempdir().unwrap();
+    let mounted = tempfile::tempdir().unwrap();
+    let first = mounted.path().join("..2026_12_02_10_00_00.1");
+    std::fs::create_dir(&first).unwrap();
+    for name in &files {
+        let text = std::fs::read(repo("config/policies").join(name)).unwrap();
+        std::fs::write(plain.path().join(name), &text).unwrap();
+        std::fs::write(first.join(name), &text).unwrap();
+        symlink(Path::new("..data").join(name), mounted.path().join(name)).unwrap();
+    }
+    symlink("..2026_12_02_10_00_00.1", mounted.path().join("..data")).unwrap();
+
+    let expected = Bundle::load(plain.path()).unwrap_or_else(|e| panic!("{e}"));
+    let loaded = Bundle::load(mounted.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.policy_count(), 8);
+    assert_eq!(loaded.policy_count(), expected.policy_count());
+    assert_eq!(loaded.version(), expected.version());
+
+    // The kubelet's update: a new directory, then `..data` swapped to it in one rename.
+    let second = mounted.path().join("..2026_12_02_11_00_00.2");
+    std::fs::create_dir(&second).unwrap();
+    for name in &files {
+        std::fs::copy(first.join(name), second.join(name)).unwrap();
+    }
+    std::fs::write(second.join("tools.cedar"), "").unwrap();
+    symlink("..2026_12_02_11_00_00.2", mounted.path().join("..data.tmp")).unwrap();
+    std::fs::rename(
+        mounted.path().join("..data.tmp"),
+        mounted.path().join("..data"),
+    )
+    .unwrap();
+    let reloaded = Bundle::load(mounted.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reloaded.policy_count(), 7);
+    assert_ne!(reloaded.version(), loaded.version());
+
+    // A dangling link is not a file: left out, as before.
+    symlink("..data/gone.cedar", mounted.path().join("gone.cedar")).unwrap();
+    assert_eq!(Bundle::load(mounted.path()).unwrap().policy_count(), 7);
+}
+
 #[test]
 fn version_changes_when_any_file_changes() {
     let dir = bundle_dir(&[
