@@ -638,15 +638,24 @@ fn list_files(dir: &Path, keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<St
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        // `metadata` follows links (`DirEntry::file_type` does not); a dangling link is
-        // left out like any other non-file.
-        if !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !keep(&name) {
             continue;
         }
-        if let Some(name) = entry.file_name().to_str()
-            && keep(name)
-        {
-            names.push(name.to_owned());
+        // `metadata` follows links (`DirEntry::file_type` does not). A policy file that
+        // cannot be read is an error, never left out: a missing `forbid` would allow what it
+        // forbids (fail closed). So is a link to nothing, or to something not a file.
+        let meta = std::fs::metadata(entry.path()).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("`{name}`: {e} (a link to nothing?)"))
+        })?;
+        if meta.is_file() {
+            names.push(name);
+        } else if !meta.is_dir() {
+            return Err(std::io::Error::other(format!(
+                "`{name}` is neither a file nor a directory"
+            )));
         }
     }
     names.sort();

@@ -313,9 +313,11 @@ fn bundle_mounted_as_configmap_links_loads_like_plain_files() {
     assert_eq!(reloaded.policy_count(), 7);
     assert_ne!(reloaded.version(), loaded.version());
 
-    // A dangling link is not a file: left out, as before.
+    // A policy file that is a link to nothing is a load error naming it, never left out:
+    // had it held a `forbid`, leaving it out would allow what it forbids (fail closed).
     symlink("..data/gone.cedar", mounted.path().join("gone.cedar")).unwrap();
-    assert_eq!(Bundle::load(mounted.path()).unwrap().policy_count(), 7);
+    let err = Bundle::load(mounted.path()).unwrap_err().to_string();
+    assert!(err.contains("gone.cedar"), "{err}");
 }
 
 #[test]
