@@ -243,7 +243,7 @@ impl Headers for Vec<(String, String)> {
 /// What a rule's context may read besides the path.
 #[derive(Clone, Copy)]
 pub struct Inputs<'a> {
-    pub headers: &'a dyn Headers,
+    pub headers: &'a (dyn Headers + Sync),
     /// The raw query string (after `?`), if any.
     pub query: Option<&'a str>,
     /// The JSON body, when the rule reads it and one was sent.
