@@ -31,7 +31,7 @@ use super::caller::{Caller, authenticate};
 use super::http::decision_response;
 use super::{ApiError, AppState, Body, ConnInfo, body};
 use crate::config::ForwardAuthConfig;
-use crate::routes::{self, Headers as _, Inputs, Lookup, Matched, RouteError};
+use crate::routes::{self, Headers as _, Inputs, Lookup, Match, Matched, RouteError, Routed};
 use crate::service::Settled;
 use crate::vocabulary::{CheckRequest, Outcome, Principal, Reason};
 
@@ -124,18 +124,7 @@ async fn decide(
         .routes
         .find(&original.method, original.host.as_deref(), &original.path)
         .map_err(route_error)?;
-    let (parts, incoming) = req.into_parts();
-    let json = match found.reads_body() {
-        true => json_body(proxy, &parts.headers, incoming, state).await?,
-        false => None,
-    };
-    let inputs = Inputs {
-        headers: &parts.headers,
-        query: original.query.as_deref(),
-        body: json.as_ref(),
-        extensions: None,
-    };
-    let routed = found.resolve(&inputs).map_err(route_error)?;
+    let routed = resolve(state, proxy, &found, &original, req).await?;
     let req = CheckRequest {
         principal: principal.clone(),
         action: routed.action.clone(),
@@ -155,6 +144,28 @@ async fn decide(
         Matched::Rule { .. } | Matched::Default(_) => state.service.check(&req, started).await,
     };
     Ok((settled, principal))
+}
+
+/// The check `found` maps the request to, reading the JSON body only when its rule does.
+async fn resolve(
+    state: &AppState,
+    proxy: Proxy,
+    found: &Match<'_>,
+    original: &Original,
+    req: Request<Incoming>,
+) -> Result<Routed, ApiError> {
+    let (parts, incoming) = req.into_parts();
+    let json = match found.reads_body() {
+        true => json_body(proxy, &parts.headers, incoming, state).await?,
+        false => None,
+    };
+    let inputs = Inputs {
+        headers: &parts.headers,
+        query: original.query.as_deref(),
+        body: json.as_ref(),
+        extensions: None,
+    };
+    found.resolve(&inputs).map_err(route_error)
 }
 
 /// The agent the forwarded token proves. An enforcement point's own credential names no
@@ -177,24 +188,7 @@ fn agent(caller: Caller) -> Result<Arc<Principal>, ApiError> {
 fn original(proxy: Proxy, req: &Request<Incoming>) -> Result<Original, ApiError> {
     let h = req.headers();
     let (method, uri, host) = match proxy {
-        Proxy::Envoy => {
-            let rest = &req.uri().path()[ENVOY_PREFIX.len()..];
-            if rest.is_empty() {
-                return Err(ApiError::field(
-                    "path",
-                    format!("the original path follows `{ENVOY_PREFIX}` (Envoy's `path_prefix`)"),
-                ));
-            }
-            let uri = match req.uri().query() {
-                Some(q) => format!("{rest}?{q}"),
-                None => rest.to_owned(),
-            };
-            let host = match req.uri().authority() {
-                Some(a) => Some(a.as_str().to_owned()),
-                None => header(h, HOST.as_str())?.map(str::to_owned),
-            };
-            (req.method().as_str().to_owned(), uri, host)
-        }
+        Proxy::Envoy => envoy(req)?,
         Proxy::Nginx => {
             let host = match header(h, "x-original-host")? {
                 Some(v) => Some(v),
@@ -222,6 +216,30 @@ fn original(proxy: Proxy, req: &Request<Incoming>) -> Result<Original, ApiError>
         query,
         host,
     })
+}
+
+/// Envoy's HTTP mode: the request is the original one, its path behind the prefix.
+fn envoy(req: &Request<Incoming>) -> Result<(String, String, Option<String>), ApiError> {
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix(ENVOY_PREFIX)
+        .unwrap_or_default();
+    if rest.is_empty() {
+        return Err(ApiError::field(
+            "path",
+            format!("the original path follows `{ENVOY_PREFIX}` (Envoy's `path_prefix`)"),
+        ));
+    }
+    let uri = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_owned(),
+    };
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_owned()),
+        None => header(req.headers(), HOST.as_str())?.map(str::to_owned),
+    };
+    Ok((req.method().as_str().to_owned(), uri, host))
 }
 
 /// A header the proxy sets: its one value, if sent. Twice is ambiguous, and refused.
