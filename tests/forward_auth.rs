@@ -591,3 +591,38 @@ async fn routes_the_bundle_does_not_declare_are_refused_at_start_and_reload() {
     assert_eq!((st, v["decision"].as_str()), (403, Some("escalate")), "{v}");
     s.shutdown().await;
 }
+
+/// `[forward_auth]` names the headers and the escalation status; `server.public_url` makes
+/// the approval URL absolute.
+#[tokio::test]
+async fn header_names_escalation_status_and_public_url_are_configurable() {
+    let s = TestServer::start(&example_config(&[
+        ("MANDATE_FORWARD_AUTH__DECISION_HEADER", "X-Decision"),
+        ("MANDATE_FORWARD_AUTH__PRINCIPAL_HEADER", "X-Agent"),
+        ("MANDATE_FORWARD_AUTH__APPROVAL_ID_HEADER", "X-Approval"),
+        (
+            "MANDATE_FORWARD_AUTH__APPROVAL_URL_HEADER",
+            "X-Approval-Url",
+        ),
+        ("MANDATE_FORWARD_AUTH__ESCALATE_STATUS", "429"),
+        ("MANDATE_SERVER__PUBLIC_URL", "https://mandate.example.com/"),
+    ]))
+    .await;
+    let ask = |amount: i64| {
+        Ask::new(Proxy::Envoy, "POST", "/accounts/acct-1/transfers").json(json!({"amount": amount}))
+    };
+    let (st, h, v) = ask(50).send(&s).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(header(&h, "x-agent"), Some("Agent::\"agent-1\""));
+    assert_eq!(header(&h, "x-decision"), v["decision_id"].as_str());
+    assert_eq!(header(&h, "x-mandate-principal"), None);
+    let (st, h, v) = ask(250).send(&s).await;
+    assert_eq!(st, 429, "{v}");
+    let id = v["approval_request"]["id"].as_str().unwrap();
+    assert_eq!(header(&h, "x-approval"), Some(id));
+    assert_eq!(
+        header(&h, "x-approval-url"),
+        Some(format!("https://mandate.example.com/v1/approvals/{id}").as_str())
+    );
+    s.shutdown().await;
+}
