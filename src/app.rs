@@ -20,7 +20,8 @@ use crate::config::{Config, KeySource};
 use crate::decision::{DecisionCache, Engine};
 use crate::identity::{CacheSettings, Verifier};
 use crate::lockfile::DataLock;
-use crate::policy::{Bundle, BundleError};
+use crate::policy::{Bundle, BundleError, Problem};
+use crate::routes::Routes;
 use crate::service::{DECISION_CACHE_ENTRIES, Service};
 
 /// Install aws-lc-rs as the process's rustls provider, and check jsonwebtoken found its
@@ -49,6 +50,9 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
             config.policy.bundle.display()
         )
     })?;
+    // A route naming an action or resource type the bundle does not declare would only
+    // ever deny: refused at start, named like every configuration problem.
+    config.check_routes(&bundle)?;
     let engine = Engine::new(Arc::new(bundle), clock.clone());
     let verifier = Verifier::new(
         config.issuers.clone(),
@@ -107,6 +111,8 @@ pub struct Running {
     /// The core service the listeners call.
     pub service: Arc<Service>,
     bundle_dir: PathBuf,
+    /// The routes a reloaded bundle must still declare every action and type of.
+    routes: Arc<Routes>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// One writer per data file, for as long as this server runs ([`lock_data_files`]).
@@ -119,6 +125,24 @@ impl Running {
     /// finish on the bundle they started with.
     pub fn reload(&self) -> Result<Arc<str>, BundleError> {
         let bundle = Bundle::load(&self.bundle_dir)?;
+        // A bundle that drops an action or type a route names is refused like a bad one.
+        let problems: Vec<Problem> = self
+            .routes
+            .check_schema(&bundle)
+            .into_iter()
+            .map(|p| Problem {
+                file: None,
+                line: None,
+                policy_id: None,
+                message: match p.rule {
+                    Some(i) => format!("routes[{i}].{}: {}", p.key, p.message),
+                    None => format!("forward_auth.{}: {}", p.key, p.message),
+                },
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err(BundleError { problems });
+        }
         let version = bundle.version();
         self.service.engine.swap(Arc::new(bundle));
         Ok(version)
@@ -157,9 +181,16 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
              with `mandate audit keygen FILE`"
         );
     }
+    let routes = Arc::new(config.routes.clone());
     let state = Arc::new(AppState {
         service: service.clone(),
         server: config.server.clone(),
+        routes: routes.clone(),
+        forward_auth: crate::api::forward_auth::Settings::new(
+            &config.forward_auth,
+            config.server.public_url.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("forward_auth: {e}"))?,
     });
     let tls = match &config.server.tls {
         Some(t) => Some(server::tls_acceptor(t).context("server.tls")?),
@@ -242,6 +273,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         local_addr,
         service,
         bundle_dir: config.policy.bundle.clone(),
+        routes,
         stop,
         tasks,
         _locks: locks,

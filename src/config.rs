@@ -18,6 +18,8 @@ use toml::{Table, Value};
 
 use crate::audit::AuditSettings;
 use crate::identity::{IssuerSettings, JwksSource, Profile};
+use crate::policy::Bundle;
+use crate::routes::{DefaultRoute, Route, RouteSpec, Routes};
 
 /// The default configuration file, relative to the working directory.
 pub const DEFAULT_PATH: &str = "config/mandate.toml";
@@ -36,6 +38,46 @@ pub struct Config {
     pub audit: AuditConfig,
     pub store: StoreConfig,
     pub notifications: crate::notify::WebhookSettings,
+    pub forward_auth: ForwardAuthConfig,
+    /// `[[routes]]` and `forward_auth.default_*`: how a proxied request becomes a check.
+    pub routes: Routes,
+    /// Where each key came from, for problems found after parsing ([`Config::check_routes`]).
+    origins: Origins,
+}
+
+/// Where the keys of a parsed configuration came from: its file's lines and the overrides.
+#[derive(Debug, Clone, Default)]
+struct Origins {
+    source: String,
+    lines: HashMap<String, usize>,
+    set: Vec<(String, String)>,
+}
+
+/// The forward-auth endpoints (`/authz/envoy/…`, `/authz/nginx`, `/authz/traefik`): the
+/// headers they answer with, and the status of an escalation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardAuthConfig {
+    /// On every decision: its id, for the upstream's logs and the client.
+    pub decision_header: String,
+    /// On an allow: the principal, `Type::"id"`, for the upstream.
+    pub principal_header: String,
+    /// On an escalation: the approval request's id and its URL.
+    pub approval_id_header: String,
+    pub approval_url_header: String,
+    /// The status of an escalation: 403, the only one nginx `auth_request` passes on, or 429.
+    pub escalate_status: u16,
+}
+
+impl Default for ForwardAuthConfig {
+    fn default() -> Self {
+        Self {
+            decision_header: "x-mandate-decision-id".into(),
+            principal_header: "x-mandate-principal".into(),
+            approval_id_header: "x-mandate-approval-id".into(),
+            approval_url_header: "x-mandate-approval-url".into(),
+            escalate_status: 403,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -286,17 +328,59 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let mut r = Reader { base, problems };
-        let config = r.config(&table);
+        let mut config = r.config(&table);
+        config.origins = Origins {
+            source: path.display().to_string(),
+            lines: key_lines(text),
+            set,
+        };
         if r.problems.is_empty() {
             return Ok(config);
         }
-        let lines = key_lines(text);
-        for p in &mut r.problems {
+        Err(config.error(r.problems))
+    }
+
+    /// `problems` found in this configuration, each with where its key came from.
+    fn error(&self, mut problems: Vec<Problem>) -> ConfigError {
+        for p in &mut problems {
             if p.origin.is_none() {
-                p.origin = origin_of(&p.key, &lines, &set);
+                p.origin = origin_of(&p.key, &self.origins.lines, &self.origins.set);
             }
         }
-        Err(fail(r.problems))
+        ConfigError {
+            source: self.origins.source.clone(),
+            problems,
+        }
+    }
+
+    /// Check the routes (and the default action) against `bundle`'s schema: an action it
+    /// does not declare, or a resource type it does not declare or the action does not
+    /// apply to, is a configuration problem naming the rule.
+    pub fn check_routes(&self, bundle: &Bundle) -> Result<(), ConfigError> {
+        let problems: Vec<Problem> = self
+            .routes
+            .check_schema(bundle)
+            .into_iter()
+            .map(|p| match p.rule {
+                Some(i) => Problem {
+                    key: format!("routes[{i}].{}", p.key),
+                    message: match self.routes.rules().get(i) {
+                        Some(r) => format!("route `{}`: {}", r.name(), p.message),
+                        None => p.message,
+                    },
+                    origin: None,
+                },
+                None => Problem {
+                    key: format!("forward_auth.{}", p.key),
+                    message: p.message,
+                    origin: None,
+                },
+            })
+            .collect();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(self.error(problems))
     }
 }
 
@@ -662,6 +746,8 @@ impl Reader {
                 "audit",
                 "store",
                 "notifications",
+                "forward_auth",
+                "routes",
             ],
         );
         let empty = Table::new();
@@ -746,6 +832,9 @@ impl Reader {
                 Duration::from_secs(300),
             ),
         };
+        let forward_t = self.table(root, "", "forward_auth").unwrap_or(&empty);
+        let (forward_auth, default) = self.forward_auth(forward_t);
+        let routes = Routes::new(self.routes(root), default);
         Config {
             server,
             policy,
@@ -761,6 +850,221 @@ impl Reader {
             audit,
             store,
             notifications,
+            forward_auth,
+            routes,
+            origins: Origins::default(),
+        }
+    }
+
+    fn forward_auth(&mut self, t: &Table) -> (ForwardAuthConfig, Option<DefaultRoute>) {
+        let p = "forward_auth";
+        self.known(
+            t,
+            p,
+            &[
+                "decision_header",
+                "principal_header",
+                "approval_id_header",
+                "approval_url_header",
+                "escalate_status",
+                "default_action",
+                "default_resource_type",
+            ],
+        );
+        let defaults = ForwardAuthConfig::default();
+        let header = |r: &mut Self, key: &str, default: String| match r.string(t, p, key) {
+            None => default,
+            Some(name) => match header_name(&name) {
+                Ok(h) => h,
+                Err(e) => {
+                    r.bad(join(p, key), e);
+                    default
+                }
+            },
+        };
+        let config = ForwardAuthConfig {
+            decision_header: header(self, "decision_header", defaults.decision_header),
+            principal_header: header(self, "principal_header", defaults.principal_header),
+            approval_id_header: header(self, "approval_id_header", defaults.approval_id_header),
+            approval_url_header: header(self, "approval_url_header", defaults.approval_url_header),
+            escalate_status: match self.integer(t, p, "escalate_status", 403, (400, 499)) {
+                s @ (403 | 429) => s as u16,
+                s => {
+                    self.bad(
+                        join(p, "escalate_status"),
+                        format!("`{s}` is not 403 or 429 (nginx `auth_request` passes on only 401 and 403)"),
+                    );
+                    403
+                }
+            },
+        };
+        let names = [
+            ("decision_header", &config.decision_header),
+            ("principal_header", &config.principal_header),
+            ("approval_id_header", &config.approval_id_header),
+            ("approval_url_header", &config.approval_url_header),
+        ];
+        for (i, (key, name)) in names.iter().enumerate() {
+            if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+                self.bad(
+                    join(p, key),
+                    format!("`{name}` is `forward_auth.{other}` already"),
+                );
+            }
+        }
+        let action = self.string(t, p, "default_action");
+        let kind = self.string(t, p, "default_resource_type");
+        let default = match (action, kind) {
+            (Some(action), Some(resource_type))
+                if !action.is_empty() && !resource_type.is_empty() =>
+            {
+                Some(DefaultRoute {
+                    action,
+                    resource_type,
+                })
+            }
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                self.bad(
+                    join(p, "default_action"),
+                    "must not be empty (leave both out for none)",
+                );
+                None
+            }
+            (Some(_), None) => {
+                self.bad(
+                    join(p, "default_resource_type"),
+                    "is required with `default_action` (the resource's type; its id is the path)",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                self.bad(
+                    join(p, "default_action"),
+                    "is required with `default_resource_type`",
+                );
+                None
+            }
+        };
+        (config, default)
+    }
+
+    /// `[[routes]]`, compiled; a rule with problems is reported and left out (the
+    /// configuration is then refused whole).
+    fn routes(&mut self, root: &Table) -> Vec<Route> {
+        let items = match root.get("routes") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                self.bad(
+                    "routes",
+                    format!(
+                        "expected an array of tables (`[[routes]]`), found {}",
+                        other.type_str()
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut names: Vec<String> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("routes[{i}]");
+            let Value::Table(t) = item else {
+                self.bad(p, "expected a table");
+                continue;
+            };
+            let spec = self.route_spec(t, &p);
+            if let Some(j) = names.iter().position(|n| !n.is_empty() && *n == spec.name) {
+                self.bad(
+                    format!("{p}.name"),
+                    format!("`{}` is the name of routes[{j}] already", spec.name),
+                );
+            }
+            names.push(spec.name.clone());
+            // Only a rule whose fields all read compiles (else its problems are above).
+            let Some(spec) = spec.complete else {
+                continue;
+            };
+            match Route::compile(&spec) {
+                Ok(route) => out.push(route),
+                Err(problems) => {
+                    for pr in problems {
+                        self.bad(
+                            format!("{p}.{}", pr.key),
+                            format!("route `{}`: {}", spec.name, pr.message),
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn route_spec(&mut self, t: &Table, p: &str) -> ReadSpec {
+        self.known(
+            t,
+            p,
+            &[
+                "name", "host", "method", "path", "action", "resource", "context",
+            ],
+        );
+        let before = self.problems.len();
+        let name = self.required_string(t, p, "name");
+        let host = self.string(t, p, "host");
+        let methods = self.strings(t, p, "method");
+        if !t.contains_key("method") {
+            self.bad(join(p, "method"), "is required (`\"*\"` for any method)");
+        }
+        let path = self.required_string(t, p, "path");
+        let action = self.required_string(t, p, "action");
+        let rp = join(p, "resource");
+        let (resource_type, resource_id) = match self.table(t, p, "resource") {
+            Some(rt) => {
+                self.known(rt, &rp, &["type", "id"]);
+                (
+                    self.required_string(rt, &rp, "type"),
+                    self.required_string(rt, &rp, "id"),
+                )
+            }
+            None => {
+                if !t.contains_key("resource") {
+                    self.bad(
+                        rp,
+                        "is required, e.g. `{ type = \"Account\", id = \"{id}\" }`",
+                    );
+                }
+                (String::new(), String::new())
+            }
+        };
+        let mut context = Vec::new();
+        if let Some(ct) = self.table(t, p, "context") {
+            for (key, v) in ct {
+                match v {
+                    Value::String(s) => context.push((key.clone(), s.clone())),
+                    other => self.bad(
+                        format!("{p}.context.{key}"),
+                        format!(
+                            "expected a source like `\"body:/amount\"`, found {}",
+                            other.type_str()
+                        ),
+                    ),
+                }
+            }
+        }
+        let spec = RouteSpec {
+            name: name.clone(),
+            host,
+            methods,
+            path,
+            action,
+            resource_type,
+            resource_id,
+            context,
+        };
+        ReadSpec {
+            name,
+            complete: (self.problems.len() == before).then_some(spec),
         }
     }
 
@@ -1528,6 +1832,46 @@ impl Reader {
     }
 }
 
+/// A `[[routes]]` entry as read: its name, and the spec when every field read cleanly.
+struct ReadSpec {
+    name: String,
+    complete: Option<RouteSpec>,
+}
+
+/// A header name the forward-auth endpoints may answer with: an HTTP token, lowercased, and
+/// none that means something to HTTP itself (a misnamed setting must not set `Authorization`
+/// on the upstream request).
+fn header_name(name: &str) -> Result<String, String> {
+    const RESERVED: &[&str] = &[
+        "authorization",
+        "connection",
+        "content-length",
+        "content-type",
+        "cookie",
+        "host",
+        "keep-alive",
+        "proxy-authorization",
+        "set-cookie",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "www-authenticate",
+    ];
+    let token = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c));
+    if !token {
+        return Err(format!("`{name}` is not a header name"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if RESERVED.contains(&lower.as_str()) {
+        return Err(format!("`{name}` is a header HTTP itself uses"));
+    }
+    Ok(lower)
+}
+
 /// `p` with its `.` components dropped and each `dir/..` folded, the way the kernel resolves
 /// it, without needing the files to exist: `config/../data/audit.jsonl` is
 /// `data/audit.jsonl`. A `..` after a symbolic link is kept (`link/..` is the parent of the
@@ -2103,6 +2447,143 @@ format = "xml"
         assert_eq!(c.log.summary_interval, Duration::from_secs(300));
         let err = parse("[log]\nsummary_interval = \"soon\"\n", &[]).unwrap_err();
         assert_eq!(err.problems[0].key, "log.summary_interval");
+    }
+
+    const ROUTES: &str = r#"
+[[routes]]
+name = "transfer"
+method = "POST"
+path = "/accounts/{id}/transfers"
+action = "payments:transfer"
+resource = { type = "Account", id = "{id}" }
+context = { amount = "body:/amount" }
+
+[[routes]]
+name = "read"
+method = ["GET", "HEAD"]
+path = "/crm/{id}"
+action = "crm:read"
+resource = { type = "CrmRecord", id = "{id}" }
+"#;
+
+    #[test]
+    fn routes_and_forward_auth_defaults() {
+        let c = parse("", &[]).unwrap();
+        assert!(c.routes.rules().is_empty());
+        assert_eq!(c.routes.default_route(), None);
+        assert_eq!(c.forward_auth, ForwardAuthConfig::default());
+        let c = parse(ROUTES, &[]).unwrap();
+        let names: Vec<&str> = c.routes.rules().iter().map(|r| r.name()).collect();
+        assert_eq!(names, ["transfer", "read"]);
+    }
+
+    #[test]
+    fn route_problems_name_the_rule_its_key_and_line() {
+        // ROUTES is lines 1-16; the third rule starts on line 17.
+        let text = format!(
+            "{ROUTES}\n[[routes]]\nname = \"read\"\nmethod = \"get\"\npath = \"/x/{{y}}/{{y}}\"\n\
+             action = \"crm:read\"\nresource = {{ type = \"CrmRecord\", id = \"{{z}}\" }}\n\
+             context = {{ amount = \"cookie:a\", n = 3 }}\nmethd = \"GET\"\n\n\
+             [[routes]]\nname = \"incomplete\"\npath = \"/\"\n"
+        );
+        let err = parse(&text, &[]).unwrap_err();
+        assert_eq!(
+            origins(&err),
+            [
+                ("routes[2].methd", Some(Origin::Line(24))),
+                ("routes[2].context.n", Some(Origin::Line(23))),
+                ("routes[2].name", Some(Origin::Line(18))),
+                ("routes[3].method", Some(Origin::Line(26))),
+                ("routes[3].action", Some(Origin::Line(26))),
+                ("routes[3].resource", Some(Origin::Line(26))),
+            ]
+        );
+        assert!(err.problems[2].message.contains("routes[1]"), "{err}");
+        // Once its fields read, a rule's own problems are all reported, named by the rule.
+        let text = format!(
+            "{ROUTES}\n[[routes]]\nname = \"bad\"\nmethod = \"get\"\npath = \"/x/{{y}}/{{y}}\"\n\
+             action = \"crm:read\"\nresource = {{ type = \"CrmRecord\", id = \"{{z}}\" }}\n\
+             context = {{ amount = \"cookie:a\" }}\n"
+        );
+        let err = parse(&text, &[]).unwrap_err();
+        assert_eq!(
+            origins(&err),
+            [
+                ("routes[2].path", Some(Origin::Line(20))),
+                ("routes[2].method", Some(Origin::Line(19))),
+                ("routes[2].resource.id", Some(Origin::Line(22))),
+                ("routes[2].context.amount", Some(Origin::Line(23))),
+            ]
+        );
+        assert!(
+            err.to_string()
+                .contains("mandate.toml:19: routes[2].method: route `bad`: `get` is not a method"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn forward_auth_settings_are_validated() {
+        let err = parse(
+            "[forward_auth]\ndecision_header = \"Authorization\"\nprincipal_header = \"x y\"\n\
+             approval_id_header = \"X-Mandate-Decision-Id\"\nescalate_status = 404\n\
+             default_action = \"http:request\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "forward_auth.decision_header",
+                "forward_auth.principal_header",
+                "forward_auth.escalate_status",
+                "forward_auth.approval_id_header",
+                "forward_auth.default_resource_type",
+            ]
+        );
+        let c = parse(
+            "[forward_auth]\nprincipal_header = \"X-Agent\"\nescalate_status = 429\n\
+             default_action = \"http:request\"\ndefault_resource_type = \"Path\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.forward_auth.principal_header, "x-agent");
+        assert_eq!(c.forward_auth.escalate_status, 429);
+        assert_eq!(
+            c.routes.default_route().map(|d| d.action.as_str()),
+            Some("http:request")
+        );
+    }
+
+    #[test]
+    fn routes_unknown_to_the_bundle_are_problems_naming_the_rule_and_line() {
+        let bundle = crate::policy::Bundle::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies"),
+        )
+        .unwrap();
+        assert_eq!(parse(ROUTES, &[]).unwrap().check_routes(&bundle), Ok(()));
+        let text = ROUTES.replace("\"crm:read\"", "\"crm:raed\"")
+            + "[forward_auth]\ndefault_action = \"crm:read\"\ndefault_resource_type = \"Path\"\n";
+        let err = parse(&text, &[])
+            .unwrap()
+            .check_routes(&bundle)
+            .unwrap_err();
+        assert_eq!(
+            origins(&err),
+            [
+                ("routes[1].action", Some(Origin::Line(14))),
+                ("forward_auth.default_resource_type", Some(Origin::Line(18))),
+            ]
+        );
+        let shown = err.to_string();
+        assert!(
+            shown.contains(
+                "/etc/mandate/mandate.toml:14: routes[1].action: route `read`: action `crm:raed` \
+                 is not declared in the bundle's schema"
+            ),
+            "{shown}"
+        );
     }
 
     #[test]

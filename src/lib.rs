@@ -32,6 +32,8 @@
 //! - [`lockfile`]: one writer per data file (the audit log, a SQLite store): an exclusive
 //!   lock held for the process lifetime, refused at start with the holder's pid.
 //! - [`notify`]: outbound webhooks about approval requests, retried, never in the way.
+//! - [`routes`]: request → action routes: how an HTTP request a proxy asks about (method,
+//!   host, path template, headers, query, JSON body) becomes a check; pure, no HTTP types.
 //! - [`service`]: the workflows every adapter calls: check (decide, settle against grants and
 //!   the store, audit), review, cancel, revoke, the approvals queries, the sweep. Every
 //!   fail-closed choice of a workflow is made there.
@@ -59,6 +61,7 @@ pub mod identity;
 pub mod lockfile;
 pub mod notify;
 pub mod policy;
+pub mod routes;
 pub mod service;
 pub mod store;
 pub mod strict_json;

@@ -80,6 +80,11 @@ names where it came from: FILE:LINE, the variable, or the flag.")]
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Request → action routes (`[[routes]]`) of the forward-auth endpoints.
+    Route {
+        #[command(subcommand)]
+        command: RouteCommand,
+    },
     /// Local development helpers.
     Dev {
         #[command(subcommand)]
@@ -217,6 +222,25 @@ enum PolicyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum RouteCommand {
+    /// Which rule a request matches and the check it becomes, offline (the configuration's
+    /// routes and bundle). Exit 0 when a rule or the default action matches, 2 when none does
+    /// (the request would be denied: `no_route`).
+    Test {
+        /// The original request's method, e.g. `POST`.
+        method: String,
+        /// `/path?query`, or `https://host/path?query` to match `host` rules too.
+        url: String,
+        /// A header of the original request, `name=value`; repeatable.
+        #[arg(long = "header", short = 'H', value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+        /// The JSON body, e.g. `{"amount":250}`.
+        #[arg(long)]
+        body: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DevCommand {
     /// Mint a token signed by the example configuration's dev key; prints only the token.
     Token {
@@ -328,6 +352,29 @@ fn main() -> ExitCode {
             PolicyCommand::Validate { dir } => cli::policy_validate(&dir),
             PolicyCommand::Test { dir } => cli::policy_test(&dir),
         },
+        Command::Route {
+            command:
+                RouteCommand::Test {
+                    method,
+                    url,
+                    headers,
+                    body,
+                },
+        } => {
+            let cfg = match load_config(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            cli::route_test(
+                &cfg,
+                &cli::RouteTestArgs {
+                    method: &method,
+                    url: &url,
+                    headers: &headers,
+                    body: body.as_deref(),
+                },
+            )
+        }
         Command::Dev { command } => match command {
             DevCommand::Token {
                 sub,

@@ -1,5 +1,5 @@
 //! The `mandate` binary as users run it: `serve` (with an environment override, readiness,
-//! and a clean stop), `dev token`, `check`, `policy validate`, `policy test`, and
+//! and a clean stop), `dev token`, `check`, `policy validate`, `policy test`, `route test`, and
 //! configuration errors reported all at once, each naming its file line, variable or flag.
 
 #![allow(
@@ -116,6 +116,40 @@ fn dev_token_then_offline_check_exit_codes() {
     let (code, _, err) = check("20000,\"amount\":250");
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("duplicate key `amount`"), "{err}");
+}
+
+/// `mandate route test`: the rule a request matches and the `/v1/check` body it becomes;
+/// exit 2 when no route matches (the request would be denied), 1 for one refused whole.
+#[test]
+fn route_test_prints_the_matched_rule_and_the_check() {
+    let (code, out, err) = run(&[
+        "route",
+        "test",
+        "POST",
+        "https://api.example.com/accounts/acct-1/transfers?x=1",
+        "--header",
+        "x-request-id=abc",
+        "--body",
+        r#"{"amount": 250}"#,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (first, json) = out.split_once('\n').unwrap();
+    assert_eq!(
+        first,
+        "`POST /accounts/acct-1/transfers` matches routes[0] `transfer`"
+    );
+    let check: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        check,
+        serde_json::json!({"action": "payments:transfer",
+            "resource": {"type": "Account", "id": "acct-1"}, "context": {"amount": 250}})
+    );
+    let (code, out, _) = run(&["route", "test", "DELETE", "/accounts/acct-1"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("matches no route"), "{out}");
+    let (code, _, err) = run(&["route", "test", "GET", "/crm//records"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("empty segment"), "{err}");
 }
 
 #[test]

@@ -28,7 +28,7 @@ pub enum WrongTypeStatus {
     BadRequest,
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
+pub fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -63,16 +63,25 @@ pub async fn read_json_bytes(
             "the request body must be `application/json`",
         ));
     }
+    let (parts, body) = req.into_parts();
+    read_limited(&parts.headers, body, server).await
+}
+
+/// Read a request body of any type within the configured size and time limits.
+pub async fn read_limited(
+    headers: &HeaderMap,
+    body: Incoming,
+    server: &ServerConfig,
+) -> Result<Bytes, ApiError> {
     let limit = server.max_body_bytes;
-    let declared = req
-        .headers()
+    let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    let body = Limited::new(req.into_body(), limit);
+    let body = Limited::new(body, limit);
     let collected = tokio::time::timeout(server.body_read_timeout, body.collect()).await;
     let bytes = match collected {
         Err(_) => {
@@ -128,6 +137,11 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
         )),
         Err(e) => Err(json_error(e)),
     }
+}
+
+/// Parse bytes as any JSON value, as strictly as [`parse_object`].
+pub fn parse_value(bytes: &[u8]) -> Result<Value, ApiError> {
+    strict_json::parse_with(bytes, BODY_RULES).map_err(json_error)
 }
 
 /// The `400` for a body the strict parser refused, naming where when it can.

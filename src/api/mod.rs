@@ -15,6 +15,7 @@ pub mod authzen;
 pub mod body;
 pub mod caller;
 pub mod conn_guard;
+pub mod forward_auth;
 pub mod http;
 pub mod server;
 
@@ -40,6 +41,9 @@ pub type Body = Full<Bytes>;
 pub struct AppState {
     pub service: Arc<Service>,
     pub server: ServerConfig,
+    /// Request → action routes of the forward-auth endpoints.
+    pub routes: Arc<crate::routes::Routes>,
+    pub forward_auth: forward_auth::Settings,
 }
 
 /// What the transport knows about the peer, for caller authentication.
@@ -207,6 +211,10 @@ pub async fn route(
         (&Method::GET, "/healthz") => admin::healthz(),
         (&Method::GET, "/readyz") => admin::readyz(&state),
         (&Method::POST, "/v1/check") => http::check(&state, &conn, req).await,
+        // Any method: Envoy's is the original request's.
+        (_, p) if let Some(proxy) = forward_auth::Proxy::of(p) => {
+            forward_auth::check(&state, &conn, req, proxy).await
+        }
         (&Method::POST, "/access/v1/evaluation") => authzen::evaluation(&state, &conn, req).await,
         (&Method::POST, "/access/v1/evaluations") => authzen::evaluations(&state, &conn, req).await,
         (&Method::GET, "/v1/approvals") => approvals::list(&state, &conn, req).await,

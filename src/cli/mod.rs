@@ -1,6 +1,6 @@
 //! The subcommands other than `serve`. Offline, for policy authors and for trying Mandate
-//! locally: `check`, `policy validate`, `policy test`, `dev token`, `audit verify|keygen`
-//! (here); against a running server with the caller's own token: `approvals …` and
+//! locally: `check`, `policy validate`, `policy test`, `route test`, `dev token`,
+//! `audit verify|keygen` (here); against a running server with the caller's own token: `approvals …` and
 //! `grants …` ([`client`], printed by [`render`]). Each returns the process exit code.
 
 pub mod client;
@@ -103,6 +103,110 @@ pub fn check(args: &CheckArgs<'_>) -> anyhow::Result<u8> {
         Outcome::Allow => EXIT_ALLOW,
         Outcome::Deny => EXIT_DENY,
         Outcome::Escalate => EXIT_ESCALATE,
+    })
+}
+
+/// `mandate route test METHOD URL`: the original request a proxy would ask about.
+#[derive(Debug)]
+pub struct RouteTestArgs<'a> {
+    pub method: &'a str,
+    /// `/path?query`, or `scheme://host/path?query` (the host is then matched too).
+    pub url: &'a str,
+    /// `name=value` or `name: value`.
+    pub headers: &'a [String],
+    pub body: Option<&'a str>,
+}
+
+/// `mandate route test`: which rule of the configuration a request matches and the check it
+/// becomes (the `/v1/check` body it stands for), offline. Exit 0 when a rule or the default
+/// action matches, 2 when none does (the request would be denied, `no_route`).
+pub fn route_test(config: &Config, args: &RouteTestArgs<'_>) -> anyhow::Result<u8> {
+    crate::app::install_crypto()?;
+    let bundle = load_bundle(&config.policy.bundle)?;
+    config.check_routes(&bundle)?;
+    let headers: Vec<(String, String)> = args
+        .headers
+        .iter()
+        .map(|h| match h.split_once([':', '=']) {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            }
+            _ => bail!("--header `{h}` must look like `name=value`"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let (url_host, path, query) = split_url(args.url)?;
+    let host = url_host.or_else(|| {
+        headers
+            .iter()
+            .find(|(k, _)| k == "host")
+            .map(|(_, v)| v.clone())
+    });
+    let found = config
+        .routes
+        .find(args.method, host.as_deref(), &path)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let body = match (found.reads_body(), args.body) {
+        // As strict as the server: a duplicate key is an error, not "the last one wins".
+        (true, Some(text)) => Some(
+            crate::strict_json::parse_with(text.as_bytes(), crate::api::body::BODY_RULES)
+                .map_err(|e| anyhow::anyhow!("--body is not valid JSON: {e}"))?,
+        ),
+        _ => None,
+    };
+    let routed = found
+        .resolve(&crate::routes::Inputs {
+            headers: &headers,
+            query: query.as_deref(),
+            body: body.as_ref(),
+            extensions: None,
+        })
+        .map_err(|e| anyhow::anyhow!("{}: {e}", e.field()))?;
+    let shown = format!("`{} {}`", args.method, found.path());
+    match found.matched {
+        crate::routes::Matched::Rule { index, route } => {
+            println!("{shown} matches routes[{index}] `{}`", route.name());
+        }
+        crate::routes::Matched::Default(_) => {
+            println!("{shown} matches no route: the default action (forward_auth.default_action)");
+        }
+        crate::routes::Matched::None => {
+            println!(
+                "{shown} matches no route, and no forward_auth.default_action is configured: \
+                 denied ({})",
+                crate::routes::NO_ROUTE
+            );
+            return Ok(EXIT_DENY);
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&routed)?);
+    Ok(0)
+}
+
+/// The host (when the URL has one), the path and the query of `url`.
+fn split_url(url: &str) -> anyhow::Result<(Option<String>, String, Option<String>)> {
+    let (host, rest) = match url.split_once("://") {
+        Some((_, after)) => {
+            let end = after.find(['/', '?']).unwrap_or(after.len());
+            let (authority, rest) = after.split_at(end);
+            let authority = authority.rsplit('@').next().unwrap_or(authority);
+            (Some(authority.to_owned()), rest.to_owned())
+        }
+        None => (None, url.to_owned()),
+    };
+    let rest = if rest.is_empty() || rest.starts_with('?') {
+        format!("/{rest}")
+    } else {
+        rest
+    };
+    if !rest.starts_with('/') {
+        bail!(
+            "`{url}` is not a URL like `/accounts/acct-1` or `https://api.example.com/accounts/acct-1`"
+        );
+    }
+    let rest = rest.split('#').next().unwrap_or_default();
+    Ok(match rest.split_once('?') {
+        Some((p, q)) => (host, p.to_owned(), Some(q.to_owned())),
+        None => (host, rest.to_owned(), None),
     })
 }
 

@@ -94,6 +94,21 @@ impl Service {
         Ok(settled)
     }
 
+    /// A request the adapter could not put to the policy (an HTTP request no route maps to
+    /// an action): a deny with `reason`, recorded like every decision (SECURITY §0: a deny is
+    /// a decision with an audit record, never only a transport error).
+    pub async fn refuse(&self, req: &CheckRequest, reason: Reason, started: Instant) -> Settled {
+        let decision = Decision {
+            id: uuid::Uuid::now_v7(),
+            outcome: Outcome::Deny,
+            policy_version: self.engine.bundle().version(),
+            policy_ids: Vec::new(),
+            reasons: vec![reason],
+            approval: None,
+        };
+        self.settle(req, decision, started).await
+    }
+
     /// Settle (if an escalation) and record `decision` about `req`; the answer to give.
     pub async fn settle(
         &self,
