@@ -433,18 +433,7 @@ async fn escalate_then_approve_then_the_same_request_is_allowed() {
     let (st, h, _) = ask(250).send(&s).await;
     assert_eq!(st, 403);
     let id = header(&h, "x-mandate-approval-id").unwrap().to_owned();
-    let alice = dev_token(
-        "alice",
-        json!({"groups": ["finance-approvers"]}),
-        Duration::from_secs(300),
-    );
-    let (st, v) = s
-        .post(
-            &format!("/v1/approvals/{id}/approve"),
-            Some(&alice),
-            &json!({"rationale": "invoice INV-9", "evidence": {"ticket": "FIN-9"}}),
-        )
-        .await;
+    let (st, v) = common::finance_approve(&s, &id, "FIN-9").await;
     assert_eq!(st, 200, "{v}");
     for proxy in PROXIES {
         let (st, h, v) = Ask::new(proxy, "POST", "/accounts/acct-7/transfers")

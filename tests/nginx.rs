@@ -284,18 +284,7 @@ async fn a27_nginx_auth_request_lets_through_only_what_mandate_allows() {
     assert_eq!(count(), 1);
 
     // Approved through Mandate's API: the same request now reaches the upstream.
-    let alice = dev_token(
-        "alice",
-        json!({"groups": ["finance-approvers"]}),
-        Duration::from_secs(300),
-    );
-    let (st, v) = s
-        .post(
-            &format!("/v1/approvals/{id}/approve"),
-            Some(&alice),
-            &json!({"rationale": "invoice INV-10", "evidence": {"ticket": "FIN-10"}}),
-        )
-        .await;
+    let (st, v) = common::finance_approve(&s, &id, "FIN-10").await;
     assert_eq!(st, 200, "{v}");
     let r = pay(250, Some(&agent)).await.unwrap();
     assert_eq!(r.status(), 200, "{}", nginx.error_log());

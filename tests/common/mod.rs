@@ -162,6 +162,22 @@ pub fn python(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `alice`, a `finance-approvers` member, approves request `id` with a rationale and the
+/// ticket the example bundle asks for as evidence; the status and answer of the review.
+pub async fn finance_approve(s: &TestServer, id: &str, ticket: &str) -> (u16, Value) {
+    let alice = dev_token(
+        "alice",
+        serde_json::json!({"groups": ["finance-approvers"]}),
+        Duration::from_secs(300),
+    );
+    s.post(
+        &format!("/v1/approvals/{id}/approve"),
+        Some(&alice),
+        &serde_json::json!({"rationale": format!("invoice for {ticket}"), "evidence": {"ticket": ticket}}),
+    )
+    .await
+}
+
 /// A child process killed when the test ends, however it ends.
 pub struct Killed(pub std::process::Child);
 
