@@ -108,6 +108,8 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
 pub struct Running {
     /// The bound TCP address (port 0 resolved), when TCP is configured.
     pub local_addr: Option<SocketAddr>,
+    /// The bound gRPC `ext_authz` address (`ext_authz.grpc_listen`), when configured.
+    pub grpc_addr: Option<SocketAddr>,
     /// The core service the listeners call.
     pub service: Arc<Service>,
     bundle_dir: PathBuf,
@@ -218,6 +220,25 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
             wait_stop(stopped.clone()),
         )));
     }
+    // Envoy ext_authz over gRPC, with grpc.health.v1, on listeners of its own.
+    let mut grpc_addr = None;
+    if let Some(listener) = bound.grpc_tcp {
+        grpc_addr = Some(listener.local_addr()?);
+        tracing::info!(addr = %listener.local_addr()?, "ext_authz gRPC listening");
+        tasks.push(tokio::spawn(crate::api::ext_authz::serve(
+            Listener::Tcp(listener),
+            state.clone(),
+            wait_stop(stopped.clone()),
+        )));
+    }
+    if let (Some(listener), Some(path)) = (bound.grpc_unix, &config.ext_authz.grpc_unix_socket) {
+        tracing::info!(path = %path.display(), "ext_authz gRPC listening on unix socket");
+        tasks.push(tokio::spawn(crate::api::ext_authz::serve(
+            Listener::Unix(listener),
+            state.clone(),
+            wait_stop(stopped.clone()),
+        )));
+    }
     // Signed checkpoints of the audit chain, kept outside the log (DESIGN §5).
     if let (Some(cp), Some(key)) = (&config.audit.checkpoints, checkpoint_key) {
         tracing::info!(key_id = key.key_id(), file = %cp.file.display(), "audit checkpoints on");
@@ -271,6 +292,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
     );
     Ok(Running {
         local_addr,
+        grpc_addr,
         service,
         bundle_dir: config.policy.bundle.clone(),
         routes,
@@ -350,6 +372,8 @@ pub fn load_checkpoint_key(source: &KeySource) -> anyhow::Result<CheckpointKey> 
 struct Bound {
     tcp: Option<TcpListener>,
     unix: Option<UnixListener>,
+    grpc_tcp: Option<TcpListener>,
+    grpc_unix: Option<UnixListener>,
 }
 
 async fn bind_listeners(config: &Config) -> anyhow::Result<Bound> {
@@ -362,27 +386,43 @@ async fn bind_listeners(config: &Config) -> anyhow::Result<Bound> {
         None => None,
     };
     let unix = match &config.server.unix_socket {
-        Some(path) => {
-            // A stale socket file from a previous run would make bind fail; a live one is
-            // another server's, and removing it would cut that server's clients off.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                anyhow::bail!(
-                    "cannot listen on `{}`: another server is listening there",
-                    path.display()
-                );
-            }
-            if path.exists() {
-                std::fs::remove_file(path)
-                    .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
-            }
-            Some(
-                UnixListener::bind(path)
-                    .with_context(|| format!("cannot listen on `{}`", path.display()))?,
-            )
-        }
+        Some(path) => Some(bind_unix(path)?),
         None => None,
     };
-    Ok(Bound { tcp, unix })
+    let grpc_tcp = match config.ext_authz.grpc_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("ext_authz.grpc_listen: cannot listen on `{addr}`"))?,
+        ),
+        None => None,
+    };
+    let grpc_unix = match &config.ext_authz.grpc_unix_socket {
+        Some(path) => Some(bind_unix(path).context("ext_authz.grpc_unix_socket")?),
+        None => None,
+    };
+    Ok(Bound {
+        tcp,
+        unix,
+        grpc_tcp,
+        grpc_unix,
+    })
+}
+
+fn bind_unix(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    // A stale socket file from a previous run would make bind fail; a live one is
+    // another server's, and removing it would cut that server's clients off.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "cannot listen on `{}`: another server is listening there",
+            path.display()
+        );
+    }
+    if path.exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on `{}`", path.display()))
 }
 
 /// Lock the audit log and a SQLite store file for this process (`<file>.lock`, holding the

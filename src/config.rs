@@ -39,6 +39,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub notifications: crate::notify::WebhookSettings,
     pub forward_auth: ForwardAuthConfig,
+    /// `[ext_authz]`: the gRPC Envoy `ext_authz` listener (off when neither key is set).
+    pub ext_authz: ExtAuthzConfig,
     /// `[[routes]]` and `forward_auth.default_*`: how a proxied request becomes a check.
     pub routes: Routes,
     /// Where each key came from, for problems found after parsing ([`Config::check_routes`]).
@@ -78,6 +80,16 @@ impl Default for ForwardAuthConfig {
             escalate_status: 403,
         }
     }
+}
+
+/// The gRPC `envoy.service.auth.v3.Authorization` listener (with `grpc.health.v1`). Its
+/// answers use the `[forward_auth]` headers and escalation status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtAuthzConfig {
+    /// TCP address, `127.0.0.1:9191` in the example configuration; off when unset.
+    pub grpc_listen: Option<SocketAddr>,
+    /// A Unix socket for the same service; off when unset.
+    pub grpc_unix_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -747,6 +759,7 @@ impl Reader {
                 "store",
                 "notifications",
                 "forward_auth",
+                "ext_authz",
                 "routes",
             ],
         );
@@ -835,6 +848,8 @@ impl Reader {
         let forward_t = self.table(root, "", "forward_auth").unwrap_or(&empty);
         let (forward_auth, default) = self.forward_auth(forward_t);
         let routes = Routes::new(self.routes(root), default);
+        let ext_t = self.table(root, "", "ext_authz").unwrap_or(&empty);
+        let ext_authz = self.ext_authz(ext_t);
         Config {
             server,
             policy,
@@ -851,8 +866,36 @@ impl Reader {
             store,
             notifications,
             forward_auth,
+            ext_authz,
             routes,
             origins: Origins::default(),
+        }
+    }
+
+    fn ext_authz(&mut self, t: &Table) -> ExtAuthzConfig {
+        let p = "ext_authz";
+        self.known(t, p, &["grpc_listen", "grpc_unix_socket"]);
+        let grpc_listen = match self.string(t, p, "grpc_listen") {
+            None => None,
+            Some(s) if s.is_empty() => None,
+            Some(s) => match SocketAddr::from_str(&s) {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.bad(
+                        "ext_authz.grpc_listen",
+                        format!("`{s}` is not an address like `127.0.0.1:9191`"),
+                    );
+                    None
+                }
+            },
+        };
+        let grpc_unix_socket = self
+            .string(t, p, "grpc_unix_socket")
+            .filter(|s| !s.is_empty())
+            .map(|s| self.path(&s));
+        ExtAuthzConfig {
+            grpc_listen,
+            grpc_unix_socket,
         }
     }
 

@@ -91,11 +91,11 @@ impl Settings {
 
 /// The original request, as its proxy describes it.
 #[derive(Debug)]
-struct Original {
-    method: String,
-    path: String,
-    query: Option<String>,
-    host: Option<String>,
+pub(super) struct Original {
+    pub(super) method: String,
+    pub(super) path: String,
+    pub(super) query: Option<String>,
+    pub(super) host: Option<String>,
 }
 
 /// Decide the request `proxy` asks about, and answer in its terms.
@@ -170,7 +170,7 @@ async fn resolve(
 
 /// The agent the forwarded token proves. An enforcement point's own credential names no
 /// agent here (there is no body to name a subject in): it is refused like a bad token.
-fn agent(caller: Caller) -> Result<Arc<Principal>, ApiError> {
+pub(super) fn agent(caller: Caller) -> Result<Arc<Principal>, ApiError> {
     match caller {
         Caller::Agent(p) => Ok(p),
         Caller::EnforcementPoint { name } => Err(ApiError::new(
@@ -307,11 +307,11 @@ async fn json_body(
     body::parse_value(&bytes).map(Some)
 }
 
-fn route_error(e: RouteError) -> ApiError {
+pub(super) fn route_error(e: RouteError) -> ApiError {
     ApiError::field(e.field(), e.to_string())
 }
 
-fn no_route(original: &Original) -> Reason {
+pub(super) fn no_route(original: &Original) -> Reason {
     Reason {
         code: routes::NO_ROUTE,
         policy_id: None,
@@ -325,7 +325,7 @@ fn no_route(original: &Original) -> Reason {
 /// The decision in the proxy's terms: the `/v1/check` body under `200` (allow), `403`
 /// (deny) or the escalation status, with the decision id on each, the principal on an allow
 /// and the approval request on an escalation.
-fn answer(s: &Settings, settled: &Settled, principal: &Principal) -> Response<Body> {
+pub(super) fn answer(s: &Settings, settled: &Settled, principal: &Principal) -> Response<Body> {
     let mut resp = decision_response(settled);
     let d = &settled.decision;
     let mut set = |name: &HeaderName, value: &str| match HeaderValue::from_str(value) {
@@ -367,7 +367,7 @@ fn answer(s: &Settings, settled: &Settled, principal: &Principal) -> Response<Bo
 
 /// A refusal before any decision; a `401` says how to authenticate (RFC 6750 §3: no error
 /// code when no token was sent at all).
-fn refusal(e: ApiError) -> Response<Body> {
+pub(super) fn refusal(e: ApiError) -> Response<Body> {
     let challenge = (e.status == StatusCode::UNAUTHORIZED).then(|| match e.code {
         "token_missing" => "Bearer".to_owned(),
         code => format!("Bearer error=\"invalid_token\", error_description=\"{code}\""),

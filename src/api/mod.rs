@@ -15,6 +15,7 @@ pub mod authzen;
 pub mod body;
 pub mod caller;
 pub mod conn_guard;
+pub mod ext_authz;
 pub mod forward_auth;
 pub mod http;
 pub mod server;
