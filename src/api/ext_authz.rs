@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
@@ -37,6 +36,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
     CheckRequest as EnvoyCheck, CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::rpc;
 use http_body_util::BodyExt as _;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
@@ -100,15 +100,12 @@ pub async fn check(state: &AppState, req: EnvoyCheck) -> CheckResponse {
 async fn decide(state: &AppState, req: EnvoyCheck) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let attributes = req.attributes.unwrap_or_default();
-    let http = attributes
-        .request
-        .and_then(|r| r.http)
-        .ok_or_else(|| {
-            ApiError::field(
-                "attributes.request.http",
-                "the CheckRequest describes no HTTP request: nothing can be allowed",
-            )
-        })?;
+    let http = attributes.request.and_then(|r| r.http).ok_or_else(|| {
+        ApiError::field(
+            "attributes.request.http",
+            "the CheckRequest describes no HTTP request: nothing can be allowed",
+        )
+    })?;
     let headers = header_map(&http)?;
     // The identity first, as over HTTP: a request from nobody is a 401 whatever it is.
     let principal = agent(authenticate(state, &ConnInfo::default(), &headers).await?)?;
