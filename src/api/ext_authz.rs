@@ -50,11 +50,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tonic::codegen::Service as _;
 
 use super::caller::authenticate;
-use super::forward_auth::{Original, agent, answer, no_route, refusal, route_error};
+use super::forward_auth::{Original, agent, answer, refusal, route_error, settle};
 use super::server::Listener;
 use super::{ApiError, AppState, Body, ConnInfo, body};
-use crate::routes::{Inputs, Matched};
-use crate::vocabulary::CheckRequest;
+use crate::routes::Inputs;
 
 /// google.rpc.Code values Envoy acts on.
 const CODE_OK: i32 = 0;
@@ -126,23 +125,15 @@ async fn decide(state: &AppState, req: EnvoyCheck) -> Result<Response<Body>, Api
         extensions: Some(extensions),
     };
     let routed = found.resolve(&inputs).map_err(route_error)?;
-    let check = CheckRequest {
-        principal: principal.clone(),
-        action: routed.action.clone(),
-        action_properties: None,
-        resource: routed.resource(),
-        context: routed.context,
-    };
-    let settled = match found.matched {
-        // Fail closed: a request no rule maps to an action is denied, and recorded.
-        Matched::None => {
-            state
-                .service
-                .refuse(&check, no_route(&original), started)
-                .await
-        }
-        Matched::Rule { .. } | Matched::Default(_) => state.service.check(&check, started).await,
-    };
+    let settled = settle(
+        state,
+        &principal,
+        &found.matched,
+        routed,
+        &original,
+        started,
+    )
+    .await;
     Ok(answer(&state.forward_auth, &settled, &principal))
 }
 

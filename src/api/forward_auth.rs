@@ -125,6 +125,30 @@ async fn decide(
         .find(&original.method, original.host.as_deref(), &original.path)
         .map_err(route_error)?;
     let routed = resolve(state, proxy, &found, &original, req).await?;
+    let settled = settle(
+        state,
+        &principal,
+        &found.matched,
+        routed,
+        &original,
+        started,
+    )
+    .await;
+    Ok((settled, principal))
+}
+
+/// Decide the check a route produced, for either proxy mode (HTTP here, gRPC in
+/// `ext_authz`). Fail closed: a request no rule maps to an action (and no default is
+/// configured) is denied; the upstream gets only what a rule names. Recorded like any
+/// decision.
+pub(super) async fn settle(
+    state: &AppState,
+    principal: &Arc<Principal>,
+    matched: &Matched<'_>,
+    routed: Routed,
+    original: &Original,
+    started: Instant,
+) -> Settled {
     let req = CheckRequest {
         principal: principal.clone(),
         action: routed.action.clone(),
@@ -132,18 +156,15 @@ async fn decide(
         resource: routed.resource(),
         context: routed.context,
     };
-    let settled = match found.matched {
-        // Fail closed: a request no rule maps to an action (and no default is configured)
-        // is denied; the upstream gets only what a rule names. Recorded like any decision.
+    match matched {
         Matched::None => {
             state
                 .service
-                .refuse(&req, no_route(&original), started)
+                .refuse(&req, no_route(original), started)
                 .await
         }
         Matched::Rule { .. } | Matched::Default(_) => state.service.check(&req, started).await,
-    };
-    Ok((settled, principal))
+    }
 }
 
 /// The check `found` maps the request to, reading the JSON body only when its rule does.
