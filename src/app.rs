@@ -193,6 +193,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
             config.server.public_url.as_deref(),
         )
         .map_err(|e| anyhow::anyhow!("forward_auth: {e}"))?,
+        ext_authz: config.ext_authz.clone(),
     });
     let tls = match &config.server.tls {
         Some(t) => Some(server::tls_acceptor(t).context("server.tls")?),

@@ -68,6 +68,10 @@ pub struct ForwardAuthConfig {
     pub approval_url_header: String,
     /// The status of an escalation: 403, the only one nginx `auth_request` passes on, or 429.
     pub escalate_status: u16,
+    /// On an allow, have the proxy remove the agent's `authorization` header before the
+    /// request goes upstream (gRPC `headers_to_remove`; Envoy's HTTP mode
+    /// `x-envoy-auth-headers-to-remove`), so the upstream never holds the agent's token.
+    pub strip_authorization: bool,
 }
 
 impl Default for ForwardAuthConfig {
@@ -78,18 +82,67 @@ impl Default for ForwardAuthConfig {
             approval_id_header: "x-mandate-approval-id".into(),
             approval_url_header: "x-mandate-approval-url".into(),
             escalate_status: 403,
+            strip_authorization: false,
         }
     }
 }
 
 /// The gRPC `envoy.service.auth.v3.Authorization` listener (with `grpc.health.v1`). Its
 /// answers use the `[forward_auth]` headers and escalation status.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtAuthzConfig {
     /// TCP address, `127.0.0.1:9191` in the example configuration; off when unset.
     pub grpc_listen: Option<SocketAddr>,
     /// A Unix socket for the same service; off when unset.
     pub grpc_unix_socket: Option<PathBuf>,
+    /// Where the agent's identity is read, in this order: the first source the
+    /// `CheckRequest` carries decides (one that fails is a 401, never a fall-through).
+    pub identity: Vec<IdentitySource>,
+    /// `filter_metadata` namespace of Envoy's `jwt_authn` filter.
+    pub jwt_authn_namespace: String,
+    /// The key under that namespace holding the payload (`payload_in_metadata`).
+    pub jwt_authn_payload_key: String,
+    /// The `[[issuers]]` entry (SPIFFE profile) whose trust domain and principal type a peer
+    /// principal (`attributes.source.principal`) is read with.
+    pub peer_issuer: Option<String>,
+}
+
+impl Default for ExtAuthzConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen: None,
+            grpc_unix_socket: None,
+            identity: vec![IdentitySource::Authorization],
+            jwt_authn_namespace: "envoy.filters.http.jwt_authn".into(),
+            jwt_authn_payload_key: "jwt_payload".into(),
+            peer_issuer: None,
+        }
+    }
+}
+
+/// A place a gRPC `CheckRequest` says who the agent is (`ext_authz.identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// The original request's `authorization: Bearer` token, verified here: a proof.
+    Authorization,
+    /// The payload Envoy's `jwt_authn` filter verified and put in `metadata_context`: a
+    /// claim Envoy makes, believed only from an authenticated enforcement point.
+    JwtAuthn,
+    /// The mTLS peer's SPIFFE ID (`attributes.source.principal`): a claim Envoy makes,
+    /// believed only from an authenticated enforcement point.
+    Peer,
+}
+
+impl IdentitySource {
+    pub const NAMES: [&'static str; 3] = ["authorization", "jwt_authn", "peer"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IdentitySource::Authorization => "authorization",
+            IdentitySource::JwtAuthn => "jwt_authn",
+            IdentitySource::Peer => "peer",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -849,7 +902,7 @@ impl Reader {
         let (forward_auth, default) = self.forward_auth(forward_t);
         let routes = Routes::new(self.routes(root), default);
         let ext_t = self.table(root, "", "ext_authz").unwrap_or(&empty);
-        let ext_authz = self.ext_authz(ext_t);
+        let ext_authz = self.ext_authz(ext_t, &issuers, &enforcement_points);
         Config {
             server,
             policy,
@@ -872,9 +925,26 @@ impl Reader {
         }
     }
 
-    fn ext_authz(&mut self, t: &Table) -> ExtAuthzConfig {
+    fn ext_authz(
+        &mut self,
+        t: &Table,
+        issuers: &[IssuerSettings],
+        peps: &[EnforcementPoint],
+    ) -> ExtAuthzConfig {
         let p = "ext_authz";
-        self.known(t, p, &["grpc_listen", "grpc_unix_socket"]);
+        self.known(
+            t,
+            p,
+            &[
+                "grpc_listen",
+                "grpc_unix_socket",
+                "identity",
+                "jwt_authn_namespace",
+                "jwt_authn_payload_key",
+                "peer_issuer",
+            ],
+        );
+        let defaults = ExtAuthzConfig::default();
         let grpc_listen = match self.string(t, p, "grpc_listen") {
             None => None,
             Some(s) if s.is_empty() => None,
@@ -893,9 +963,137 @@ impl Reader {
             .string(t, p, "grpc_unix_socket")
             .filter(|s| !s.is_empty())
             .map(|s| self.path(&s));
+        let identity = match t.contains_key("identity") {
+            false => defaults.identity.clone(),
+            true => self.identity_sources(t, p),
+        };
+        let non_empty = |r: &mut Self, key: &str, default: String| match r.string(t, p, key) {
+            None => default,
+            Some(s) if s.is_empty() => {
+                r.bad(join(p, key), "must not be empty");
+                default
+            }
+            Some(s) => s,
+        };
+        let jwt_authn_namespace =
+            non_empty(self, "jwt_authn_namespace", defaults.jwt_authn_namespace);
+        let jwt_authn_payload_key = non_empty(
+            self,
+            "jwt_authn_payload_key",
+            defaults.jwt_authn_payload_key,
+        );
+        let peer_issuer = self.string(t, p, "peer_issuer").filter(|s| !s.is_empty());
+        let wants = |s: IdentitySource| identity.contains(&s);
+        if wants(IdentitySource::Peer) {
+            match &peer_issuer {
+                None => self.bad(
+                    join(p, "peer_issuer"),
+                    "is required with `peer` in `ext_authz.identity`: the `[[issuers]]` entry \
+                     (SPIFFE profile) whose trust domain a peer's SPIFFE ID must be in",
+                ),
+                Some(name) => match issuers.iter().find(|i| &i.name == name) {
+                    None => self.bad(
+                        join(p, "peer_issuer"),
+                        format!("`{name}` is not the name of an `[[issuers]]` entry"),
+                    ),
+                    Some(i) if i.profile != Profile::Spiffe => self.bad(
+                        join(p, "peer_issuer"),
+                        format!(
+                            "issuer `{name}` is not a SPIFFE issuer (`profile = \"spiffe\"`): a \
+                             peer principal is a SPIFFE ID"
+                        ),
+                    ),
+                    Some(_) => {}
+                },
+            }
+        } else if peer_issuer.is_some() {
+            self.bad(
+                join(p, "peer_issuer"),
+                "is set but `peer` is not in `ext_authz.identity`",
+            );
+        }
+        // jwt_authn and peer are Envoy's word, not a proof the agent holds: only a caller
+        // that proves it is an enforcement point may give it (an identity taken from an
+        // unauthenticated message is no identity; cf. SECURITY A-25).
+        let asserted = identity
+            .iter()
+            .filter(|s| **s != IdentitySource::Authorization)
+            .map(|s| s.name())
+            .collect::<Vec<_>>();
+        let authenticated = peps
+            .iter()
+            .any(|e| e.credential_sha256.is_some() || !e.token_subjects.is_empty());
+        if !asserted.is_empty() && !authenticated {
+            self.bad(
+                join(p, "identity"),
+                format!(
+                    "`{}` is Envoy's assertion, believed only on a call an enforcement point \
+                     authenticates: add an `[[enforcement_points]]` entry with \
+                     `credential_sha256` or `token_subjects`, and have Envoy send it \
+                     (`grpc_service.initial_metadata`: `authorization: Bearer …`)",
+                    asserted.join("`, `")
+                ),
+            );
+        }
         ExtAuthzConfig {
             grpc_listen,
             grpc_unix_socket,
+            identity,
+            jwt_authn_namespace,
+            jwt_authn_payload_key,
+            peer_issuer,
+        }
+    }
+
+    fn identity_sources(&mut self, t: &Table, p: &str) -> Vec<IdentitySource> {
+        let key = join(p, "identity");
+        let names = self.strings(t, p, "identity");
+        if names.is_empty() {
+            self.bad(
+                key.clone(),
+                format!(
+                    "must name at least one source ({})",
+                    IdentitySource::NAMES.join(", ")
+                ),
+            );
+        }
+        let mut out: Vec<IdentitySource> = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let source = match name.as_str() {
+                "authorization" => IdentitySource::Authorization,
+                "jwt_authn" => IdentitySource::JwtAuthn,
+                "peer" => IdentitySource::Peer,
+                other => {
+                    self.bad(
+                        format!("{key}[{i}]"),
+                        format!(
+                            "`{other}` is not an identity source (expected one of: {})",
+                            IdentitySource::NAMES.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if out.contains(&source) {
+                self.bad(format!("{key}[{i}]"), format!("`{name}` is listed twice"));
+                continue;
+            }
+            out.push(source);
+        }
+        out
+    }
+
+    fn boolean(&mut self, t: &Table, prefix: &str, key: &str, default: bool) -> bool {
+        match t.get(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.bad(
+                    join(prefix, key),
+                    format!("expected true or false, found {}", other.type_str()),
+                );
+                default
+            }
         }
     }
 
@@ -912,6 +1110,7 @@ impl Reader {
                 "escalate_status",
                 "default_action",
                 "default_resource_type",
+                "strip_authorization",
             ],
         );
         let defaults = ForwardAuthConfig::default();
@@ -940,6 +1139,7 @@ impl Reader {
                     403
                 }
             },
+            strip_authorization: self.boolean(t, p, "strip_authorization", false),
         };
         let names = [
             ("decision_header", &config.decision_header),
@@ -2597,6 +2797,137 @@ resource = { type = "CrmRecord", id = "{id}" }
             c.routes.default_route().map(|d| d.action.as_str()),
             Some("http:request")
         );
+    }
+
+    /// GOOD plus a SPIFFE issuer `spire`, an enforcement point authenticated by a
+    /// credential, and `[ext_authz]` with `extra`.
+    fn ext_authz_config(extra: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "{GOOD}[[issuers]]\nname = \"spire\"\nissuer = \"https://spire.example\"\n\
+             profile = \"spiffe\"\ntrust_domain = \"example.org\"\naudiences = [\"mandate\"]\n\
+             algorithms = [\"ES256\"]\njwks_file = \"spire/jwks.json\"\n\
+             [[enforcement_points]]\nname = \"envoy\"\ncredential_sha256 = \"{}\"\n\
+             [ext_authz]\n{extra}",
+            "ab".repeat(32)
+        );
+        parse(&text, &[])
+    }
+
+    #[test]
+    fn ext_authz_defaults_identity_sources_and_their_problems() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(c.ext_authz, ExtAuthzConfig::default());
+        assert_eq!(c.ext_authz.identity, [IdentitySource::Authorization]);
+        assert!(!c.forward_auth.strip_authorization);
+
+        let c = ext_authz_config(
+            "grpc_listen = \"127.0.0.1:9191\"\nidentity = [\"jwt_authn\", \"peer\", \"authorization\"]\n\
+             peer_issuer = \"spire\"\njwt_authn_payload_key = \"payload\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.ext_authz.identity,
+            [
+                IdentitySource::JwtAuthn,
+                IdentitySource::Peer,
+                IdentitySource::Authorization
+            ]
+        );
+        assert_eq!(
+            c.ext_authz.grpc_listen,
+            Some("127.0.0.1:9191".parse().unwrap())
+        );
+        assert_eq!(c.ext_authz.jwt_authn_payload_key, "payload");
+        assert_eq!(
+            c.ext_authz.jwt_authn_namespace,
+            "envoy.filters.http.jwt_authn"
+        );
+        assert_eq!(c.ext_authz.peer_issuer.as_deref(), Some("spire"));
+
+        // Each problem at its own key: an unknown and a repeated source, `peer` without its
+        // issuer, an empty namespace, a bad address.
+        let err = ext_authz_config(
+            "grpc_listen = \"9191\"\nidentity = [\"peer\", \"cookie\", \"peer\"]\n\
+             jwt_authn_namespace = \"\"\n",
+        )
+        .unwrap_err();
+        let problems: Vec<(&str, &str)> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.message.as_str()))
+            .collect();
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            [
+                "ext_authz.grpc_listen",
+                "ext_authz.identity[1]",
+                "ext_authz.identity[2]",
+                "ext_authz.jwt_authn_namespace",
+                "ext_authz.peer_issuer",
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[1].1.contains("`cookie` is not an identity source"));
+        assert!(problems[2].1.contains("listed twice"));
+
+        // The peer issuer must be a SPIFFE issuer that exists.
+        for (issuer, why) in [
+            ("nobody", "not the name of an `[[issuers]]` entry"),
+            ("dev", "is not a SPIFFE issuer"),
+        ] {
+            let err = ext_authz_config(&format!(
+                "identity = [\"peer\"]\npeer_issuer = \"{issuer}\"\n"
+            ))
+            .unwrap_err();
+            assert_eq!(err.problems[0].key, "ext_authz.peer_issuer");
+            assert!(err.problems[0].message.contains(why), "{err}");
+        }
+        let err = ext_authz_config("peer_issuer = \"spire\"\n").unwrap_err();
+        assert!(
+            err.problems[0].message.contains("`peer` is not in"),
+            "{err}"
+        );
+        let err = ext_authz_config("identity = []\n").unwrap_err();
+        assert!(
+            err.problems[0].message.contains("at least one source"),
+            "{err}"
+        );
+
+        let err = parse("[forward_auth]\nstrip_authorization = \"yes\"\n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "forward_auth.strip_authorization");
+        let c = parse("[forward_auth]\nstrip_authorization = true\n", &[]).unwrap();
+        assert!(c.forward_auth.strip_authorization);
+    }
+
+    #[test]
+    fn asserted_identity_sources_need_an_authenticated_enforcement_point() {
+        // Envoy's word (jwt_authn metadata, the peer) from an unauthenticated caller is no
+        // identity: without an enforcement point that can prove itself, refused at load.
+        let err = parse(
+            &format!("{GOOD}[ext_authz]\nidentity = [\"authorization\", \"jwt_authn\"]\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "ext_authz.identity");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("`jwt_authn` is Envoy's assertion"),
+            "{err}"
+        );
+        // An mTLS-only enforcement point cannot authenticate a gRPC call here (no TLS on
+        // that listener): still refused.
+        let err = parse(
+            &format!(
+                "{GOOD}[[enforcement_points]]\nname = \"gw\"\nmtls_uri_sans = [\"spiffe://x/gw\"]\n\
+                 [ext_authz]\nidentity = [\"jwt_authn\"]\n"
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "ext_authz.identity");
+        assert!(ext_authz_config("identity = [\"jwt_authn\"]\n").is_ok());
     }
 
     #[test]

@@ -10,6 +10,31 @@ pub fn healthz() -> Response<Body> {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
+/// What `/readyz` reports as degraded now (empty: ready): the same test for every listener's
+/// health (the gRPC `grpc.health.v1` status follows it).
+pub fn readiness(state: &AppState) -> Vec<&'static str> {
+    let s = &state.service;
+    degraded(
+        s.verifier.ready(),
+        s.audit.failing().is_some(),
+        s.store.outage().is_some(),
+    )
+}
+
+fn degraded(keys: bool, audit_failing: bool, store_out: bool) -> Vec<&'static str> {
+    let mut degraded = Vec::new();
+    if !keys {
+        degraded.push("issuers");
+    }
+    if audit_failing {
+        degraded.push("audit");
+    }
+    if store_out {
+        degraded.push("store");
+    }
+    degraded
+}
+
 /// Readiness: a policy bundle is active, every trusted issuer has usable keys (SECURITY
 /// K-03), the audit log takes records, and the approval store answers. Any of them failing is
 /// a `503` naming it under `degraded`: checks are still answered meanwhile, but an audit
@@ -29,16 +54,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
         .collect();
     let audit = state.audit.failing();
     let store = state.store.outage();
-    let mut degraded = Vec::new();
-    if !keys {
-        degraded.push("issuers");
-    }
-    if audit.is_some() {
-        degraded.push("audit");
-    }
-    if store.is_some() {
-        degraded.push("store");
-    }
+    let degraded = degraded(keys, audit.is_some(), store.is_some());
     let ready = degraded.is_empty();
     let status = if ready {
         StatusCode::OK

@@ -17,7 +17,7 @@ use crate::vocabulary::Principal;
 
 /// Exactly one `Authorization: Bearer` credential (SECURITY J-39: two credentials are
 /// ambiguous and refused, whatever they are).
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+pub(super) fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let Some(first) = values.next() else {
         return Ok(None);

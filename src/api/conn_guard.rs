@@ -77,7 +77,8 @@ impl Connections {
     }
 
     /// Register a connection accepted now; it leaves the registry when the guard ends.
-    fn register(&self) -> (u64, Arc<Conn>) {
+    /// Enter a new connection in the registry (see [`Connections::guard_registered`]).
+    pub fn register(&self) -> (u64, Arc<Conn>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             in_flight: AtomicUsize::new(0),
@@ -145,7 +146,19 @@ impl Connections {
         Fut: Future<Output = ()>,
     {
         let (id, conn) = self.register();
-        let ended = self.watch(&conn, work(conn.clone())).await;
+        self.guard_registered(id, &conn, work(conn.clone())).await
+    }
+
+    /// [`Connections::guard`] in two steps, for a caller that must build the connection's
+    /// work (which needs its [`Conn`]) before it can move it into a task: `work` is under the
+    /// guard from this call on, and leaves the registry when it ends.
+    pub async fn guard_registered(
+        &self,
+        id: u64,
+        conn: &Conn,
+        work: impl Future<Output = ()>,
+    ) -> Ended {
+        let ended = self.watch(conn, work).await;
         self.lock().remove(&id);
         ended
     }

@@ -34,34 +34,42 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
 };
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
-    CheckRequest as EnvoyCheck, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    AttributeContext, CheckRequest as EnvoyCheck, CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::Value as ProtoValue;
+use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::rpc;
 use http_body_util::BodyExt as _;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::Watcher;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tonic::codegen::Service as _;
 
-use super::caller::authenticate;
-use super::forward_auth::{Original, agent, answer, refusal, route_error, settle};
-use super::server::Listener;
+use super::admin::readiness;
+use super::caller::{authenticate, bearer};
+use super::conn_guard::{Conn, Connections};
+use super::forward_auth::{
+    HEADERS_TO_REMOVE, Original, agent, answer, refusal, route_error, settle,
+};
+use super::server::{Accepted, Listener, accept_guarded};
 use super::{ApiError, AppState, Body, ConnInfo, body};
+use crate::config::IdentitySource;
+use crate::identity::IdentityError;
 use crate::routes::Inputs;
+use crate::service::Caller;
+use crate::service::caller::Asserted;
+use crate::vocabulary::Principal;
 
 /// google.rpc.Code values Envoy acts on.
 const CODE_OK: i32 = 0;
 const CODE_PERMISSION_DENIED: i32 = 7;
 const CODE_UNAUTHENTICATED: i32 = 16;
-
-/// In-flight checks get this long to finish at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The `Authorization` service: one per listener, sharing the HTTP adapter's state.
 #[derive(Debug, Clone)]
@@ -81,33 +89,160 @@ impl Authorization for ExtAuthz {
         &self,
         request: tonic::Request<EnvoyCheck>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let (metadata, _, message) = request.into_parts();
+        let call = metadata.into_headers();
         Ok(tonic::Response::new(
-            check(&self.state, request.into_inner()).await,
+            check(&self.state, &call, message).await,
         ))
     }
 }
 
-/// Decide the request Envoy describes, and answer in `ext_authz` terms.
-pub async fn check(state: &AppState, req: EnvoyCheck) -> CheckResponse {
-    let resp = match decide(state, req).await {
+/// Decide the request Envoy describes, and answer in `ext_authz` terms. `call` is the gRPC
+/// call's own metadata (where an enforcement point's credential is), not the original
+/// request's headers.
+pub async fn check(state: &AppState, call: &HeaderMap, req: EnvoyCheck) -> CheckResponse {
+    let resp = match decide(state, call, req).await {
         Ok(resp) => resp,
         Err(e) => refusal(e),
     };
     to_check_response(resp).await
 }
 
-async fn decide(state: &AppState, req: EnvoyCheck) -> Result<Response<Body>, ApiError> {
+/// The agent the request is from, by the first of `ext_authz.identity`'s sources the
+/// `CheckRequest` carries. That source decides: a token that does not verify, or an
+/// assertion from a caller that is not an enforcement point, is a 401, never a fall-through
+/// to the next source. None present: `token_missing`.
+async fn identify(
+    state: &AppState,
+    call: &HeaderMap,
+    attributes: &AttributeContext,
+    headers: &HeaderMap,
+) -> Result<Arc<Principal>, ApiError> {
+    let config = &state.ext_authz;
+    for source in &config.identity {
+        let asserted = match source {
+            IdentitySource::Authorization => {
+                if !headers.contains_key(AUTHORIZATION) {
+                    continue;
+                }
+                return agent(authenticate(state, &ConnInfo::default(), headers).await?);
+            }
+            IdentitySource::JwtAuthn => {
+                let payload = attributes
+                    .metadata_context
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get(&config.jwt_authn_namespace))
+                    .and_then(|ns| ns.fields.get(&config.jwt_authn_payload_key));
+                let Some(payload) = payload else { continue };
+                let field = format!(
+                    "attributes.metadata_context.filter_metadata[{}].{}",
+                    config.jwt_authn_namespace, config.jwt_authn_payload_key
+                );
+                match json_of(payload, 0) {
+                    Ok(Value::Object(claims)) => Asserted::JwtAuthn(claims),
+                    Ok(_) => return Err(ApiError::field(field, "is not a claim set (an object)")),
+                    Err(why) => return Err(ApiError::field(field, why)),
+                }
+            }
+            IdentitySource::Peer => {
+                let principal = attributes
+                    .source
+                    .as_ref()
+                    .map_or("", |p| p.principal.as_str());
+                if principal.is_empty() {
+                    continue;
+                }
+                Asserted::Peer {
+                    // Validated at load: `peer` in `identity` requires `peer_issuer`.
+                    issuer: config.peer_issuer.as_deref().unwrap_or_default(),
+                    spiffe_id: principal,
+                }
+            }
+        };
+        let by = pep_of_call(state, call).await;
+        let result = state.service.asserted_agent(by.as_ref(), asserted);
+        if result.is_err() {
+            state.service.stats.token_rejected();
+        }
+        return result.map_err(ApiError::from);
+    }
+    state.service.stats.token_rejected();
+    Err(IdentityError::Missing.into())
+}
+
+/// Who made the gRPC call, by the credential in its own metadata (Envoy's
+/// `grpc_service.initial_metadata`), as every caller is authenticated.
+async fn pep_of_call(state: &AppState, call: &HeaderMap) -> Result<Caller, String> {
+    let token = bearer(call).map_err(|e| e.message)?;
+    state
+        .service
+        .authenticate(token, &[])
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Deepest `google.protobuf.Struct` accepted in `metadata_context`.
+const MAX_STRUCT_DEPTH: usize = 32;
+
+/// A `google.protobuf.Value` as JSON. A whole-number double is an integer again (Envoy's
+/// `jwt_authn` turns every claim number into a double: `exp` must compare as the integer it
+/// was); a fractional, infinite or NaN number stays as it is and is refused where an
+/// integer is required.
+fn json_of(v: &ProtoValue, depth: usize) -> Result<Value, String> {
+    if depth > MAX_STRUCT_DEPTH {
+        return Err(format!("is nested deeper than {MAX_STRUCT_DEPTH} levels"));
+    }
+    Ok(match &v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::NumberValue(n)) => {
+            // Exactly representable range of integers in a double: ±2^53.
+            const EXACT: f64 = 9_007_199_254_740_992.0;
+            if n.fract() == 0.0 && n.abs() <= EXACT {
+                #[allow(clippy::cast_possible_truncation, reason = "whole and within ±2^53")]
+                Value::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n)
+                    .map(Value::Number)
+                    .ok_or_else(|| "holds a number that is not finite".to_owned())?
+            }
+        }
+        Some(Kind::StructValue(st)) => Value::Object(
+            st.fields
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), json_of(v, depth + 1)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        Some(Kind::ListValue(l)) => Value::Array(
+            l.values
+                .iter()
+                .map(|v| json_of(v, depth + 1))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
+}
+
+async fn decide(
+    state: &AppState,
+    call: &HeaderMap,
+    req: EnvoyCheck,
+) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let attributes = req.attributes.unwrap_or_default();
-    let http = attributes.request.and_then(|r| r.http).ok_or_else(|| {
-        ApiError::field(
-            "attributes.request.http",
-            "the CheckRequest describes no HTTP request: nothing can be allowed",
-        )
-    })?;
+    let http = attributes
+        .request
+        .as_ref()
+        .and_then(|r| r.http.clone())
+        .ok_or_else(|| {
+            ApiError::field(
+                "attributes.request.http",
+                "the CheckRequest describes no HTTP request: nothing can be allowed",
+            )
+        })?;
     let headers = header_map(&http)?;
     // The identity first, as over HTTP: a request from nobody is a 401 whatever it is.
-    let principal = agent(authenticate(state, &ConnInfo::default(), &headers).await?)?;
+    let principal = identify(state, call, &attributes, &headers).await?;
     let original = original(&http)?;
     let found = state
         .routes
@@ -248,6 +383,7 @@ async fn to_check_response(resp: Response<Body>) -> CheckResponse {
             .headers
             .iter()
             .filter(|(n, _)| !(skip_entity && (*n == CONTENT_TYPE || *n == CONTENT_LENGTH)))
+            .filter(|(n, _)| n.as_str() != HEADERS_TO_REMOVE)
             .filter_map(|(n, v)| {
                 Some(HeaderValueOption {
                     header: Some(HeaderValue {
@@ -262,6 +398,16 @@ async fn to_check_response(resp: Response<Body>) -> CheckResponse {
             .collect()
     };
     if parts.status == StatusCode::OK {
+        // The HTTP mode's removal header is the gRPC mode's `headers_to_remove`.
+        let headers_to_remove = parts
+            .headers
+            .get_all(HEADERS_TO_REMOVE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .collect();
         return CheckResponse {
             status: Some(rpc::Status {
                 code: CODE_OK,
@@ -269,6 +415,7 @@ async fn to_check_response(resp: Response<Body>) -> CheckResponse {
             }),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers: headers(true),
+                headers_to_remove,
                 ..Default::default()
             })),
             ..Default::default()
@@ -303,18 +450,19 @@ async fn to_check_response(resp: Response<Body>) -> CheckResponse {
     }
 }
 
-/// Serve `Authorization` and `grpc.health.v1.Health` (HTTP/2 only) until `shutdown`, then
-/// let in-flight checks finish (bounded).
+/// Serve `Authorization` and `grpc.health.v1.Health` (HTTP/2 only) until `shutdown`, each
+/// connection under the HTTP listener's guard (`server.header_read_timeout`,
+/// `idle_timeout`, `max_connections`), then let in-flight checks finish (bounded).
 pub async fn serve(listener: Listener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let (reporter, health) = tonic_health::server::health_reporter();
-    // The service is built (bundle, keys, store) before any listener serves: ready.
-    reporter
-        .set_serving::<AuthorizationServer<ExtAuthz>>()
-        .await;
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let authz = AuthorizationServer::new(ExtAuthz::new(state.clone()));
+    // Health follows readiness (`/readyz`): NOT_SERVING while the audit log, the store or
+    // the issuers' keys are failing, so Envoy's health checks see what an orchestrator sees.
+    let follow = tokio::spawn(follow_readiness(state.clone(), reporter));
+    // A CheckRequest is the original request's head and (with_request_body) its body: the
+    // HTTP listener's body limit plus room for headers and metadata, not tonic's 4 MiB
+    // (SECURITY H-03); a larger one is refused before it is decoded.
+    let authz = AuthorizationServer::new(ExtAuthz::new(state.clone()))
+        .max_decoding_message_size(state.server.max_body_bytes + CHECK_REQUEST_OVERHEAD);
     let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
     builder
         .http2()
@@ -326,56 +474,54 @@ pub async fn serve(listener: Listener, state: Arc<AppState>, shutdown: impl Futu
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            a = accept(&listener) => a,
-            () = &mut shutdown => break,
-        };
+    let one = move |io: Accepted, conn: Arc<Conn>, connections: Arc<Connections>, watcher| {
         let svc = (authz.clone(), health.clone());
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        match accepted {
-            Ok(Accepted::Tcp(s)) => {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(serve_io(s, svc, builder, watcher));
-            }
-            Ok(Accepted::Unix(s)) => {
-                tokio::spawn(serve_io(s, svc, builder, watcher));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "ext_authz: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        async move {
+            let guard = (conn, connections);
+            match io {
+                Accepted::Tcp(s) => serve_io(s, svc, guard, builder, watcher).await,
+                Accepted::Unix(s) => serve_io(s, svc, guard, builder, watcher).await,
             }
         }
-    }
-    drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("ext_authz: in-flight checks did not finish within the shutdown grace");
+    };
+    accept_guarded(listener, &state.server, "ext_authz", shutdown, one).await;
+    follow.abort();
+}
+
+/// What a CheckRequest may hold besides the body: headers, metadata, attributes.
+const CHECK_REQUEST_OVERHEAD: usize = 256 * 1024;
+
+/// How often the health status is brought in line with readiness.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+async fn follow_readiness(state: Arc<AppState>, reporter: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    loop {
+        let status = match readiness(&state).is_empty() {
+            true => tonic_health::ServingStatus::Serving,
+            false => tonic_health::ServingStatus::NotServing,
+        };
+        if last != Some(status) {
+            reporter
+                .set_service_status(AUTHORIZATION_SERVICE, status)
+                .await;
+            reporter.set_service_status("", status).await;
+            last = Some(status);
+        }
+        tokio::time::sleep(HEALTH_EVERY).await;
     }
 }
 
-enum Accepted {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
-    match listener {
-        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
-        Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
-    }
-}
+/// The `Authorization` service's name, as health checks ask for it.
+const AUTHORIZATION_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
 async fn serve_io<S, H>(
     stream: S,
     (authz, health): (AuthorizationServer<ExtAuthz>, H),
+    (conn, connections): (Arc<Conn>, Arc<Connections>),
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Watcher,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: tonic::codegen::Service<
@@ -388,17 +534,21 @@ async fn serve_io<S, H>(
     H::Future: Send + 'static,
 {
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        // A stream's head is complete: the connection is busy until its answer is ready.
+        let busy = conn.begin(&connections);
         let mut authz = authz.clone();
         let mut health = health.clone();
         async move {
             let path = req.uri().path();
-            if path.starts_with("/envoy.service.auth.v3.Authorization/") {
+            let resp = if path.starts_with("/envoy.service.auth.v3.Authorization/") {
                 authz.call(req).await
             } else if path.starts_with("/grpc.health.v1.Health/") {
                 health.call(req).await
             } else {
                 Ok(tonic::Status::unimplemented("no such service").into_http())
-            }
+            };
+            drop(busy);
+            resp
         }
     });
     let connection = builder

@@ -35,6 +35,10 @@ use crate::routes::{self, Headers as _, Inputs, Lookup, Match, Matched, RouteErr
 use crate::service::Settled;
 use crate::vocabulary::{CheckRequest, Outcome, Principal, Reason};
 
+/// Envoy's HTTP-mode answer header listing request headers to remove before the request
+/// goes upstream (the gRPC mode's `headers_to_remove`).
+pub const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
+
 /// Envoy's `path_prefix`: the original path follows it.
 pub const ENVOY_PREFIX: &str = "/authz/envoy";
 pub const NGINX: &str = "/authz/nginx";
@@ -68,6 +72,8 @@ pub struct Settings {
     approval_id: HeaderName,
     approval_url: HeaderName,
     escalate_status: StatusCode,
+    /// `forward_auth.strip_authorization`.
+    strip_authorization: bool,
     /// `server.public_url`: the approval URL is absolute when it is set.
     public_url: String,
 }
@@ -84,6 +90,7 @@ impl Settings {
             approval_url: name(&c.approval_url_header)?,
             escalate_status: StatusCode::from_u16(c.escalate_status)
                 .map_err(|e| format!("escalate_status: {e}"))?,
+            strip_authorization: c.strip_authorization,
             public_url: public_url.unwrap_or_default().to_owned(),
         })
     }
@@ -367,6 +374,14 @@ pub(super) fn answer(s: &Settings, settled: &Settled, principal: &Principal) -> 
                     "internal",
                     "the principal cannot be sent in a header",
                 ));
+            }
+            if s.strip_authorization {
+                // The upstream acts for the principal header; the agent's own token stays
+                // with the proxy (nginx: `proxy_set_header Authorization ""`).
+                resp.headers_mut().insert(
+                    HeaderName::from_static(HEADERS_TO_REMOVE),
+                    HeaderValue::from_static("authorization"),
+                );
             }
             StatusCode::OK
         }

@@ -45,6 +45,8 @@ pub struct AppState {
     /// Request → action routes of the forward-auth endpoints.
     pub routes: Arc<crate::routes::Routes>,
     pub forward_auth: forward_auth::Settings,
+    /// `[ext_authz]`: the gRPC adapter's identity sources.
+    pub ext_authz: crate::config::ExtAuthzConfig,
 }
 
 /// What the transport knows about the peer, for caller authentication.

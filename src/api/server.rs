@@ -13,7 +13,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::conn_guard::{Conn, Connections, Ended};
 use super::{AppState, ConnInfo, route};
-use crate::config::TlsConfig;
+use crate::config::{ServerConfig, TlsConfig};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,12 +138,70 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder(&state));
-    let slots = Arc::new(Semaphore::new(state.server.max_connections));
+    let server = state.server.clone();
+    let one = move |io: Accepted, conn: Arc<Conn>, connections: Arc<Connections>, watcher| {
+        let state = state.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        async move {
+            let served = Served {
+                state,
+                conn,
+                connections,
+            };
+            match (io, tls) {
+                (Accepted::Tcp(stream), Some(acceptor)) => {
+                    // The guard's header deadline bounds the handshake too.
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let sans = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(uri_sans)
+                        .unwrap_or_default();
+                    let info = ConnInfo {
+                        tls: true,
+                        client_uri_sans: sans,
+                    };
+                    serve_io(stream, info, served, &builder, watcher).await;
+                }
+                (Accepted::Tcp(stream), None) => {
+                    serve_io(stream, ConnInfo::default(), served, &builder, watcher).await;
+                }
+                (Accepted::Unix(stream), _) => {
+                    serve_io(stream, ConnInfo::default(), served, &builder, watcher).await;
+                }
+            }
+        }
+    };
+    accept_guarded(listener, &server, "", shutdown, one).await;
+}
+
+/// The accept loop every listener shares: each connection under the connection guard
+/// (`server.header_read_timeout`, `idle_timeout`, `max_connections`: SECURITY H-01, H-07),
+/// served by `one`, until `shutdown`; then in-flight requests get [`SHUTDOWN_GRACE`].
+/// `what` names the listener in log lines (empty for the HTTP API).
+pub(super) async fn accept_guarded<F, Fut>(
+    listener: Listener,
+    server: &ServerConfig,
+    what: &'static str,
+    shutdown: impl Future<Output = ()>,
+    one: F,
+) where
+    F: Fn(Accepted, Arc<Conn>, Arc<Connections>, Watcher) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(server.max_connections));
     let connections = Arc::new(Connections::new(
-        state.server.header_read_timeout,
-        state.server.idle_timeout,
+        server.header_read_timeout,
+        server.idle_timeout,
     ));
     tokio::pin!(shutdown);
     loop {
@@ -154,12 +212,15 @@ pub async fn serve(
         let io = match accepted {
             Ok(io) => io,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(error = %e, listener = what, "accept failed");
                 // Out of file descriptors and similar: back off instead of spinning.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        if let Accepted::Tcp(s) = &io {
+            let _ = s.set_nodelay(true);
+        }
         // At max_connections, the quiet connection that has waited longest makes room for
         // this one (see `Connections::shed_one` for why shed rather than queue); when every
         // connection is busy answering, this one waits for the first to finish, and further
@@ -168,7 +229,10 @@ pub async fn serve(
             Ok(p) => p,
             Err(_) => {
                 if connections.shed_one() {
-                    tracing::debug!("at max_connections: closing the longest-quiet connection");
+                    tracing::debug!(
+                        listener = what,
+                        "at max_connections: closing the longest-quiet connection"
+                    );
                 }
                 tokio::select! {
                     p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -176,57 +240,14 @@ pub async fn serve(
                 }
             }
         };
-        let state = state.clone();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        let connections = connections.clone();
+        let registry = connections.clone();
+        let (id, conn) = registry.register();
+        let fut = one(io, conn.clone(), connections.clone(), graceful.watcher());
         tokio::spawn(async move {
             let _permit = permit;
-            let registry = connections.clone();
-            let ended = connections
-                .guard(|conn| async move {
-                    let served = Served {
-                        state,
-                        conn,
-                        connections: registry,
-                    };
-                    match (io, tls) {
-                        (Accepted::Tcp(stream), Some(acceptor)) => {
-                            // The guard's header deadline bounds the handshake too.
-                            let Ok(Ok(stream)) = tokio::time::timeout(
-                                TLS_HANDSHAKE_TIMEOUT,
-                                acceptor.accept(stream),
-                            )
-                            .await
-                            else {
-                                return;
-                            };
-                            let sans = stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .map(uri_sans)
-                                .unwrap_or_default();
-                            let info = ConnInfo {
-                                tls: true,
-                                client_uri_sans: sans,
-                            };
-                            serve_io(stream, info, served, &builder, watcher).await;
-                        }
-                        (Accepted::Tcp(stream), None) => {
-                            let _ = stream.set_nodelay(true);
-                            serve_io(stream, ConnInfo::default(), served, &builder, watcher).await;
-                        }
-                        (Accepted::Unix(stream), _) => {
-                            serve_io(stream, ConnInfo::default(), served, &builder, watcher).await;
-                        }
-                    }
-                })
-                .await;
+            let ended = registry.guard_registered(id, &conn, fut).await;
             if ended != Ended::Finished {
-                tracing::debug!(reason = ?ended, "connection closed by the connection guard");
+                tracing::debug!(reason = ?ended, listener = what, "connection closed by the connection guard");
             }
         });
     }
@@ -235,7 +256,10 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("in-flight connections did not finish within the shutdown grace period");
+        tracing::warn!(
+            listener = what,
+            "in-flight connections did not finish within the shutdown grace period"
+        );
     }
 }
 
@@ -247,7 +271,8 @@ struct Served {
     connections: Arc<Connections>,
 }
 
-enum Accepted {
+/// An accepted connection, of either listener kind.
+pub(super) enum Accepted {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
@@ -264,7 +289,7 @@ async fn serve_io<S>(
     info: ConnInfo,
     served: Served,
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Watcher,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

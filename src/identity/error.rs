@@ -51,6 +51,10 @@ pub enum IdentityError {
     SubInvalid(String),
     #[error("{0}")]
     ProfileViolation(String),
+    /// An identity a proxy asserts (Envoy's `jwt_authn` payload, an mTLS peer) from a caller
+    /// that did not prove it is an enforcement point.
+    #[error("{0}")]
+    AssertionUntrusted(String),
 }
 
 impl IdentityError {
@@ -75,6 +79,7 @@ impl IdentityError {
             Self::AudMismatch(_) => "aud_mismatch",
             Self::SubInvalid(_) => "sub_invalid",
             Self::ProfileViolation(_) => "profile_violation",
+            Self::AssertionUntrusted(_) => "assertion_untrusted",
         }
     }
 

@@ -234,6 +234,11 @@ fn parse_claims(bytes: &[u8]) -> Result<Claims, IdentityError> {
     let Value::Object(all) = value else {
         return Err(claims_invalid("payload is not a JSON object"));
     };
+    claims_from_map(all)
+}
+
+/// The registered claims of a claim set, with their strict types.
+pub fn claims_from_map(all: Map<String, Value>) -> Result<Claims, IdentityError> {
     let string = |name: &str| -> Result<Option<String>, IdentityError> {
         match all.get(name) {
             None => Ok(None),

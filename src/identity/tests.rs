@@ -406,6 +406,70 @@ async fn principal_maps_claims_groups_actors_and_profile_attributes() {
     assert!(Arc::ptr_eq(&p, &again));
 }
 
+/// The claims `claims(over)` as the map Envoy's `jwt_authn` would hand over.
+fn claim_map(over: Value) -> Map<String, Value> {
+    match serde_json::from_str(&claims(over)).unwrap() {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn verified_claims_pass_every_check_after_the_signature() {
+    // A payload another verifier (Envoy's jwt_authn) checked the signature of: the same
+    // principal as the token's, and every later check still applies, so a looser filter
+    // admits nothing more (J-14/J-19 through the metadata path).
+    let f = fixture_with(Profile::Spiffe, |s| {
+        s.claims.insert("owner".into(), "owner".into());
+    });
+    let p =
+        f.v.principal_from_verified_claims(claim_map(json!({"owner": "alice"})))
+            .unwrap();
+    assert_eq!((p.kind.as_str(), p.id.as_str()), ("Agent", SUB));
+    assert_eq!(p.owner.as_deref(), Some("alice"));
+    assert_eq!(p.attributes["trust_domain"], json!(TD));
+    assert_eq!(p.issuer, "main");
+    let code = |over: Value| match f.v.principal_from_verified_claims(claim_map(over)) {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    assert_eq!(
+        code(json!({"iss": "https://other.example"})),
+        "issuer_unknown"
+    );
+    assert_eq!(code(json!({"aud": "someone-else"})), "aud_mismatch");
+    assert_eq!(code(json!({"exp": NOW - 100})), "token_expired");
+    assert_eq!(code(json!({"exp": null})), "claims_invalid");
+    assert_eq!(code(json!({"exp": 1.5e9})), "claims_invalid");
+    assert_eq!(code(json!({"iat": NOW - 7200})), "token_lifetime_excessive");
+    assert_eq!(code(json!({"sub": "spiffe://evil.org/x"})), "sub_invalid");
+    assert_eq!(code(json!({"sub": ""})), "sub_invalid");
+    assert_eq!(code(json!({})), "ok");
+}
+
+#[test]
+fn peer_principal_is_a_spiffe_id_in_the_issuers_trust_domain() {
+    let f = fixture(Profile::Spiffe);
+    let p = f.v.peer_principal("main", SUB).unwrap();
+    assert_eq!((p.kind.as_str(), p.id.as_str()), ("Agent", SUB));
+    assert_eq!(p.attributes["path"], json!("/ns/agents/sa/bot"));
+    assert_eq!(p.token_id, None);
+    let code = |issuer: &str, id: &str| match f.v.peer_principal(issuer, id) {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    assert_eq!(code("main", "spiffe://other.org/ns/a/sa/b"), "sub_invalid");
+    assert_eq!(code("main", "https://example.org/x"), "sub_invalid");
+    assert_eq!(code("main", "spiffe://example.org/a/../b"), "sub_invalid");
+    assert_eq!(code("nobody", SUB), "issuer_unknown");
+    // Only a SPIFFE issuer reads peers.
+    let oidc = fixture(Profile::Oidc);
+    assert_eq!(
+        oidc.v.peer_principal("main", SUB).unwrap_err().code(),
+        "issuer_unknown"
+    );
+}
+
 #[tokio::test]
 async fn unconvertible_mapped_claim_is_claims_invalid() {
     let f = fixture_with(Profile::Spiffe, |s| {

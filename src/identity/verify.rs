@@ -287,16 +287,7 @@ impl Verifier {
         let claims = parsed.claims;
 
         // Step 6: route by the unverified `iss`; an unknown issuer costs no I/O.
-        let iss = claims
-            .iss
-            .as_deref()
-            .ok_or_else(|| IdentityError::ClaimsInvalid("`iss` is missing".into()))?;
-        let issuer = self
-            .inner
-            .by_iss
-            .get(iss)
-            .and_then(|i| self.inner.issuers.get(*i))
-            .ok_or_else(|| IdentityError::IssuerUnknown(shown(iss)))?;
+        let issuer = self.issuer_of(&claims)?;
         let s = &issuer.settings;
 
         // Step 4, profile half: header parameters and `typ`.
@@ -326,24 +317,90 @@ impl Verifier {
             return Err(IdentityError::SignatureInvalid);
         }
 
-        // Steps 10–12.
-        check_times(s, &claims, self.inner.clock.now_unix())?;
-        if claims.iss.as_deref() != Some(s.issuer.as_str()) {
-            return Err(IdentityError::IssMismatch(shown(iss)));
-        }
-        check_audience(s, &claims)?;
-        let sub = match claims.sub.as_deref() {
-            None => return Err(IdentityError::SubInvalid("`sub` is missing".into())),
-            Some("") => return Err(IdentityError::SubInvalid("`sub` is empty".into())),
-            Some(sub) if sub.len() > MAX_SUB_LEN => {
-                return Err(IdentityError::SubInvalid(format!(
-                    "`sub` is longer than {MAX_SUB_LEN} bytes"
-                )));
-            }
-            Some(sub) => sub,
+        admit(s, &claims, self.inner.clock.now_unix())
+    }
+
+    /// The principal of a claim set another verifier checked the signature of: the payload
+    /// Envoy's `jwt_authn` filter verified and put in the `ext_authz` `metadata_context`.
+    /// Everything after the signature is checked here as for a token (issuer, times,
+    /// audience, `sub`, profile, claim mapping), so Envoy's filter being configured more
+    /// loosely than the issuer here (another audience, a longer lifetime) admits nothing
+    /// more. The caller decides whether the message came from someone entitled to say so.
+    pub fn principal_from_verified_claims(
+        &self,
+        payload: Map<String, Value>,
+    ) -> Result<Principal, IdentityError> {
+        let claims = jws::claims_from_map(payload)?;
+        let issuer = self.issuer_of(&claims)?;
+        admit(&issuer.settings, &claims, self.inner.clock.now_unix())
+    }
+
+    /// The configured issuer whose exact `iss` the claims name.
+    fn issuer_of(&self, claims: &Claims) -> Result<&Arc<IssuerKeys>, IdentityError> {
+        let iss = claims
+            .iss
+            .as_deref()
+            .ok_or_else(|| IdentityError::ClaimsInvalid("`iss` is missing".into()))?;
+        self.inner
+            .by_iss
+            .get(iss)
+            .and_then(|i| self.inner.issuers.get(*i))
+            .ok_or_else(|| IdentityError::IssuerUnknown(shown(iss)))
+    }
+
+    /// The principal of an mTLS peer whose SPIFFE ID the proxy verified
+    /// (`attributes.source.principal`), read with issuer `issuer`'s trust domain, principal
+    /// type and SPIFFE profile attributes (`trust_domain`, `path`). It carries no claims.
+    pub fn peer_principal(
+        &self,
+        issuer: &str,
+        spiffe_id: &str,
+    ) -> Result<Principal, IdentityError> {
+        let s = self
+            .inner
+            .issuers
+            .iter()
+            .map(|i| &i.settings)
+            .find(|s| s.name == issuer && s.profile == Profile::Spiffe)
+            .ok_or_else(|| IdentityError::IssuerUnknown(shown(issuer)))?;
+        let sub = check_sub(Some(spiffe_id))?;
+        let claims = Claims {
+            iss: Some(s.issuer.clone()),
+            sub: Some(sub.to_owned()),
+            aud: Vec::new(),
+            exp: None,
+            nbf: None,
+            iat: None,
+            jti: None,
+            all: Map::new(),
         };
-        let profile_attrs = check_profile(s, sub, &claims)?;
-        build_principal(s, sub, &claims, profile_attrs)
+        let attrs = check_profile(s, sub, &claims)?;
+        build_principal(s, sub, &claims, attrs)
+    }
+}
+
+/// Steps 10–12, for a claim set whose signature is verified: times, `iss`, audience, `sub`,
+/// the profile's own rules, then the principal.
+fn admit(s: &IssuerSettings, claims: &Claims, now: i64) -> Result<Principal, IdentityError> {
+    check_times(s, claims, now)?;
+    let iss = claims.iss.as_deref().unwrap_or_default();
+    if iss != s.issuer {
+        return Err(IdentityError::IssMismatch(shown(iss)));
+    }
+    check_audience(s, claims)?;
+    let sub = check_sub(claims.sub.as_deref())?;
+    let profile_attrs = check_profile(s, sub, claims)?;
+    build_principal(s, sub, claims, profile_attrs)
+}
+
+fn check_sub(sub: Option<&str>) -> Result<&str, IdentityError> {
+    match sub {
+        None => Err(IdentityError::SubInvalid("`sub` is missing".into())),
+        Some("") => Err(IdentityError::SubInvalid("`sub` is empty".into())),
+        Some(sub) if sub.len() > MAX_SUB_LEN => Err(IdentityError::SubInvalid(format!(
+            "`sub` is longer than {MAX_SUB_LEN} bytes"
+        ))),
+        Some(sub) => Ok(sub),
     }
 }
 

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use super::Service;
 use crate::identity::IdentityError;
 use crate::policy::values::ValueError;
+use crate::strict_json::shown;
 use crate::vocabulary::Principal;
 
 #[derive(Debug, Clone)]
@@ -107,6 +108,57 @@ impl Service {
             });
         }
         Ok(Caller::Agent(principal))
+    }
+}
+
+/// An identity a proxy asserts about the request it asks about, rather than a credential the
+/// agent presents.
+#[derive(Debug)]
+pub enum Asserted<'a> {
+    /// The claims Envoy's `jwt_authn` filter verified (its `payload_in_metadata`).
+    JwtAuthn(Map<String, Value>),
+    /// The SPIFFE ID of the mTLS peer Envoy verified, read with SPIFFE issuer `issuer`.
+    Peer { issuer: &'a str, spiffe_id: &'a str },
+}
+
+impl Service {
+    /// The agent a proxy asserts, believed only when `by` (the caller of the API the
+    /// assertion came on) is an authenticated enforcement point: an identity taken from an
+    /// unauthenticated message is no identity (cf. SECURITY A-25), since any process that
+    /// can reach the listener could write one. The asserted claims then pass every check
+    /// after the signature, as a token's do.
+    pub fn asserted_agent(
+        &self,
+        by: Result<&Caller, &String>,
+        what: Asserted<'_>,
+    ) -> Result<Arc<Principal>, IdentityError> {
+        let source = match &what {
+            Asserted::JwtAuthn(_) => "a `jwt_authn` payload",
+            Asserted::Peer { .. } => "a peer principal",
+        };
+        match by {
+            Ok(Caller::EnforcementPoint { .. }) => {}
+            Ok(Caller::Agent(p)) => {
+                return Err(IdentityError::AssertionUntrusted(format!(
+                    "{source} is believed only from an enforcement point; the call's \
+                     credential is agent `{}`'s",
+                    shown(&p.id)
+                )));
+            }
+            Err(e) => {
+                return Err(IdentityError::AssertionUntrusted(format!(
+                    "{source} is believed only from an enforcement point, and the call's \
+                     credential is not one: {e}"
+                )));
+            }
+        }
+        let principal = match what {
+            Asserted::JwtAuthn(claims) => self.verifier.principal_from_verified_claims(claims)?,
+            Asserted::Peer { issuer, spiffe_id } => {
+                self.verifier.peer_principal(issuer, spiffe_id)?
+            }
+        };
+        Ok(Arc::new(principal))
     }
 }
 

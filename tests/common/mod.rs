@@ -24,8 +24,14 @@ pub fn repo() -> PathBuf {
 /// Unless `env` sets `MANDATE_AUDIT__PATH`, the audit log goes to a fresh file of its own, so
 /// parallel tests never share one chain (nor write into the repository's `data/`).
 pub fn config_from(text: &str, path: &Path, env: &[(&str, &str)]) -> Config {
-    let mut vars: Vec<(String, String)> =
-        vec![("MANDATE_SERVER__LISTEN".into(), "127.0.0.1:0".into())];
+    // Every listener on a free port: the example configuration's gRPC one included.
+    let mut vars: Vec<(String, String)> = vec![
+        ("MANDATE_SERVER__LISTEN".into(), "127.0.0.1:0".into()),
+        (
+            "MANDATE_EXT_AUTHZ__GRPC_LISTEN".into(),
+            "127.0.0.1:0".into(),
+        ),
+    ];
     if !env.iter().any(|(k, _)| *k == "MANDATE_AUDIT__PATH") {
         vars.push(("MANDATE_AUDIT__PATH".into(), fresh_audit_path()));
     }
@@ -63,6 +69,37 @@ pub fn example_config(env: &[(&str, &str)]) -> Config {
     let path = repo().join("config/mandate.toml");
     let text = std::fs::read_to_string(&path).expect("example config");
     config_from(&text, &path, env)
+}
+
+/// The example configuration with `extra` TOML appended (new `[[issuers]]` or
+/// `[[enforcement_points]]` entries, which environment overrides cannot add).
+pub fn example_config_plus(extra: &str, env: &[(&str, &str)]) -> Config {
+    let path = repo().join("config/mandate.toml");
+    let text = std::fs::read_to_string(&path).expect("example config");
+    config_from(&format!("{text}\n{extra}"), &path, env)
+}
+
+/// A SPIFFE issuer `spire` (trust domain `example.org`, the dev keys) and an enforcement
+/// point `envoy` authenticated by the credential whose SHA-256 is `credential_sha256`: what
+/// `ext_authz.identity` needs to believe Envoy's `jwt_authn` metadata and peer principal.
+pub fn spire_and_envoy(credential_sha256: &str) -> String {
+    format!(
+        r#"
+[[issuers]]
+name = "spire"
+issuer = "https://spire.example.org"
+profile = "spiffe"
+trust_domain = "example.org"
+audiences = ["mandate"]
+algorithms = ["ES256"]
+jwks_file = "dev/jwks.json"
+principal_type = "Agent"
+
+[[enforcement_points]]
+name = "envoy"
+credential_sha256 = "{credential_sha256}"
+"#
+    )
 }
 
 pub struct TestServer {
@@ -210,6 +247,7 @@ pub fn spawn_serve_env(audit: &Path, env: &[(&str, &str)]) -> (std::process::Chi
         .current_dir(repo())
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_EXT_AUTHZ__GRPC_LISTEN", "127.0.0.1:0")
         .env("MANDATE_AUDIT__PATH", audit)
         .env("MANDATE_STORE__URL", audit.with_file_name("mandate.db"))
         .env("MANDATE_LOG__FORMAT", "text")
