@@ -168,6 +168,7 @@ fn start_mandate(repo: &std::path::Path, audit_path: &std::path::Path) -> Mandat
         .current_dir(repo)
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_EXT_AUTHZ__GRPC_LISTEN", "127.0.0.1:0")
         .env("MANDATE_AUDIT__PATH", audit_path)
         .env(
             "MANDATE_STORE__URL",

@@ -183,6 +183,7 @@ fn start_mandate(repo: &Path, audit: &Path) -> (Child, SocketAddr) {
         .current_dir(repo)
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_EXT_AUTHZ__GRPC_LISTEN", "127.0.0.1:0")
         .env("MANDATE_AUDIT__PATH", audit)
         .env("MANDATE_STORE__URL", audit.with_file_name("mandate.db"))
         // The flood guard is not under test: a steady stream of escalations from

@@ -26,6 +26,7 @@ fn serve(listen: &str, audit: &Path, store: &Path) -> Child {
         .current_dir(repo())
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", listen)
+        .env("MANDATE_EXT_AUTHZ__GRPC_LISTEN", "127.0.0.1:0")
         .env("MANDATE_AUDIT__PATH", audit)
         .env("MANDATE_STORE__URL", store)
         .env("MANDATE_LOG__FORMAT", "text")

@@ -622,6 +622,7 @@ async fn kubernetes_configuration_serves_a_projected_token() {
     let bundle = configmap_volume("mandate-bundle");
     let data = tempfile::tempdir().unwrap();
     config.server.listen = Some("127.0.0.1:0".parse().unwrap());
+    config.ext_authz.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
     config.policy.bundle = bundle.path().to_owned();
     config.audit.path = data.path().join("audit.jsonl");
     config.store.url = data.path().join("mandate.db").display().to_string();
@@ -811,6 +812,11 @@ fn p01_istio_providers_reach_the_sidecar_and_fail_closed() {
     known_keys(grpc, "envoyExtAuthzGrpc", ISTIO_GRPC_PROVIDER_FIELDS);
     assert_eq!(s(grpc, "service"), service);
     assert_eq!(at(grpc, "port").as_u64(), Some(9191));
+    // The pod's Mandate serves it there, on the loopback its Envoy sidecar shares.
+    assert_eq!(
+        k8s_config().ext_authz.grpc_listen,
+        Some("127.0.0.1:9191".parse().unwrap())
+    );
     assert_eq!(port_protocol(grpc), "GRPC");
     assert_eq!(at(grpc, "failOpen"), &json!(false));
     assert!(duration(s(grpc, "timeout")) <= EXT_AUTHZ_TIMEOUT);
@@ -968,6 +974,17 @@ fn p01_envoy_grpc_ext_authz_fails_closed_to_port_9191() {
     assert!(duration(s(grpc, "timeout")) <= EXT_AUTHZ_TIMEOUT);
     let cluster = &clusters[s(grpc, "envoy_grpc.cluster_name")];
     assert_eq!(cluster_endpoint(cluster), ("127.0.0.1".to_owned(), 9191));
+    // The example configuration serves it there.
+    let example = Config::parse(
+        &read("config/mandate.toml"),
+        &repo().join("config/mandate.toml"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        example.ext_authz.grpc_listen,
+        Some("127.0.0.1:9191".parse().unwrap())
+    );
     // The key holds dots: looked up whole.
     let options = &at(cluster, "typed_extension_protocol_options")["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
     assert_eq!(

@@ -20,7 +20,7 @@ floor_bin=${PERF_TARGET:-/tmp/perf-target}/release/floor
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)"; exit 2; }
 work=$(mktemp -d /tmp/perf-mandate.XXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-MANDATE_SERVER__LISTEN=127.0.0.1:$port MANDATE_POLICY__BUNDLE=$bundle \
+MANDATE_SERVER__LISTEN=127.0.0.1:$port MANDATE_EXT_AUTHZ__GRPC_LISTEN=127.0.0.1:0 MANDATE_POLICY__BUNDLE=$bundle \
 MANDATE_STORE__URL=$work/m.db MANDATE_AUDIT__PATH=$work/audit.jsonl MANDATE_LOG__LEVEL=warn \
   "$bin" serve --config "$config" >"$work/serve.log" 2>&1 &
 mpid=$!
