@@ -16,6 +16,7 @@
 #      ROUNDS (pinned rounds per mode, default 3), PIN_CPU (default 0), WARMUP_S (default 1).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR/.. source=lib/common.sh
 . "$here/lib/common.sh"
 bin=$(readlink -f "${1:?usage: run.sh MANDATE_BIN [SECONDS]}")
 secs=${2:-5}
@@ -169,5 +170,7 @@ done
 for m in native envoy nginx grpc; do
   p99=$(kv latency_us_p99 "${c32[$m]}")
   ok=$(awk -v p="$p99" 'BEGIN { print (p < 1000 ? "PASS" : "MISS") }')
-  echo "$m c32 p50=$(kv latency_us_p50 "${c32[$m]}") us p99=$p99 us rps=$(kv rps "${c32[$m]}") (floor rps $(kv rps "${c32[${m}_floor]}")): p99 < 1 ms $ok"
+  fl=${c32[${m}_floor]}
+  echo "$m c32 p50=$(kv latency_us_p50 "${c32[$m]}") us p99=$p99 us rps=$(kv rps "${c32[$m]}"): p99 < 1 ms $ok" \
+    "(floor p50=$(kv latency_us_p50 "$fl") p99=$(kv latency_us_p99 "$fl") rps=$(kv rps "$fl"))"
 done
