@@ -194,6 +194,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         )
         .map_err(|e| anyhow::anyhow!("forward_auth: {e}"))?,
         ext_authz: config.ext_authz.clone(),
+        mcp: crate::api::mcp::Gateway::new(&config.mcp).map_err(|e| anyhow::anyhow!(e))?,
     });
     let tls = match &config.server.tls {
         Some(t) => Some(server::tls_acceptor(t).context("server.tls")?),

@@ -43,6 +43,8 @@ pub struct Config {
     pub ext_authz: ExtAuthzConfig,
     /// `[[routes]]` and `forward_auth.default_*`: how a proxied request becomes a check.
     pub routes: Routes,
+    /// `[mcp]`: the MCP gateway's upstream servers (`/mcp/{name}`).
+    pub mcp: McpConfig,
     /// Where each key came from, for problems found after parsing ([`Config::check_routes`]).
     origins: Origins,
 }
@@ -118,6 +120,38 @@ impl Default for ExtAuthzConfig {
             peer_issuer: None,
         }
     }
+}
+
+/// The MCP gateway (`[mcp]`, `[[mcp.servers]]`): each upstream MCP server is served at
+/// `/mcp/{name}` on the HTTP listener, every tool call decided before it is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct McpConfig {
+    pub servers: Vec<McpServer>,
+    /// Largest JSON-RPC message accepted from an agent.
+    pub max_message_bytes: usize,
+    /// Longest wait for an upstream to connect and start answering.
+    pub upstream_timeout: Duration,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            max_message_bytes: 1024 * 1024,
+            upstream_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One upstream MCP server (Streamable HTTP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct McpServer {
+    /// Path segment (`/mcp/{name}`) and the server part of its tools' resource ids.
+    pub name: String,
+    /// The upstream's MCP endpoint, `http(s)://…/mcp`.
+    pub url: String,
+    /// Sent to the upstream with every request (its own credential); the agent's token never is.
+    pub headers: Vec<(String, String)>,
 }
 
 /// A place a gRPC `CheckRequest` says who the agent is (`ext_authz.identity`).
@@ -814,6 +848,7 @@ impl Reader {
                 "forward_auth",
                 "ext_authz",
                 "routes",
+                "mcp",
             ],
         );
         let empty = Table::new();
@@ -903,6 +938,8 @@ impl Reader {
         let routes = Routes::new(self.routes(root), default);
         let ext_t = self.table(root, "", "ext_authz").unwrap_or(&empty);
         let ext_authz = self.ext_authz(ext_t, &issuers, &enforcement_points);
+        let mcp_t = self.table(root, "", "mcp").unwrap_or(&empty);
+        let mcp = self.mcp(mcp_t);
         Config {
             server,
             policy,
@@ -921,6 +958,7 @@ impl Reader {
             forward_auth,
             ext_authz,
             routes,
+            mcp,
             origins: Origins::default(),
         }
     }
@@ -1042,6 +1080,102 @@ impl Reader {
             jwt_authn_namespace,
             jwt_authn_payload_key,
             peer_issuer,
+        }
+    }
+
+    fn mcp(&mut self, t: &Table) -> McpConfig {
+        let p = "mcp";
+        self.known(t, p, &["servers", "max_message_bytes", "upstream_timeout"]);
+        let defaults = McpConfig::default();
+        let max_message_bytes = self.integer(
+            t,
+            p,
+            "max_message_bytes",
+            defaults.max_message_bytes as u64,
+            (1024, 64 * 1024 * 1024),
+        ) as usize;
+        let upstream_timeout = self.duration(
+            t,
+            p,
+            "upstream_timeout",
+            defaults.upstream_timeout,
+            Duration::from_secs(300),
+        );
+        let items = match t.get("servers") {
+            None => &Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                self.bad(
+                    "mcp.servers",
+                    format!(
+                        "expected an array of tables (`[[mcp.servers]]`), found {}",
+                        other.type_str()
+                    ),
+                );
+                &Vec::new()
+            }
+        };
+        let mut servers: Vec<McpServer> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let sp = format!("mcp.servers[{i}]");
+            let Value::Table(st) = item else {
+                self.bad(sp, "expected a table");
+                continue;
+            };
+            self.known(st, &sp, &["name", "url", "headers"]);
+            let name = self.required_string(st, &sp, "name");
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !name.is_empty() && !name_ok {
+                self.bad(
+                    format!("{sp}.name"),
+                    format!(
+                        "`{name}` must be letters, digits, `-`, `_` or `.` (it is a path segment)"
+                    ),
+                );
+            }
+            if servers.iter().any(|s| s.name == name) {
+                self.bad(format!("{sp}.name"), format!("`{name}` is named twice"));
+            }
+            let url = self.required_string(st, &sp, "url");
+            let http = url.starts_with("http://") || url.starts_with("https://");
+            if !url.is_empty() && !http {
+                self.bad(
+                    format!("{sp}.url"),
+                    format!("`{url}` is not an http:// or https:// URL"),
+                );
+            }
+            let mut headers = Vec::new();
+            match st.get("headers") {
+                None => {}
+                Some(Value::Table(h)) => {
+                    for (k, v) in h {
+                        let key = format!("{sp}.headers.{k}");
+                        match (upstream_header_name(k), v) {
+                            (Ok(n), Value::String(v)) if !v.is_empty() => {
+                                headers.push((n, v.clone()));
+                            }
+                            (Err(e), _) => self.bad(key, e),
+                            (_, _) => self.bad(key, "expected a non-empty string"),
+                        }
+                    }
+                }
+                Some(other) => self.bad(
+                    format!("{sp}.headers"),
+                    format!(
+                        "expected a table of header = value, found {}",
+                        other.type_str()
+                    ),
+                ),
+            }
+            servers.push(McpServer { name, url, headers });
+        }
+        McpConfig {
+            servers,
+            max_message_bytes,
+            upstream_timeout,
         }
     }
 
@@ -2084,6 +2218,36 @@ struct ReadSpec {
 /// A header name the forward-auth endpoints may answer with: an HTTP token, lowercased, and
 /// none that means something to HTTP itself (a misnamed setting must not set `Authorization`
 /// on the upstream request).
+/// A header Mandate sends an MCP upstream (its credential, an API key): any valid name but
+/// those the transport or the MCP session own.
+fn upstream_header_name(name: &str) -> Result<String, String> {
+    const OWNED: &[&str] = &[
+        "connection",
+        "content-length",
+        "content-type",
+        "accept",
+        "host",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "last-event-id",
+    ];
+    let lower = name.to_ascii_lowercase();
+    if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+        return Err(format!("`{name}` is not a header name"));
+    }
+    if OWNED.contains(&lower.as_str()) {
+        return Err(format!(
+            "`{name}` is set by the transport or the MCP session, not by configuration"
+        ));
+    }
+    Ok(lower)
+}
+
 fn header_name(name: &str) -> Result<String, String> {
     const RESERVED: &[&str] = &[
         "authorization",
@@ -2898,6 +3062,46 @@ resource = { type = "CrmRecord", id = "{id}" }
         assert_eq!(err.problems[0].key, "forward_auth.strip_authorization");
         let c = parse("[forward_auth]\nstrip_authorization = true\n", &[]).unwrap();
         assert!(c.forward_auth.strip_authorization);
+    }
+
+    #[test]
+    fn mcp_servers_and_their_problems() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(c.mcp, McpConfig::default());
+        let c = parse(
+            "[mcp]\nmax_message_bytes = 4096\nupstream_timeout = \"5s\"\n\
+             [[mcp.servers]]\nname = \"tools\"\nurl = \"http://127.0.0.1:9000/mcp\"\n\
+             headers = { Authorization = \"Bearer upstream\", \"X-Api-Key\" = \"k\" }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.mcp.max_message_bytes, 4096);
+        assert_eq!(c.mcp.upstream_timeout, Duration::from_secs(5));
+        assert_eq!(c.mcp.servers[0].name, "tools");
+        assert_eq!(
+            c.mcp.servers[0].headers,
+            [
+                ("authorization".to_owned(), "Bearer upstream".to_owned()),
+                ("x-api-key".to_owned(), "k".to_owned())
+            ]
+        );
+        let err = parse(
+            "[[mcp.servers]]\nname = \"a/b\"\nurl = \"ftp://x\"\nheaders = { Mcp-Session-Id = \"s\" }\n\
+             [[mcp.servers]]\nurl = \"http://x\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "mcp.servers[0].name",
+                "mcp.servers[0].url",
+                "mcp.servers[0].headers.Mcp-Session-Id",
+                "mcp.servers[1].name",
+            ],
+            "{err}"
+        );
     }
 
     #[test]

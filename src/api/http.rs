@@ -106,6 +106,22 @@ pub(crate) fn read_check(bytes: &[u8]) -> Result<CheckBody, ApiError> {
     Ok((subject, action, resource, context))
 }
 
+/// The `/v1/check` answer as a JSON value (for an answer that carries it inside another).
+pub fn decision_value(settled: &Settled) -> serde_json::Value {
+    let d = &settled.decision;
+    serde_json::to_value(CheckResponse {
+        decision: d.outcome.as_str(),
+        decision_id: d.id.to_string(),
+        policy_version: &d.policy_version,
+        policy_ids: &d.policy_ids,
+        reasons: &d.reasons,
+        approval: d.approval.as_ref(),
+        approval_request: settled.approval.as_ref().map(approval_request_json),
+        grant: settled.grant.as_ref().map(grant_json),
+    })
+    .unwrap_or(serde_json::Value::Null)
+}
+
 pub fn decision_response(settled: &Settled) -> Response<Body> {
     let d = &settled.decision;
     // Most answers carry no approval: written by hand, as serde would write them.

@@ -18,6 +18,7 @@ pub mod conn_guard;
 pub mod ext_authz;
 pub mod forward_auth;
 pub mod http;
+pub mod mcp;
 pub mod server;
 
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub forward_auth: forward_auth::Settings,
     /// `[ext_authz]`: the gRPC adapter's identity sources.
     pub ext_authz: crate::config::ExtAuthzConfig,
+    /// `[mcp]`: the MCP gateway's upstreams.
+    pub mcp: mcp::Gateway,
 }
 
 /// What the transport knows about the peer, for caller authentication.

@@ -10,6 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -22,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::conn_guard::{Conn, Connections, Ended};
-use super::{AppState, ConnInfo, route};
+use super::{AppState, ConnInfo, mcp, route};
 use crate::config::{ServerConfig, TlsConfig};
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -299,13 +301,17 @@ async fn serve_io<S>(
         conn,
         connections,
     } = served;
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         // Called once a request head is complete: busy until the answer is ready.
         let busy = conn.begin(&connections);
         let state = state.clone();
         let info = info.clone();
         async move {
-            let resp = route(state, info, req).await;
+            // The MCP gateway streams upstream answers (SSE); every other answer is whole.
+            let resp = match req.uri().path().starts_with(mcp::PREFIX) {
+                true => mcp::handle(&state, &info, req).await.map(Answer::Streamed),
+                false => route(state, info, req).await.map(Answer::Whole),
+            };
             drop(busy);
             Ok::<_, Infallible>(resp)
         }
@@ -315,5 +321,43 @@ async fn serve_io<S>(
         .into_owned();
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A response body: whole (every API answer), or streamed from an MCP upstream.
+#[derive(Debug)]
+enum Answer {
+    Whole(super::Body),
+    Streamed(mcp::McpBody),
+}
+
+impl hyper::body::Body for Answer {
+    type Data = bytes::Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut() {
+            Answer::Whole(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+            Answer::Streamed(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Answer::Whole(b) => b.is_end_stream(),
+            Answer::Streamed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Answer::Whole(b) => b.size_hint(),
+            Answer::Streamed(b) => b.size_hint(),
+        }
     }
 }

@@ -1,0 +1,783 @@
+//! The MCP gateway (issue 13): every `[[mcp.servers]]` upstream is served at `/mcp/{name}`
+//! with the Streamable HTTP transport, and every tool call is decided before it can reach
+//! the upstream.
+//!
+//! - The agent authenticates with its own workload token (`Authorization: Bearer`), verified
+//!   like every token; that token is never sent upstream (the server's own configured
+//!   headers are).
+//! - `tools/call` is a check: action `mcp:<server>/<tool>` when the bundle declares it, else
+//!   `mcp:call`; resource `McpTool::"<server>/<tool>"` with the upstream's annotations
+//!   (`readOnlyHint`, `destructiveHint`, `idempotentHint`, `openWorldHint`) and `server`,
+//!   `tool`; context `{"arguments": …}`. Allow: the message is forwarded as received. Deny
+//!   and escalate: nothing is forwarded; the answer is a `CallToolResult` with `isError: true`,
+//!   a sentence the model can read, and the decision (with the approval request on an
+//!   escalation) in `structuredContent`. Once approved, the same call is allowed by the grant;
+//!   other arguments are another request.
+//! - `tools/list`: the upstream's answer, with the tools this agent can never call removed and
+//!   those it can only call with approval marked (`_meta["mandate/approval"] = "required"`).
+//!   Its annotations are remembered for the calls' resources; a call to a tool not seen yet
+//!   makes Mandate ask the upstream for the list first (in the agent's session), so a policy
+//!   on an annotation is never evaluated without it.
+//! - Everything else (`initialize`, notifications, responses, `GET` streams, `DELETE`) is
+//!   forwarded with the session headers, and the upstream's answer (JSON or SSE) streamed back.
+//!
+//! Fail closed: a message that cannot be read with certainty (not JSON, a duplicate key, a
+//! batch, oversize) is refused and never forwarded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use serde_json::{Map, Value, json};
+
+use super::caller::authenticate;
+use super::forward_auth::{agent, refusal};
+use super::http::decision_value;
+use super::{ApiError, AppState, ConnInfo, body};
+use crate::config::{McpConfig, McpServer};
+use crate::service::Settled;
+use crate::vocabulary::{CheckRequest, Outcome, Principal, Resource};
+
+/// `/mcp/{name}`.
+pub const PREFIX: &str = "/mcp/";
+/// The action of a tool call when the bundle declares none for the tool itself.
+pub const CALL_ACTION: &str = "mcp:call";
+/// The entity type of a tool.
+pub const TOOL_TYPE: &str = "McpTool";
+/// The `_meta` key marking a listed tool that needs approval.
+pub const APPROVAL_META: &str = "mandate/approval";
+
+/// A gateway answer: made here, or the upstream's streamed through (a failed upstream stream
+/// is an I/O error of the answer).
+pub type McpBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// The annotations the resource of a tool call carries, as the upstream declares them.
+const ANNOTATIONS: [&str; 4] = [
+    "readOnlyHint",
+    "destructiveHint",
+    "idempotentHint",
+    "openWorldHint",
+];
+/// Request headers of the transport passed upstream as the agent sent them.
+const SESSION_HEADERS: [&str; 4] = [
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "last-event-id",
+    "accept",
+];
+/// Response headers passed back to the agent.
+const ANSWER_HEADERS: [&str; 4] = [
+    "content-type",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "cache-control",
+];
+/// Largest `tools/list` answer read to filter it.
+const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+/// Pages of `tools/list` Mandate reads itself to learn a tool's annotations.
+const MAX_LIST_PAGES: usize = 16;
+
+/// The configured upstreams and what was learnt of their tools.
+#[derive(Debug)]
+pub struct Gateway {
+    servers: HashMap<String, Upstream>,
+    client: reqwest::Client,
+    max_message_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Upstream {
+    name: String,
+    url: reqwest::Url,
+    headers: HeaderMap,
+    /// Tool name → its resource attributes (annotations, `server`, `tool`).
+    tools: RwLock<HashMap<String, Map<String, Value>>>,
+}
+
+impl Gateway {
+    /// From the validated configuration.
+    pub fn new(c: &McpConfig) -> Result<Self, String> {
+        let mut servers = HashMap::new();
+        for s in &c.servers {
+            servers.insert(s.name.clone(), Upstream::new(s)?);
+        }
+        let client = reqwest::Client::builder()
+            // An upstream's redirect is not followed: the configured URL is the upstream.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(c.upstream_timeout)
+            .read_timeout(c.upstream_timeout)
+            .build()
+            .map_err(|e| format!("mcp: HTTP client: {e}"))?;
+        Ok(Self {
+            servers,
+            client,
+            max_message_bytes: c.max_message_bytes,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+}
+
+impl Upstream {
+    fn new(s: &McpServer) -> Result<Self, String> {
+        let url =
+            reqwest::Url::parse(&s.url).map_err(|e| format!("mcp server `{}`: {e}", s.name))?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &s.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| format!("mcp server `{}` header `{k}`: {e}", s.name))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|e| format!("mcp server `{}` header `{k}`: {e}", s.name))?;
+            headers.insert(name, value);
+        }
+        Ok(Self {
+            name: s.name.clone(),
+            url,
+            headers,
+            tools: RwLock::new(HashMap::new()),
+        })
+    }
+
+    fn tool(&self, name: &str) -> Option<Map<String, Value>> {
+        self.tools.read().ok()?.get(name).cloned()
+    }
+
+    /// Remember the annotations of the tools of one `tools/list` page.
+    fn learn(&self, tools: &[Value]) {
+        let Ok(mut known) = self.tools.write() else {
+            return;
+        };
+        for t in tools {
+            let Some(name) = t.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            let mut attrs = Map::new();
+            attrs.insert("server".into(), Value::String(self.name.clone()));
+            attrs.insert("tool".into(), Value::String(name.to_owned()));
+            if let Some(Value::Object(a)) = t.get("annotations") {
+                for key in ANNOTATIONS {
+                    if let Some(Value::Bool(b)) = a.get(key) {
+                        attrs.insert(key.into(), Value::Bool(*b));
+                    }
+                }
+            }
+            known.insert(name.to_owned(), attrs);
+        }
+    }
+}
+
+/// Serve one request to `/mcp/{name}`.
+pub async fn handle(
+    state: &AppState,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<McpBody> {
+    match serve(state, conn, req).await {
+        Ok(resp) => resp,
+        Err(e) => boxed(refusal(e)),
+    }
+}
+
+async fn serve(
+    state: &AppState,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<McpBody>, ApiError> {
+    let gateway = &state.mcp;
+    let name = req.uri().path().strip_prefix(PREFIX).unwrap_or_default();
+    let Some(upstream) = gateway.servers.get(name) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no MCP server `{name}` is configured (`[[mcp.servers]]`)"),
+        ));
+    };
+    let principal = agent(authenticate(state, conn, req.headers()).await?)?;
+    match *req.method() {
+        Method::POST => {}
+        Method::GET | Method::DELETE => {
+            let (parts, _) = req.into_parts();
+            return forward(gateway, upstream, parts.method, &parts.headers, None).await;
+        }
+        ref m => {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("`{m}` is not part of the MCP Streamable HTTP transport"),
+            ));
+        }
+    }
+    let (parts, incoming) = req.into_parts();
+    if !body::is_json(&parts.headers) {
+        return Ok(rpc_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Value::Null,
+            -32700,
+            "an MCP message is `application/json`",
+        ));
+    }
+    let bytes = read_message(&parts.headers, incoming, gateway.max_message_bytes, state).await?;
+    let message = match body::parse_value(&bytes) {
+        Ok(Value::Object(m)) => m,
+        Ok(Value::Array(_)) => {
+            return Ok(rpc_error(
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                -32600,
+                "a batch (JSON array) is not accepted: send one JSON-RPC message per POST",
+            ));
+        }
+        Ok(_) => {
+            return Ok(rpc_error(
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                -32600,
+                "a JSON-RPC message is an object",
+            ));
+        }
+        Err(e) => {
+            return Ok(rpc_error(
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                -32700,
+                &format!("{}{}", e.message, field_note(e.field.as_deref())),
+            ));
+        }
+    };
+    let id = message.get("id").cloned();
+    if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Ok(rpc_error(
+            StatusCode::BAD_REQUEST,
+            id.unwrap_or(Value::Null),
+            -32600,
+            "`jsonrpc` must be \"2.0\"",
+        ));
+    }
+    let method = message.get("method").and_then(Value::as_str);
+    match (method, id) {
+        (Some("tools/call"), Some(id)) => {
+            call(
+                state,
+                upstream,
+                &principal,
+                &parts.headers,
+                &message,
+                id,
+                bytes,
+            )
+            .await
+        }
+        (Some("tools/list"), Some(id)) => {
+            list(state, upstream, &principal, &parts.headers, &id, bytes).await
+        }
+        _ => forward(gateway, upstream, Method::POST, &parts.headers, Some(bytes)).await,
+    }
+}
+
+fn field_note(field: Option<&str>) -> String {
+    field.map(|f| format!(" (at `{f}`)")).unwrap_or_default()
+}
+
+/// The message, within `mcp.max_message_bytes` and `server.body_read_timeout`.
+async fn read_message(
+    headers: &HeaderMap,
+    incoming: Incoming,
+    limit: usize,
+    state: &AppState,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the message is larger than mcp.max_message_bytes ({limit})"),
+        )
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let collected = tokio::time::timeout(
+        state.server.body_read_timeout,
+        Limited::new(incoming, limit).collect(),
+    )
+    .await;
+    match collected {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the message did not arrive within server.body_read_timeout",
+        )),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("cannot read the message: {e}"),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+/// Decide a `tools/call`; forward it only on an allow.
+async fn call(
+    state: &AppState,
+    upstream: &Upstream,
+    principal: &Arc<Principal>,
+    headers: &HeaderMap,
+    message: &Map<String, Value>,
+    id: Value,
+    bytes: Bytes,
+) -> Result<Response<McpBody>, ApiError> {
+    let started = Instant::now();
+    let params = message.get("params").and_then(Value::as_object);
+    let Some(tool) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
+        return Ok(rpc_error(
+            StatusCode::OK,
+            id,
+            -32602,
+            "`params.name` (the tool) is required",
+        ));
+    };
+    let arguments = match params.and_then(|p| p.get("arguments")) {
+        None => Map::new(),
+        Some(Value::Object(a)) => a.clone(),
+        Some(_) => {
+            return Ok(rpc_error(
+                StatusCode::OK,
+                id,
+                -32602,
+                "`params.arguments` must be an object",
+            ));
+        }
+    };
+    let Some(attributes) = annotations(state, upstream, headers, tool).await? else {
+        // Fail closed: a tool the upstream does not list has no annotations to decide on.
+        return Ok(rpc_error(
+            StatusCode::OK,
+            id,
+            -32602,
+            &format!(
+                "tool `{tool}` is not in the `tools/list` of MCP server `{}`",
+                upstream.name
+            ),
+        ));
+    };
+    let req = tool_check(state, upstream, principal, tool, attributes, arguments);
+    let settled = state.service.check(&req, started).await;
+    if settled.decision.outcome == Outcome::Allow {
+        return forward(&state.mcp, upstream, Method::POST, headers, Some(bytes)).await;
+    }
+    Ok(in_band(
+        id,
+        &settled,
+        state.server.public_url.as_deref().unwrap_or_default(),
+    ))
+}
+
+/// The check of calling `tool` with `arguments`.
+fn tool_check(
+    state: &AppState,
+    upstream: &Upstream,
+    principal: &Arc<Principal>,
+    tool: &str,
+    attributes: Map<String, Value>,
+    arguments: Map<String, Value>,
+) -> CheckRequest {
+    let own = format!("mcp:{}/{tool}", upstream.name);
+    let bundle = state.service.engine.bundle();
+    let action = match bundle.slice(&own) {
+        Some(_) => own,
+        None => CALL_ACTION.to_owned(),
+    };
+    let mut context = Map::new();
+    context.insert("arguments".into(), Value::Object(arguments));
+    CheckRequest {
+        principal: principal.clone(),
+        action,
+        action_properties: None,
+        resource: Resource {
+            kind: TOOL_TYPE.to_owned(),
+            id: format!("{}/{tool}", upstream.name),
+            properties: attributes,
+        },
+        context,
+    }
+}
+
+/// The resource attributes of `tool`: known from a `tools/list` seen before, or asked of
+/// the upstream now (in the agent's session). `None`: the upstream does not list it.
+async fn annotations(
+    state: &AppState,
+    upstream: &Upstream,
+    headers: &HeaderMap,
+    tool: &str,
+) -> Result<Option<Map<String, Value>>, ApiError> {
+    if let Some(a) = upstream.tool(tool) {
+        return Ok(Some(a));
+    }
+    let mut cursor: Option<String> = None;
+    for page in 0..MAX_LIST_PAGES {
+        let mut params = Map::new();
+        if let Some(c) = &cursor {
+            params.insert("cursor".into(), Value::String(c.clone()));
+        }
+        let ask = json!({"jsonrpc": "2.0", "id": format!("mandate-tools-{page}"), "method": "tools/list", "params": params});
+        let resp = send(
+            &state.mcp,
+            upstream,
+            Method::POST,
+            headers,
+            Some(Bytes::from(ask.to_string())),
+        )
+        .await?;
+        let (_, body) = read_answer(resp).await?;
+        let mut next = None;
+        for msg in messages(&body) {
+            if let Some(result) = msg.get("result") {
+                if let Some(Value::Array(tools)) = result.get("tools") {
+                    upstream.learn(tools);
+                }
+                next = result
+                    .get("nextCursor")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+            }
+        }
+        if let Some(a) = upstream.tool(tool) {
+            return Ok(Some(a));
+        }
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok(None)
+}
+
+/// `tools/list`: the upstream's answer, filtered for this agent.
+async fn list(
+    state: &AppState,
+    upstream: &Upstream,
+    principal: &Arc<Principal>,
+    headers: &HeaderMap,
+    id: &Value,
+    bytes: Bytes,
+) -> Result<Response<McpBody>, ApiError> {
+    let resp = send(&state.mcp, upstream, Method::POST, headers, Some(bytes)).await?;
+    let status = resp.status();
+    let answer_headers = answer_headers(resp.headers());
+    let (sse, body) = read_answer(resp).await?;
+    let filter = |msg: &mut Value| {
+        if msg.get("id") != Some(id) {
+            return;
+        }
+        let Some(Value::Array(tools)) = msg.pointer_mut("/result/tools") else {
+            return;
+        };
+        upstream.learn(tools);
+        tools.retain_mut(|t| visible(state, upstream, principal, t));
+    };
+    let out = match sse {
+        true => rewrite_sse(&body, filter),
+        false => match serde_json::from_slice::<Value>(&body) {
+            Ok(mut v) => {
+                filter(&mut v);
+                Bytes::from(v.to_string())
+            }
+            Err(_) => body,
+        },
+    };
+    let mut r = Response::new(full(out));
+    *r.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    *r.headers_mut() = answer_headers;
+    r.headers_mut().remove(CONTENT_LENGTH);
+    Ok(r)
+}
+
+/// Whether `tool` may be shown to `principal`, marking it when it needs approval. A probe
+/// decision (not recorded) with no arguments: allowed or escalated, it is shown; denied only
+/// because a policy needed arguments it did not have (a `policy_error`), it is shown too, as
+/// some arguments may be allowed; denied outright (forbidden, or no policy could apply), it
+/// is hidden.
+fn visible(
+    state: &AppState,
+    upstream: &Upstream,
+    principal: &Arc<Principal>,
+    tool: &mut Value,
+) -> bool {
+    let Some(name) = tool.get("name").and_then(Value::as_str).map(str::to_owned) else {
+        return false;
+    };
+    let Some(attributes) = upstream.tool(&name) else {
+        return false;
+    };
+    let req = tool_check(state, upstream, principal, &name, attributes, Map::new());
+    let d = state.service.engine.decide(&req);
+    match d.outcome {
+        Outcome::Allow => true,
+        Outcome::Escalate => {
+            if let Some(t) = tool.as_object_mut() {
+                let meta = t
+                    .entry("_meta")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Some(m) = meta.as_object_mut() {
+                    m.insert(APPROVAL_META.into(), Value::String("required".into()));
+                }
+            }
+            true
+        }
+        Outcome::Deny => d.reasons.iter().any(|r| r.code == "policy_error"),
+    }
+}
+
+/// Forward one request and stream the upstream's answer back.
+async fn forward(
+    gateway: &Gateway,
+    upstream: &Upstream,
+    method: Method,
+    headers: &HeaderMap,
+    body: Option<Bytes>,
+) -> Result<Response<McpBody>, ApiError> {
+    let resp = send(gateway, upstream, method, headers, body).await?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let headers = answer_headers(resp.headers());
+    let streamed: http::Response<reqwest::Body> = resp.into();
+    let mut r = Response::new(
+        streamed
+            .into_body()
+            .map_err(std::io::Error::other)
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
+    Ok(r)
+}
+
+async fn send(
+    gateway: &Gateway,
+    upstream: &Upstream,
+    method: Method,
+    headers: &HeaderMap,
+    body: Option<Bytes>,
+) -> Result<reqwest::Response, ApiError> {
+    let mut out = reqwest::header::HeaderMap::new();
+    for name in SESSION_HEADERS {
+        for v in headers.get_all(name) {
+            if let (Ok(n), Ok(v)) = (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                reqwest::header::HeaderValue::from_bytes(v.as_bytes()),
+            ) {
+                out.append(n, v);
+            }
+        }
+    }
+    if !out.contains_key(ACCEPT.as_str()) {
+        out.insert(
+            reqwest::header::ACCEPT,
+            reqwest::header::HeaderValue::from_static("application/json, text/event-stream"),
+        );
+    }
+    for (k, v) in &upstream.headers {
+        if let (Ok(n), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(k.as_str().as_bytes()),
+            reqwest::header::HeaderValue::from_bytes(v.as_bytes()),
+        ) {
+            out.insert(n, v);
+        }
+    }
+    let method =
+        reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::POST);
+    let mut rb = gateway
+        .client
+        .request(method, upstream.url.clone())
+        .headers(out);
+    if let Some(b) = body {
+        rb = rb
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(b);
+    }
+    rb.send().await.map_err(|e| {
+        tracing::warn!(server = %upstream.name, error = %e, "mcp: upstream request failed");
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unavailable",
+            format!("MCP server `{}` did not answer: {e}", upstream.name),
+        )
+    })
+}
+
+/// The answer headers passed back to the agent.
+fn answer_headers(h: &reqwest::header::HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in ANSWER_HEADERS {
+        for v in h.get_all(name) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(v.as_bytes()),
+            ) {
+                out.append(n, v);
+            }
+        }
+    }
+    out
+}
+
+/// A whole upstream answer (bounded) and whether it is an SSE stream.
+async fn read_answer(resp: reqwest::Response) -> Result<(bool, Bytes), ApiError> {
+    let sse = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let streamed: http::Response<reqwest::Body> = resp.into();
+    let bytes = Limited::new(streamed.into_body(), MAX_LIST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                format!("the MCP server's answer could not be read: {e}"),
+            )
+        })?
+        .to_bytes();
+    Ok((sse, bytes))
+}
+
+/// The JSON-RPC messages of an answer: the one JSON body, or each SSE event's data.
+fn messages(body: &Bytes) -> Vec<Value> {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        return vec![v];
+    }
+    sse_events(body)
+        .iter()
+        .filter_map(|e| serde_json::from_str(&event_data(e)).ok())
+        .collect()
+}
+
+/// SSE events (blank-line separated), each as its lines.
+fn sse_events(body: &[u8]) -> Vec<Vec<String>> {
+    let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| e.lines().map(str::to_owned).collect())
+        .collect()
+}
+
+fn event_data(lines: &[String]) -> String {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The SSE stream with `f` applied to each event's JSON message; other lines (`id:`,
+/// `event:`, comments) as they were.
+fn rewrite_sse(body: &[u8], mut f: impl FnMut(&mut Value)) -> Bytes {
+    let mut out = String::new();
+    for lines in sse_events(body) {
+        let data = event_data(&lines);
+        let message = serde_json::from_str::<Value>(&data).ok().map(|mut v| {
+            f(&mut v);
+            v.to_string()
+        });
+        let mut wrote_data = false;
+        for l in &lines {
+            if l.starts_with("data:") {
+                match &message {
+                    Some(m) if !wrote_data => {
+                        out.push_str("data: ");
+                        out.push_str(m);
+                        out.push('\n');
+                        wrote_data = true;
+                    }
+                    Some(_) => {}
+                    None => {
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+            } else {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out.push('\n');
+    }
+    Bytes::from(out)
+}
+
+/// A denied or escalated tool call, answered in the MCP session: the model reads the text,
+/// a client reads `structuredContent`.
+fn in_band(id: Value, settled: &Settled, public_url: &str) -> Response<McpBody> {
+    let d = &settled.decision;
+    let text = match (&d.outcome, &settled.approval) {
+        (Outcome::Escalate, Some(a)) => format!(
+            "Mandate: this call needs approval. Approval request {id} was created \
+             ({public_url}/v1/approvals/{id}); it expires at {expires}. Once it is approved, \
+             retry exactly the same call; other arguments need their own approval. \
+             (decision {decision})",
+            id = a.id,
+            expires = crate::clock::rfc3339(a.expires_at),
+            decision = d.id,
+        ),
+        _ => format!(
+            "Mandate denied this call: {}. (decision {})",
+            d.reasons
+                .iter()
+                .map(|r| r.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            d.id
+        ),
+    };
+    let result = json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "result": {
+            "content": [{"type": "text", "text": text}],
+            "isError": true,
+            "structuredContent": decision_value(settled),
+        },
+    });
+    let mut r = Response::new(full(Bytes::from(result.to_string())));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A JSON-RPC error answer.
+fn rpc_error(status: StatusCode, id: Value, code: i64, message: &str) -> Response<McpBody> {
+    let v = json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
+    let mut r = Response::new(full(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn full(b: Bytes) -> McpBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An API answer as a gateway answer.
+pub fn boxed(r: Response<super::Body>) -> Response<McpBody> {
+    r.map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
