@@ -78,6 +78,11 @@ const ANSWER_HEADERS: [&str; 4] = [
     "mcp-protocol-version",
     "cache-control",
 ];
+/// Sessions remembered per upstream, and how long an unused one is.
+const MAX_SESSIONS: u64 = 100_000;
+const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The methods decided before they are forwarded; each must be a request (with an id).
+const DECIDED: [&str; 3] = ["tools/call", "resources/read", "prompts/get"];
 /// Largest `tools/list` answer read to filter it.
 const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 /// Pages of `tools/list` Mandate reads itself to learn a tool's annotations.
@@ -98,6 +103,9 @@ struct Upstream {
     headers: HeaderMap,
     /// Tool name → its resource attributes (annotations, `server`, `tool`).
     tools: RwLock<HashMap<String, Map<String, Value>>>,
+    /// `Mcp-Session-Id` → the principal whose `initialize` opened it: a session is used only
+    /// by the agent that opened it (another agent that learns the id gets a 404).
+    sessions: moka::sync::Cache<String, String>,
 }
 
 impl Gateway {
@@ -143,7 +151,22 @@ impl Upstream {
             url,
             headers,
             tools: RwLock::new(HashMap::new()),
+            sessions: moka::sync::Cache::builder()
+                .max_capacity(MAX_SESSIONS)
+                .time_to_idle(SESSION_IDLE)
+                .build(),
         })
+    }
+
+    /// A session the upstream opened (its answer names one the request did not carry)
+    /// belongs to the agent that asked.
+    fn record_session(&self, asked: &HeaderMap, answer: &reqwest::header::HeaderMap, owner: &str) {
+        if asked.contains_key("mcp-session-id") {
+            return;
+        }
+        if let Some(s) = answer.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+            self.sessions.insert(s.to_owned(), owner.to_owned());
+        }
     }
 
     fn tool(&self, name: &str) -> Option<Map<String, Value>> {
@@ -201,11 +224,41 @@ async fn serve(
         ));
     };
     let principal = agent(authenticate(state, conn, req.headers()).await?)?;
+    let owner = owner_key(&principal);
+    if let Some(session) = req.headers().get("mcp-session-id") {
+        let session = session.to_str().unwrap_or_default();
+        // Unknown (expired, from before a restart, or guessed) or another agent's: the
+        // transport's answer to a session that does not exist, so the client starts anew.
+        if upstream.sessions.get(session).as_deref() != Some(owner.as_str()) {
+            return Ok(rpc_error(
+                StatusCode::NOT_FOUND,
+                Value::Null,
+                -32001,
+                "no such session for this agent: initialize a new one",
+            ));
+        }
+    }
     match *req.method() {
         Method::POST => {}
         Method::GET | Method::DELETE => {
             let (parts, _) = req.into_parts();
-            return forward(gateway, upstream, parts.method, &parts.headers, None).await;
+            if parts.method == Method::DELETE
+                && let Some(s) = parts
+                    .headers
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+            {
+                upstream.sessions.invalidate(s);
+            }
+            return forward(
+                gateway,
+                upstream,
+                &owner,
+                parts.method,
+                &parts.headers,
+                None,
+            )
+            .await;
         }
         ref m => {
             return Err(ApiError::new(
@@ -262,6 +315,18 @@ async fn serve(
         ));
     }
     let method = message.get("method").and_then(Value::as_str);
+    if let Some(m) = method.filter(|m| DECIDED.contains(m))
+        && id.as_ref().is_none_or(Value::is_null)
+    {
+        // Fail closed: a notification cannot be answered, so it is never decided, and an
+        // upstream that executed it anyway would act unchecked.
+        return Ok(rpc_error(
+            StatusCode::BAD_REQUEST,
+            Value::Null,
+            -32600,
+            &format!("`{m}` must be a request with an `id`"),
+        ));
+    }
     match (method, id) {
         (Some("tools/call"), Some(id)) => {
             call(
@@ -278,7 +343,37 @@ async fn serve(
         (Some("tools/list"), Some(id)) => {
             list(state, upstream, &principal, &parts.headers, &id, bytes).await
         }
-        _ => forward(gateway, upstream, Method::POST, &parts.headers, Some(bytes)).await,
+        (Some(m @ ("resources/read" | "prompts/get")), Some(id)) => {
+            let req = match other_check(upstream, &principal, m, &message) {
+                Ok(req) => req,
+                Err(why) => return Ok(rpc_error(StatusCode::OK, id, -32602, &why)),
+            };
+            let settled = state.service.check(&req, Instant::now()).await;
+            if settled.decision.outcome == Outcome::Allow {
+                return forward(
+                    gateway,
+                    upstream,
+                    &owner,
+                    Method::POST,
+                    &parts.headers,
+                    Some(bytes),
+                )
+                .await;
+            }
+            let public_url = state.server.public_url.as_deref().unwrap_or_default();
+            Ok(refused(id, &settled, &explain(&settled, public_url)))
+        }
+        _ => {
+            forward(
+                gateway,
+                upstream,
+                &owner,
+                Method::POST,
+                &parts.headers,
+                Some(bytes),
+            )
+            .await
+        }
     }
 }
 
@@ -380,7 +475,16 @@ async fn call(
     let req = tool_check(state, upstream, principal, tool, attributes, arguments);
     let settled = state.service.check(&req, started).await;
     if settled.decision.outcome == Outcome::Allow {
-        return forward(&state.mcp, upstream, Method::POST, headers, Some(bytes)).await;
+        let owner = owner_key(principal);
+        return forward(
+            &state.mcp,
+            upstream,
+            &owner,
+            Method::POST,
+            headers,
+            Some(bytes),
+        )
+        .await;
     }
     Ok(in_band(
         id,
@@ -479,6 +583,7 @@ async fn list(
     bytes: Bytes,
 ) -> Result<Response<McpBody>, ApiError> {
     let resp = send(&state.mcp, upstream, Method::POST, headers, Some(bytes)).await?;
+    upstream.record_session(headers, resp.headers(), &owner_key(principal));
     let status = resp.status();
     let answer_headers = answer_headers(resp.headers());
     let (sse, body) = read_answer(resp).await?;
@@ -549,11 +654,13 @@ fn visible(
 async fn forward(
     gateway: &Gateway,
     upstream: &Upstream,
+    owner: &str,
     method: Method,
     headers: &HeaderMap,
     body: Option<Bytes>,
 ) -> Result<Response<McpBody>, ApiError> {
     let resp = send(gateway, upstream, method, headers, body).await?;
+    upstream.record_session(headers, resp.headers(), owner);
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let headers = answer_headers(resp.headers());
     let streamed: http::Response<reqwest::Body> = resp.into();
@@ -724,15 +831,72 @@ fn rewrite_sse(body: &[u8], mut f: impl FnMut(&mut Value)) -> Bytes {
     Bytes::from(out)
 }
 
-/// A denied or escalated tool call, answered in the MCP session: the model reads the text,
-/// a client reads `structuredContent`.
-fn in_band(id: Value, settled: &Settled, public_url: &str) -> Response<McpBody> {
+/// Who owns a session: the principal, as its type, id and issuer.
+fn owner_key(p: &Principal) -> String {
+    format!("{}::{}@{}", p.kind, p.id, p.issuer)
+}
+
+/// The check of a `resources/read` (`mcp:read` on `McpResource::"<server>/<uri>"`) or a
+/// `prompts/get` (`mcp:prompt` on `McpPrompt::"<server>/<name>"`, its arguments in the
+/// context).
+fn other_check(
+    upstream: &Upstream,
+    principal: &Arc<Principal>,
+    method: &str,
+    message: &Map<String, Value>,
+) -> Result<CheckRequest, String> {
+    let params = message.get("params").and_then(Value::as_object);
+    let (action, kind, key, attr) = match method {
+        "resources/read" => ("mcp:read", "McpResource", "uri", "uri"),
+        _ => ("mcp:prompt", "McpPrompt", "name", "prompt"),
+    };
+    let Some(name) = params.and_then(|p| p.get(key)).and_then(Value::as_str) else {
+        return Err(format!("`params.{key}` is required"));
+    };
+    let mut properties = Map::new();
+    properties.insert("server".into(), Value::String(upstream.name.clone()));
+    properties.insert(attr.into(), Value::String(name.to_owned()));
+    let mut context = Map::new();
+    if method == "prompts/get" {
+        let arguments = match params.and_then(|p| p.get("arguments")) {
+            None => Map::new(),
+            Some(Value::Object(a)) => a.clone(),
+            Some(_) => return Err("`params.arguments` must be an object".into()),
+        };
+        context.insert("arguments".into(), Value::Object(arguments));
+    }
+    Ok(CheckRequest {
+        principal: principal.clone(),
+        action: action.to_owned(),
+        action_properties: None,
+        resource: Resource {
+            kind: kind.to_owned(),
+            id: format!("{}/{name}", upstream.name),
+            properties,
+        },
+        context,
+    })
+}
+
+/// A refused `resources/read` or `prompts/get`: a JSON-RPC error (these results have no
+/// error flag), the decision in its `data`.
+fn refused(id: Value, settled: &Settled, text: &str) -> Response<McpBody> {
+    let v = json!({"jsonrpc": "2.0", "id": id, "error": {
+        "code": -32003, "message": text, "data": decision_value(settled)}});
+    let mut r = Response::new(full(Bytes::from(v.to_string())));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// What the model reads about a refusal: why, or where the approval is awaited.
+fn explain(settled: &Settled, public_url: &str) -> String {
     let d = &settled.decision;
-    let text = match (&d.outcome, &settled.approval) {
+    match (&d.outcome, &settled.approval) {
         (Outcome::Escalate, Some(a)) => format!(
             "Mandate: this call needs approval. Approval request {id} was created \
              ({public_url}/v1/approvals/{id}); it expires at {expires}. Once it is approved, \
-             retry exactly the same call; other arguments need their own approval. \
+             retry exactly the same request; other arguments need their own approval. \
              (decision {decision})",
             id = a.id,
             expires = crate::clock::rfc3339(a.expires_at),
@@ -747,7 +911,13 @@ fn in_band(id: Value, settled: &Settled, public_url: &str) -> Response<McpBody> 
                 .join("; "),
             d.id
         ),
-    };
+    }
+}
+
+/// A denied or escalated tool call, answered in the MCP session: the model reads the text,
+/// a client reads `structuredContent`.
+fn in_band(id: Value, settled: &Settled, public_url: &str) -> Response<McpBody> {
+    let text = explain(settled, public_url);
     let result = json!({
         "jsonrpc": "2.0",
         "id": id,
