@@ -131,6 +131,9 @@ pub struct McpConfig {
     pub max_message_bytes: usize,
     /// Longest wait for an upstream to connect and start answering.
     pub upstream_timeout: Duration,
+    /// How long an escalated tool call is held open for its approval (then forwarded if
+    /// approved); zero answers the escalation at once.
+    pub hold: Duration,
 }
 
 impl Default for McpConfig {
@@ -139,6 +142,7 @@ impl Default for McpConfig {
             servers: Vec::new(),
             max_message_bytes: 1024 * 1024,
             upstream_timeout: Duration::from_secs(30),
+            hold: Duration::ZERO,
         }
     }
 }
@@ -1085,7 +1089,11 @@ impl Reader {
 
     fn mcp(&mut self, t: &Table) -> McpConfig {
         let p = "mcp";
-        self.known(t, p, &["servers", "max_message_bytes", "upstream_timeout"]);
+        self.known(
+            t,
+            p,
+            &["servers", "max_message_bytes", "upstream_timeout", "hold"],
+        );
         let defaults = McpConfig::default();
         let max_message_bytes = self.integer(
             t,
@@ -1101,6 +1109,8 @@ impl Reader {
             defaults.upstream_timeout,
             Duration::from_secs(300),
         );
+        // The approvals API's longest wait is 60 s; an agent's MCP client times out as well.
+        let hold = self.duration(t, p, "hold", defaults.hold, Duration::from_secs(60));
         let items = match t.get("servers") {
             None => &Vec::new(),
             Some(Value::Array(items)) => items,
@@ -1176,6 +1186,7 @@ impl Reader {
             servers,
             max_message_bytes,
             upstream_timeout,
+            hold,
         }
     }
 
@@ -3069,7 +3080,7 @@ resource = { type = "CrmRecord", id = "{id}" }
         let c = parse(GOOD, &[]).unwrap();
         assert_eq!(c.mcp, McpConfig::default());
         let c = parse(
-            "[mcp]\nmax_message_bytes = 4096\nupstream_timeout = \"5s\"\n\
+            "[mcp]\nmax_message_bytes = 4096\nupstream_timeout = \"5s\"\nhold = \"20s\"\n\
              [[mcp.servers]]\nname = \"tools\"\nurl = \"http://127.0.0.1:9000/mcp\"\n\
              headers = { Authorization = \"Bearer upstream\", \"X-Api-Key\" = \"k\" }\n",
             &[],
@@ -3077,6 +3088,7 @@ resource = { type = "CrmRecord", id = "{id}" }
         .unwrap();
         assert_eq!(c.mcp.max_message_bytes, 4096);
         assert_eq!(c.mcp.upstream_timeout, Duration::from_secs(5));
+        assert_eq!(c.mcp.hold, Duration::from_secs(20));
         assert_eq!(c.mcp.servers[0].name, "tools");
         assert_eq!(
             c.mcp.servers[0].headers,

@@ -94,6 +94,7 @@ pub struct Gateway {
     servers: HashMap<String, Upstream>,
     client: reqwest::Client,
     max_message_bytes: usize,
+    hold: std::time::Duration,
 }
 
 #[derive(Debug)]
@@ -126,6 +127,7 @@ impl Gateway {
             servers,
             client,
             max_message_bytes: c.max_message_bytes,
+            hold: c.hold,
         })
     }
 
@@ -199,7 +201,7 @@ impl Upstream {
 
 /// Serve one request to `/mcp/{name}`.
 pub async fn handle(
-    state: &AppState,
+    state: &Arc<AppState>,
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<McpBody> {
@@ -210,7 +212,7 @@ pub async fn handle(
 }
 
 async fn serve(
-    state: &AppState,
+    state: &Arc<AppState>,
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<McpBody>, ApiError> {
@@ -430,7 +432,7 @@ async fn read_message(
 
 /// Decide a `tools/call`; forward it only on an allow.
 async fn call(
-    state: &AppState,
+    state: &Arc<AppState>,
     upstream: &Upstream,
     principal: &Arc<Principal>,
     headers: &HeaderMap,
@@ -474,23 +476,219 @@ async fn call(
     };
     let req = tool_check(state, upstream, principal, tool, attributes, arguments);
     let settled = state.service.check(&req, started).await;
-    if settled.decision.outcome == Outcome::Allow {
-        let owner = owner_key(principal);
-        return forward(
-            &state.mcp,
-            upstream,
-            &owner,
-            Method::POST,
-            headers,
-            Some(bytes),
-        )
-        .await;
+    let owner = owner_key(principal);
+    let public_url = state.server.public_url.as_deref().unwrap_or_default();
+    match (&settled.decision.outcome, &settled.approval) {
+        (Outcome::Allow, _) => {
+            forward(
+                &state.mcp,
+                upstream,
+                &owner,
+                Method::POST,
+                headers,
+                Some(bytes),
+            )
+            .await
+        }
+        (Outcome::Escalate, Some(a)) if !state.mcp.hold.is_zero() => {
+            let progress = params
+                .and_then(|p| p.get("_meta"))
+                .and_then(|m| m.get("progressToken"))
+                .cloned();
+            let held = Held {
+                state: state.clone(),
+                server: upstream.name.clone(),
+                principal: principal.clone(),
+                approval: a.id.to_string(),
+                req,
+                headers: headers.clone(),
+                bytes,
+                id,
+                escalated: settled,
+            };
+            match progress {
+                Some(token) if accepts_sse(headers) => Ok(held.stream(token)),
+                _ => held.wait().await,
+            }
+        }
+        _ => Ok(in_band(id, &settled, public_url)),
     }
-    Ok(in_band(
-        id,
-        &settled,
-        state.server.public_url.as_deref().unwrap_or_default(),
-    ))
+}
+
+fn accepts_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
+}
+
+/// An escalated tool call held open for `mcp.hold` while its approval request is pending:
+/// forwarded if it is approved in time (and the check, made again, now allows it, under the
+/// grant), else answered as the escalation.
+struct Held {
+    state: Arc<AppState>,
+    server: String,
+    principal: Arc<Principal>,
+    approval: String,
+    req: CheckRequest,
+    headers: HeaderMap,
+    bytes: Bytes,
+    id: Value,
+    escalated: Settled,
+}
+
+/// How often a held call with a progress token hears that it is still waiting.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Held {
+    /// Wait up to `deadline` for the approval request to leave `pending`: whether it was
+    /// approved.
+    async fn approved_by(&self, wait: std::time::Duration) -> Option<bool> {
+        let caller = crate::service::Caller::Agent(self.principal.clone());
+        match self
+            .state
+            .service
+            .show(&caller, &self.approval, Some(wait))
+            .await
+        {
+            Ok(r) if r.status == crate::approval::Status::Pending => None,
+            Ok(r) => Some(r.status == crate::approval::Status::Approved),
+            // The store failing while held: the escalation stands (fail closed).
+            Err(_) => Some(false),
+        }
+    }
+
+    /// After the wait: forward if the check now allows the call, else the escalation (or
+    /// the new decision) in-band.
+    async fn settle(self) -> Result<Response<McpBody>, ApiError> {
+        let public_url = self.state.server.public_url.clone().unwrap_or_default();
+        let again = self.state.service.check(&self.req, Instant::now()).await;
+        let Some(upstream) = self.state.mcp.servers.get(&self.server) else {
+            return Ok(in_band(self.id, &self.escalated, &public_url));
+        };
+        if again.decision.outcome == Outcome::Allow {
+            let owner = owner_key(&self.principal);
+            return forward(
+                &self.state.mcp,
+                upstream,
+                &owner,
+                Method::POST,
+                &self.headers,
+                Some(self.bytes),
+            )
+            .await;
+        }
+        Ok(in_band(self.id, &again, &public_url))
+    }
+
+    /// Hold without progress: one wait, then the answer.
+    async fn wait(self) -> Result<Response<McpBody>, ApiError> {
+        match self.approved_by(self.state.mcp.hold).await {
+            Some(true) => self.settle().await,
+            _ => {
+                let public_url = self.state.server.public_url.clone().unwrap_or_default();
+                Ok(in_band(self.id, &self.escalated, &public_url))
+            }
+        }
+    }
+
+    /// Hold with progress: an SSE answer whose first events are `notifications/progress`
+    /// (every few seconds, naming the approval request), and whose last is the call's result:
+    /// the upstream's (its own events passed through) or the escalation.
+    fn stream(self, token: Value) -> Response<McpBody> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            let hold = self.state.mcp.hold;
+            let until = tokio::time::Instant::now() + hold;
+            let mut step = 0u64;
+            let mut approved = false;
+            loop {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                step += 1;
+                let note = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                    "params": {"progressToken": token, "progress": step,
+                               "message": format!("waiting for approval request {}", self.approval)}});
+                if tx.send(sse_event(&note.to_string())).await.is_err() {
+                    return; // The client went away.
+                }
+                match self.approved_by(left.min(PROGRESS_EVERY)).await {
+                    None => {}
+                    Some(a) => {
+                        approved = a;
+                        break;
+                    }
+                }
+            }
+            let id = self.id.clone();
+            let answer = match approved {
+                true => self.settle().await,
+                false => {
+                    let public_url = self.state.server.public_url.clone().unwrap_or_default();
+                    Ok(in_band(self.id, &self.escalated, &public_url))
+                }
+            };
+            let resp = match answer {
+                Ok(r) => r,
+                Err(e) => rpc_error(StatusCode::OK, id, -32603, &e.message),
+            };
+            pipe_as_sse(resp, &tx).await;
+        });
+        let mut r = Response::new(ChannelBody(rx).boxed_unsync());
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        r.headers_mut()
+            .insert("cache-control", HeaderValue::from_static("no-cache"));
+        r
+    }
+}
+
+fn sse_event(data: &str) -> Bytes {
+    Bytes::from(format!("event: message\ndata: {data}\n\n"))
+}
+
+/// An answer into an SSE stream: an SSE answer's bytes as they come, a JSON one as one event.
+async fn pipe_as_sse(resp: Response<McpBody>, tx: &tokio::sync::mpsc::Sender<Bytes>) {
+    let sse = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut body = resp.into_body();
+    if sse {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data()
+                && tx.send(data).await.is_err()
+            {
+                return;
+            }
+        }
+        return;
+    }
+    if let Ok(whole) = body.collect().await {
+        let text = String::from_utf8_lossy(&whole.to_bytes()).into_owned();
+        let _ = tx.send(sse_event(text.trim())).await;
+    }
+}
+
+/// A body fed by a channel (a held call's SSE answer).
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
 }
 
 /// The check of calling `tool` with `arguments`.
