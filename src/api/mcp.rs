@@ -1149,3 +1149,51 @@ fn full(b: Bytes) -> McpBody {
 pub fn boxed(r: Response<super::Body>) -> Response<McpBody> {
     r.map(|b| b.map_err(|never| match never {}).boxed_unsync())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_are_rewritten_message_by_message_and_other_lines_kept() {
+        let body = b"event: message\r\nid: 1\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\r\n\r\n\
+                     : a comment\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\n\
+                     data: \"result\":{\"tools\":[{\"name\":\"a\"},{\"name\":\"b\"}]}}\n\n";
+        let out = rewrite_sse(body, |m| {
+            if let Some(Value::Array(t)) = m.pointer_mut("/result/tools") {
+                t.retain(|t| t["name"] != "b");
+            }
+        });
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.contains("event: message\nid: 1\n"), "{text}");
+        assert!(text.contains(": a comment\n"), "{text}");
+        // The multi-line data is one message, filtered, written once.
+        let msgs = messages(&out);
+        assert_eq!(msgs.len(), 2, "{text}");
+        assert_eq!(msgs[1]["result"]["tools"], json!([{"name": "a"}]));
+        // A JSON answer is one message.
+        assert_eq!(
+            messages(&Bytes::from_static(b"{\"id\":1}")),
+            [json!({"id": 1})]
+        );
+    }
+
+    #[test]
+    fn learnt_annotations_are_booleans_with_server_and_tool() {
+        let u = Upstream::new(&McpServer {
+            name: "tools".into(),
+            url: "http://127.0.0.1:1/mcp".into(),
+            headers: vec![],
+        })
+        .unwrap();
+        u.learn(&[
+            json!({"name": "read", "annotations": {"readOnlyHint": true, "title": "x", "destructiveHint": "yes"}}),
+            json!({"title": "no name"}),
+        ]);
+        assert_eq!(
+            Value::Object(u.tool("read").unwrap()),
+            json!({"server": "tools", "tool": "read", "readOnlyHint": true})
+        );
+        assert!(u.tool("no name").is_none());
+    }
+}
