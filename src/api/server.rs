@@ -307,12 +307,19 @@ async fn serve_io<S>(
         let state = state.clone();
         let info = info.clone();
         async move {
-            // The MCP gateway streams upstream answers (SSE); every other answer is whole.
+            // The MCP gateway streams upstream answers (SSE, a held call): the connection
+            // stays busy until the stream ends, so the idle timeout never cuts one short.
+            // Every other answer is whole, and the connection is quiet once it is made.
             let resp = match req.uri().path().starts_with(mcp::PREFIX) {
-                true => mcp::handle(&state, &info, req).await.map(Answer::Streamed),
-                false => route(state, info, req).await.map(Answer::Whole),
+                true => mcp::handle(&state, &info, req)
+                    .await
+                    .map(|b| Answer::Streamed(b, busy)),
+                false => {
+                    let resp = route(state, info, req).await.map(Answer::Whole);
+                    drop(busy);
+                    resp
+                }
             };
-            drop(busy);
             Ok::<_, Infallible>(resp)
         }
     });
@@ -328,7 +335,16 @@ async fn serve_io<S>(
 #[derive(Debug)]
 enum Answer {
     Whole(super::Body),
-    Streamed(mcp::McpBody),
+    /// With the connection's busy mark, held (never read) until the body is done or
+    /// dropped.
+    Streamed(
+        mcp::McpBody,
+        #[allow(
+            dead_code,
+            reason = "held for its Drop: the connection is busy until then"
+        )]
+        super::conn_guard::InFlight,
+    ),
 }
 
 impl hyper::body::Body for Answer {
@@ -343,21 +359,21 @@ impl hyper::body::Body for Answer {
             Answer::Whole(b) => std::pin::Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
-            Answer::Streamed(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Answer::Streamed(b, _) => std::pin::Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Answer::Whole(b) => b.is_end_stream(),
-            Answer::Streamed(b) => b.is_end_stream(),
+            Answer::Streamed(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             Answer::Whole(b) => b.size_hint(),
-            Answer::Streamed(b) => b.size_hint(),
+            Answer::Streamed(b, _) => b.size_hint(),
         }
     }
 }
