@@ -26,12 +26,18 @@ Plain HTTP routes beside the MCP endpoint, for the test to see what reached this
 import asyncio
 import socket
 import sys
+import warnings
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+# Log notifications are deprecated for 2026-07-28 sessions only; the handshake era (2025-11-25,
+# what `initialize` negotiates) still has them, and they are what slow_count streams.
+warnings.filterwarnings("ignore", category=MCPDeprecationWarning)
 
 TOOLS = ("read_record", "transfer", "shell", "slow_count")
 counts = {name: 0 for name in TOOLS}
