@@ -217,13 +217,18 @@ fn text(answer: &Value) -> String {
 
 /// The upstream and Mandate (the example configuration and bundle) serving it as `tools`.
 async fn gateway() -> (Upstream, TestServer) {
+    gateway_with(&[]).await
+}
+
+/// The upstream, and Mandate's example configuration serving it as `tools` with `env`.
+async fn gateway_with(env: &[(&str, &str)]) -> (Upstream, TestServer) {
     let upstream = Upstream::start().await;
     let s = TestServer::start(&example_config_plus(
         &format!(
             "[[mcp.servers]]\nname = \"tools\"\nurl = \"{}\"\n",
             upstream.url
         ),
-        &[],
+        env,
     ))
     .await;
     (upstream, s)
@@ -418,13 +423,15 @@ async fn a_denied_call_never_reaches_the_upstream() {
     let answer = run.only();
     assert!(answer.get("error").is_none(), "not in-band: {answer}");
     assert_eq!(answer["isError"], true, "{answer}");
-    // TODO(issue 13): tighten to the exact reason text once the gateway's wording is fixed.
-    let reason = text(answer).to_lowercase();
+    let reason = text(answer);
     assert!(
-        ["deny", "denied", "forbid", "not allowed", "not permitted"]
-            .iter()
-            .any(|w| reason.contains(w)),
-        "the answer does not say it was denied: {answer}"
+        reason.starts_with("Mandate denied this call: no policy permits this request."),
+        "{answer}"
+    );
+    assert_eq!(answer["structuredContent"]["decision"], "deny", "{answer}");
+    assert_eq!(
+        answer["structuredContent"]["reasons"][0]["code"], "no_matching_policy",
+        "{answer}"
     );
     assert_eq!(up.count("shell").await, 0, "a denied call was forwarded");
     assert!(up.calls().await.is_empty());
@@ -453,7 +460,9 @@ async fn an_escalated_call_waits_for_approval_then_its_grant_allows_exactly_it()
         .unwrap_or_else(|| panic!("no approval request id: {esc}"))
         .to_owned();
     assert!(
-        request["url"].as_str().is_some_and(|u| u.contains(&id)),
+        request["status_url"]
+            .as_str()
+            .is_some_and(|u| u.contains(&id)),
         "{esc}"
     );
     assert!(request["expires_at"].is_string(), "{esc}");
@@ -528,9 +537,7 @@ async fn no_token_or_a_bad_token_is_401_and_nothing_is_forwarded() {
 /// A tool that streams progress and log notifications before its result: the SSE stream
 /// passes through Mandate intact and in order, and the result at its end is the upstream's.
 ///
-/// Assumes the example bundle permits `slow_count` (like `read_record`, it is annotated
-/// read-only). TODO(issue 13): if the example `mcp:call` rules name tools, they must permit
-/// `slow_count`; otherwise mark this `#[ignore = "needs the mcp example policy"]`.
+/// The example bundle permits `slow_count` (`mcp-count`, and it is annotated read-only).
 #[tokio::test]
 async fn a_streamed_answer_passes_through_as_sse() {
     let (up, s) = gateway().await;
@@ -661,8 +668,8 @@ async fn malformed_or_oversize_requests_are_refused() {
     // with -32602, so a batch passed through would not pass here.)
     assert_eq!(v["error"]["code"], -32600, "invalid request: {v}");
 
-    // The example configuration's `server.max_body_bytes` is 64 KiB.
-    let big = tools_call_request(3, "read_record", json!({"id": "x".repeat(70 * 1024)}));
+    // Over `mcp.max_message_bytes` (1 MiB by default).
+    let big = tools_call_request(3, "read_record", json!({"id": "x".repeat(1100 * 1024)}));
     let (st, _, body) = post_raw(&s, Some(&token), None, big).await;
     assert_eq!(st, 413, "{body}");
 
@@ -670,5 +677,63 @@ async fn malformed_or_oversize_requests_are_refused() {
         up.counts().await,
         json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0})
     );
+    s.shutdown().await;
+}
+
+/// `mcp.hold`: an escalated call is held open while its approval request is pending, the
+/// client hears progress naming the request, and once a finance approver approves it the
+/// call is checked again (the grant allows exactly it) and reaches the upstream; the result
+/// the client gets is the upstream's.
+#[tokio::test]
+async fn a_held_call_is_released_by_its_approval() {
+    let (up, s) = gateway_with(&[("MANDATE_MCP__HOLD", "30s")]).await;
+    let url = mcp_url(&s);
+    let token = agent();
+    let steps = json!([call(
+        "transfer",
+        json!({"account": "acct-7", "amount": 250})
+    )]);
+    let approver = async {
+        let alice = dev_token(
+            "alice",
+            json!({"groups": ["finance-approvers"]}),
+            Duration::from_secs(300),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no request to approve"
+            );
+            let r = s
+                .client
+                .get(s.url("/v1/approvals?status=pending"))
+                .bearer_auth(&alice)
+                .send()
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            if let Some(id) = v["requests"][0]["id"].as_str() {
+                // Still held: the upstream has not been called.
+                assert_eq!(up.count("transfer").await, 0);
+                let (st, body) = common::finance_approve(&s, id, "FIN-7").await;
+                assert_eq!(st, 200, "{body}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let (run, ()) = tokio::join!(client(&url, Some(&token), steps), approver);
+    let answer = run.only();
+    assert_eq!(answer["isError"], false, "{answer}");
+    assert_eq!(text(answer), "transferred 250 to acct-7", "{answer}");
+    let progress = answer["progress"].as_array().unwrap();
+    assert!(
+        progress.iter().any(|p| p[2]
+            .as_str()
+            .is_some_and(|m| m.contains("waiting for approval request"))),
+        "{answer}"
+    );
+    assert_eq!(up.count("transfer").await, 1);
     s.shutdown().await;
 }

@@ -462,17 +462,10 @@ async fn call(
             ));
         }
     };
-    let Some(attributes) = annotations(state, upstream, headers, tool).await? else {
-        // Fail closed: a tool the upstream does not list has no annotations to decide on.
-        return Ok(rpc_error(
-            StatusCode::OK,
-            id,
-            -32602,
-            &format!(
-                "tool `{tool}` is not in the `tools/list` of MCP server `{}`",
-                upstream.name
-            ),
-        ));
+    let attributes = match annotations(state, upstream, headers, tool).await? {
+        Ok(a) => a,
+        // Fail closed: without the tool's annotations there is nothing certain to decide on.
+        Err(why) => return Ok(rpc_error(StatusCode::OK, id, -32602, &why)),
     };
     let req = tool_check(state, upstream, principal, tool, attributes, arguments);
     let settled = state.service.check(&req, started).await;
@@ -722,15 +715,16 @@ fn tool_check(
 }
 
 /// The resource attributes of `tool`: known from a `tools/list` seen before, or asked of
-/// the upstream now (in the agent's session). `None`: the upstream does not list it.
+/// the upstream now (in the agent's session). `Err`: why they cannot be known (the upstream
+/// does not list the tool, or refused to list its tools).
 async fn annotations(
     state: &AppState,
     upstream: &Upstream,
     headers: &HeaderMap,
     tool: &str,
-) -> Result<Option<Map<String, Value>>, ApiError> {
+) -> Result<Result<Map<String, Value>, String>, ApiError> {
     if let Some(a) = upstream.tool(tool) {
-        return Ok(Some(a));
+        return Ok(Ok(a));
     }
     let mut cursor: Option<String> = None;
     for page in 0..MAX_LIST_PAGES {
@@ -747,9 +741,23 @@ async fn annotations(
             Some(Bytes::from(ask.to_string())),
         )
         .await?;
+        let status = resp.status();
         let (_, body) = read_answer(resp).await?;
+        if !status.is_success() {
+            return Ok(Err(format!(
+                "MCP server `{}` answered {status} when asked for its tools/list, so tool \
+                 `{tool}` cannot be decided (has the session been initialized?)",
+                upstream.name
+            )));
+        }
         let mut next = None;
         for msg in messages(&body) {
+            if let Some(e) = msg.get("error") {
+                return Ok(Err(format!(
+                    "MCP server `{}` refused tools/list ({e}), so tool `{tool}` cannot be decided",
+                    upstream.name
+                )));
+            }
             if let Some(result) = msg.get("result") {
                 if let Some(Value::Array(tools)) = result.get("tools") {
                     upstream.learn(tools);
@@ -761,14 +769,17 @@ async fn annotations(
             }
         }
         if let Some(a) = upstream.tool(tool) {
-            return Ok(Some(a));
+            return Ok(Ok(a));
         }
         match next {
             Some(c) => cursor = Some(c),
             None => break,
         }
     }
-    Ok(None)
+    Ok(Err(format!(
+        "tool `{tool}` is not in the tools/list of MCP server `{}`",
+        upstream.name
+    )))
 }
 
 /// `tools/list`: the upstream's answer, filtered for this agent.
