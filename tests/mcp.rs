@@ -737,3 +737,38 @@ async fn a_held_call_is_released_by_its_approval() {
     assert_eq!(up.count("transfer").await, 1);
     s.shutdown().await;
 }
+
+/// `resources/list` and `prompts/list` are filtered like `tools/list`, and `resources/read`
+/// is decided (`mcp:read`): the example bundle lets agents read `docs://` documents only and
+/// use no prompt, so the payroll resource and the prompt are hidden, and reading the payroll
+/// anyway is refused without reaching the server.
+#[tokio::test]
+async fn resources_and_prompts_are_listed_and_read_by_policy() {
+    let (up, s) = gateway().await;
+    let run = client(
+        &mcp_url(&s),
+        Some(&agent()),
+        json!([
+            {"op": "resources"},
+            {"op": "prompts"},
+            {"op": "read", "uri": "docs://handbook"},
+            {"op": "read", "uri": "secrets://payroll"},
+        ]),
+    )
+    .await;
+    let steps = run.steps();
+    assert_eq!(steps[0]["uris"], json!(["docs://handbook"]), "{}", steps[0]);
+    assert_eq!(steps[1]["names"], json!([]), "{}", steps[1]);
+    assert_eq!(steps[2]["text"], json!(["the handbook"]), "{}", steps[2]);
+    assert!(
+        steps[3]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("Mandate denied this call")),
+        "{}",
+        steps[3]
+    );
+    assert_eq!(steps[3]["code"], -32003, "{}", steps[3]);
+    let reads = get_json(&format!("{}/reads", up.url.trim_end_matches("/mcp"))).await;
+    assert_eq!(reads, json!({"docs://handbook": 1, "secrets://payroll": 0}));
+    s.shutdown().await;
+}

@@ -83,6 +83,10 @@ const MAX_SESSIONS: u64 = 100_000;
 const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// The methods decided before they are forwarded; each must be a request (with an id).
 const DECIDED: [&str; 3] = ["tools/call", "resources/read", "prompts/get"];
+/// How long a tool's annotations are trusted without a new `tools/list`: an upstream that
+/// changes its tools (`notifications/tools/list_changed`, which streams past the gateway) is
+/// listed again within this time, before a call is decided on what it used to say.
+const ANNOTATIONS_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest `tools/list` answer read to filter it.
 const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 /// Pages of `tools/list` Mandate reads itself to learn a tool's annotations.
@@ -97,13 +101,17 @@ pub struct Gateway {
     hold: std::time::Duration,
 }
 
+/// When a tool was listed, and its resource attributes.
+type ListedTool = (Instant, Map<String, Value>);
+
 #[derive(Debug)]
 struct Upstream {
     name: String,
     url: reqwest::Url,
     headers: HeaderMap,
-    /// Tool name → its resource attributes (annotations, `server`, `tool`).
-    tools: RwLock<HashMap<String, Map<String, Value>>>,
+    /// Tool name → when it was listed, and its resource attributes (annotations, `server`,
+    /// `tool`).
+    tools: RwLock<HashMap<String, ListedTool>>,
     /// `Mcp-Session-Id` → the principal whose `initialize` opened it: a session is used only
     /// by the agent that opened it (another agent that learns the id gets a 404).
     sessions: moka::sync::Cache<String, String>,
@@ -171,8 +179,11 @@ impl Upstream {
         }
     }
 
+    /// What the upstream last said of `name`, if it said it within [`ANNOTATIONS_TTL`].
     fn tool(&self, name: &str) -> Option<Map<String, Value>> {
-        self.tools.read().ok()?.get(name).cloned()
+        let known = self.tools.read().ok()?;
+        let (at, attrs) = known.get(name)?;
+        (at.elapsed() < ANNOTATIONS_TTL).then(|| attrs.clone())
     }
 
     /// Remember the annotations of the tools of one `tools/list` page.
@@ -194,7 +205,7 @@ impl Upstream {
                     }
                 }
             }
-            known.insert(name.to_owned(), attrs);
+            known.insert(name.to_owned(), (Instant::now(), attrs));
         }
     }
 }
@@ -342,8 +353,22 @@ async fn serve(
             )
             .await
         }
-        (Some("tools/list"), Some(id)) => {
-            list(state, upstream, &principal, &parts.headers, &id, bytes).await
+        (Some(m @ ("tools/list" | "resources/list" | "prompts/list")), Some(id)) => {
+            let kind = match m {
+                "tools/list" => Listed::Tools,
+                "resources/list" => Listed::Resources,
+                _ => Listed::Prompts,
+            };
+            list(
+                state,
+                upstream,
+                &principal,
+                &parts.headers,
+                &id,
+                kind,
+                bytes,
+            )
+            .await
         }
         (Some(m @ ("resources/read" | "prompts/get")), Some(id)) => {
             let req = match other_check(upstream, &principal, m, &message) {
@@ -782,13 +807,34 @@ async fn annotations(
     )))
 }
 
-/// `tools/list`: the upstream's answer, filtered for this agent.
+/// What a `*/list` lists.
+#[derive(Debug, Clone, Copy)]
+enum Listed {
+    Tools,
+    Resources,
+    Prompts,
+}
+
+impl Listed {
+    /// The array in the result.
+    fn pointer(self) -> &'static str {
+        match self {
+            Listed::Tools => "/result/tools",
+            Listed::Resources => "/result/resources",
+            Listed::Prompts => "/result/prompts",
+        }
+    }
+}
+
+/// `tools/list`, `resources/list`, `prompts/list`: the upstream's answer, filtered for this
+/// agent.
 async fn list(
     state: &AppState,
     upstream: &Upstream,
     principal: &Arc<Principal>,
     headers: &HeaderMap,
     id: &Value,
+    kind: Listed,
     bytes: Bytes,
 ) -> Result<Response<McpBody>, ApiError> {
     let resp = send(&state.mcp, upstream, Method::POST, headers, Some(bytes)).await?;
@@ -800,11 +846,13 @@ async fn list(
         if msg.get("id") != Some(id) {
             return;
         }
-        let Some(Value::Array(tools)) = msg.pointer_mut("/result/tools") else {
+        let Some(Value::Array(items)) = msg.pointer_mut(kind.pointer()) else {
             return;
         };
-        upstream.learn(tools);
-        tools.retain_mut(|t| visible(state, upstream, principal, t));
+        if let Listed::Tools = kind {
+            upstream.learn(items);
+        }
+        items.retain_mut(|item| visible(state, upstream, principal, kind, item));
     };
     let out = match sse {
         true => rewrite_sse(&body, filter),
@@ -823,24 +871,44 @@ async fn list(
     Ok(r)
 }
 
-/// Whether `tool` may be shown to `principal`, marking it when it needs approval. A probe
-/// decision (not recorded) with no arguments: allowed or escalated, it is shown; denied only
-/// because a policy needed arguments it did not have (a `policy_error`), it is shown too, as
-/// some arguments may be allowed; denied outright (forbidden, or no policy could apply), it
-/// is hidden.
+/// Whether a listed tool, resource or prompt may be shown to `principal`, marking it when it
+/// needs approval. A probe decision (not recorded) with no arguments: allowed or escalated,
+/// it is shown; denied only because a policy needed arguments it did not have (a
+/// `policy_error`), it is shown too, as some arguments may be allowed; denied outright
+/// (forbidden, or no policy could apply), or not identifiable, it is hidden.
 fn visible(
     state: &AppState,
     upstream: &Upstream,
     principal: &Arc<Principal>,
+    kind: Listed,
     tool: &mut Value,
 ) -> bool {
-    let Some(name) = tool.get("name").and_then(Value::as_str).map(str::to_owned) else {
+    let (key, method) = match kind {
+        Listed::Tools => ("name", ""),
+        Listed::Resources => ("uri", "resources/read"),
+        Listed::Prompts => ("name", "prompts/get"),
+    };
+    let Some(name) = tool.get(key).and_then(Value::as_str).map(str::to_owned) else {
         return false;
     };
-    let Some(attributes) = upstream.tool(&name) else {
-        return false;
+    let req = match kind {
+        Listed::Tools => {
+            let Some(attributes) = upstream.tool(&name) else {
+                return false;
+            };
+            tool_check(state, upstream, principal, &name, attributes, Map::new())
+        }
+        Listed::Resources | Listed::Prompts => {
+            let mut params = Map::new();
+            params.insert(key.into(), Value::String(name));
+            let mut message = Map::new();
+            message.insert("params".into(), Value::Object(params));
+            match other_check(upstream, principal, method, &message) {
+                Ok(req) => req,
+                Err(_) => return false,
+            }
+        }
     };
-    let req = tool_check(state, upstream, principal, &name, attributes, Map::new());
     let d = state.service.engine.decide(&req);
     match d.outcome {
         Outcome::Allow => true,

@@ -16,6 +16,9 @@ line per step on stdout:
                                              "progress": [[progress, total, message]...],
                                              "logs": [data...], "content_type"}
   {"op": "sleep", "seconds": 1}          -> {"op": "sleep", "seconds": 1}
+  {"op": "resources"}                    -> {"op": "resources", "uris": [...]}
+  {"op": "prompts"}                      -> {"op": "prompts", "names": [...]}
+  {"op": "read", "uri"}                  -> {"op": "read", "uri", "text": [...]}
 
 Before the steps: {"op": "initialize", "protocolVersion", "serverInfo"} and, once,
 {"op": "session", "id": <Mcp-Session-Id or null>}. A protocol-level failure of a step (a
@@ -112,6 +115,16 @@ async def run_step(session: ClientSession, wire: Wire, step: dict, logs: list) -
         return {"op": "list", "tools": [tool_line(t) for t in result.tools]}
     if op == "call":
         return await call(session, wire, step, logs)
+    if op == "resources":
+        result = await session.list_resources()
+        return {"op": "resources", "uris": [str(r.uri) for r in result.resources]}
+    if op == "prompts":
+        result = await session.list_prompts()
+        return {"op": "prompts", "names": [p.name for p in result.prompts]}
+    if op == "read":
+        result = await session.read_resource(step["uri"])
+        texts = [getattr(c, "text", None) for c in result.contents]
+        return {"op": "read", "uri": step["uri"], "text": texts}
     if op == "sleep":
         await asyncio.sleep(float(step.get("seconds", 1)))
         return {"op": "sleep", "seconds": step.get("seconds", 1)}

@@ -18,6 +18,7 @@ Tools (deterministic, nothing real is done):
 
 Plain HTTP routes beside the MCP endpoint, for the test to see what reached this server:
   GET /counts  {"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0}
+  GET /reads   {"docs://handbook": 0, "secrets://payroll": 0}  (resource reads)
   GET /calls   [{"tool", "arguments", "session", "authorization"}] in arrival order, where
                `session` is the Mcp-Session-Id header of the call and `authorization` the
                Authorization header it carried (null when none: Mandate must not forward the
@@ -41,6 +42,8 @@ warnings.filterwarnings("ignore", category=MCPDeprecationWarning)
 
 TOOLS = ("read_record", "transfer", "shell", "slow_count")
 counts = {name: 0 for name in TOOLS}
+# Resource reads that reached this server (GET /reads).
+reads = {"docs://handbook": 0, "secrets://payroll": 0}
 calls = []
 
 server = MCPServer("mandate-test-upstream", version="1.0.0", log_level="WARNING")
@@ -58,6 +61,26 @@ def seen(tool: str, arguments: dict, ctx: Context) -> None:
             "authorization": headers.get("authorization"),
         }
     )
+
+
+@server.resource("docs://handbook", name="handbook")
+def handbook() -> str:
+    """A document any agent may read (the example bundle permits docs://)."""
+    reads["docs://handbook"] += 1
+    return "the handbook"
+
+
+@server.resource("secrets://payroll", name="payroll")
+def payroll() -> str:
+    """A resource no agent may read."""
+    reads["secrets://payroll"] += 1
+    return "salaries"
+
+
+@server.prompt(name="summarize")
+def summarize(text: str) -> str:
+    """A prompt the example bundle does not permit."""
+    return f"Summarize: {text}"
 
 
 @server.tool(annotations=ToolAnnotations(read_only_hint=True), structured_output=False)
@@ -102,6 +125,11 @@ async def slow_count(n: int, ctx: Context) -> str:
 @server.custom_route("/counts", methods=["GET"])
 async def get_counts(request: Request) -> JSONResponse:
     return JSONResponse(counts)
+
+
+@server.custom_route("/reads", methods=["GET"])
+async def get_reads(request: Request) -> JSONResponse:
+    return JSONResponse(reads)
 
 
 @server.custom_route("/calls", methods=["GET"])
