@@ -632,6 +632,26 @@ async fn another_agent_cannot_ride_a_session() {
         "another agent used the session: {st} {body}"
     );
     assert_eq!(up.count("read_record").await, 0);
+    // Nor by sending its own session id and the victim's: two ids are refused outright (the
+    // gateway would check one, the upstream might use the other).
+    let (st, own, body) = post_raw(&s, Some(&intruder), None, initialize_request()).await;
+    assert_eq!(st, 200, "{body}");
+    let own = own["mcp-session-id"].to_str().unwrap().to_owned();
+    let resp = s
+        .client
+        .post(mcp_url(&s))
+        .bearer_auth(&intruder)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", own.as_str())
+        .header("mcp-session-id", session.as_str())
+        .body(read())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.text().await.unwrap().contains("more than once"));
+    assert_eq!(up.count("read_record").await, 0);
     // The session itself was good: its own agent's call goes through.
     let (st, _, body) = post_raw(&s, Some(&agent()), Some(&session), read()).await;
     assert_eq!(st, 200, "{body}");

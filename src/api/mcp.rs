@@ -238,6 +238,19 @@ async fn serve(
     };
     let principal = agent(authenticate(state, conn, req.headers()).await?)?;
     let owner = owner_key(&principal);
+    // One value each: with two session ids, this gateway would check one and the upstream
+    // might use the other (another agent's session).
+    if let Some(h) = SESSION_HEADERS
+        .iter()
+        .find(|h| req.headers().get_all(**h).iter().nth(1).is_some())
+    {
+        return Ok(rpc_error(
+            StatusCode::BAD_REQUEST,
+            Value::Null,
+            -32600,
+            &format!("`{h}` is sent more than once"),
+        ));
+    }
     if let Some(session) = req.headers().get("mcp-session-id") {
         let session = session.to_str().unwrap_or_default();
         // Unknown (expired, from before a restart, or guessed) or another agent's: the
