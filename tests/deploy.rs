@@ -642,7 +642,7 @@ async fn kubernetes_configuration_serves_a_projected_token() {
     let status = ready.status().as_u16();
     let body: Value = serde_json::from_str(&ready.text().await.unwrap()).unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(at(&body, "policy.policies"), &json!(8));
+    assert_eq!(at(&body, "policy.policies"), &json!(14));
 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

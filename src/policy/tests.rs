@@ -55,11 +55,15 @@ fn example_bundle_loads_and_its_tests_pass() {
             "approve",
             "crm:export",
             "crm:read",
+            "mcp:call",
+            "mcp:prompt",
+            "mcp:read",
+            "mcp:tools/transfer",
             "payments:transfer",
             "tool:shell.exec"
         ]
     );
-    assert_eq!(bundle.policy_count(), 8);
+    assert_eq!(bundle.policy_count(), 14);
     let meta = bundle.policy_meta("payments-approval").unwrap();
     assert_eq!(meta.file, Path::new("payments.cedar"));
     assert_eq!(meta.line, 13);
