@@ -22,6 +22,11 @@ pub(super) fn build(slice: &ActionSlice, req: &CheckRequest, now: i64) -> Result
             "`context.{RESERVED_CONTEXT_KEY}` is reserved for what Mandate adds"
         )));
     }
+    // The declared types first: a mistyped field is refused by name, before any policy
+    // reads it (or, unread, lets it through to what acts on the request).
+    if let Some(shape) = slice.context_shape() {
+        shape.check_context(&req.context).map_err(invalid_value)?;
+    }
     let mut mandate = None;
     // `context.mandate` only when a policy of this action can read it: it is a nested record
     // Cedar evaluates on every check.

@@ -219,13 +219,45 @@ fn unknown_action_is_denied() {
 
 #[test]
 fn policy_error_is_denied_naming_the_policy() {
-    // No `amount`: every payments policy fails to evaluate, the forbid included.
-    let d = engine(PAYMENTS).decide(&request("payments:transfer", json!({})));
+    // An overflow is an evaluation error; the policy that erred may have been the forbid
+    // that mattered, so the answer is deny.
+    const OVERFLOW: &str = r#"@id("overflow") permit (principal, action == Action::"payments:transfer", resource)
+        when { context.amount + 1 > 0 };"#;
+    let d = engine(OVERFLOW).decide(&transfer(i64::MAX));
     assert_eq!(d.outcome, Outcome::Deny);
-    assert!(codes(&d).iter().all(|c| *c == "policy_error"), "{d:?}");
-    assert_eq!(d.policy_ids, vec!["large", "medium", "small"]);
-    assert!(d.reasons[0].message.contains("policy `large`"), "{d:?}");
-    assert!(d.reasons[0].message.contains("amount"), "{d:?}");
+    assert_eq!(codes(&d), vec!["policy_error"], "{d:?}");
+    assert_eq!(d.policy_ids, vec!["overflow"]);
+    assert!(d.reasons[0].message.contains("policy `overflow`"), "{d:?}");
+    assert!(d.reasons[0].message.contains("overflow"), "{d:?}");
+}
+
+#[test]
+fn a_context_that_does_not_fit_the_declared_types_is_refused_naming_the_field() {
+    // Before any policy reads it: no `policy_error`, no policy id, the field named.
+    for (context, message) in [
+        (json!({}), "`context.amount`: is required (Long)"),
+        (json!({"amount": null}), "`context.amount`: is required (Long)"),
+        (
+            json!({"amount": "5000"}),
+            r#"`context.amount`: expected Long, got the string "5000""#,
+        ),
+        (
+            json!({"amount": true}),
+            "`context.amount`: expected Long, got the boolean true",
+        ),
+    ] {
+        let d = engine(PAYMENTS).decide(&request("payments:transfer", context));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(codes(&d), vec!["invalid_request"], "{d:?}");
+        assert_eq!(d.reasons[0].message, message);
+        assert!(d.policy_ids.is_empty(), "{d:?}");
+    }
+    // Undeclared fields are not checked (no policy can read them).
+    let d = engine(PAYMENTS).decide(&request(
+        "payments:transfer",
+        json!({"amount": 50, "note": [1, "x"]}),
+    ));
+    assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
 }
 
 #[test]

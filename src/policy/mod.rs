@@ -23,6 +23,7 @@
 
 pub mod annotations;
 pub mod fast;
+pub mod shape;
 pub mod testing;
 pub mod values;
 
@@ -120,6 +121,9 @@ pub struct ActionSlice {
     /// rebuilds (clones) every policy's condition expression on every request, which was
     /// the largest single cost of a decision.
     conditions: Vec<Condition>,
+    /// The context the schema declares for this action (besides `mandate`), checked against
+    /// each request's ([`shape`]); `None` when it declares nothing else.
+    context_shape: Option<shape::Shape>,
 }
 
 /// One policy's whole condition (scope and `when`/`unless`), ready to evaluate.
@@ -168,6 +172,10 @@ impl ActionSlice {
     /// The conditions of [`Self::policies`], one per policy.
     pub fn conditions(&self) -> &[Condition] {
         &self.conditions
+    }
+    /// The declared context, when it declares more than `mandate`.
+    pub fn context_shape(&self) -> Option<&shape::Shape> {
+        self.context_shape.as_ref()
     }
 }
 
@@ -799,6 +807,7 @@ fn build_slices(
                 own.push(a.clone());
             }
         }
+        let context_shape = shape::Shape::context(schema, &uid);
         match Entities::from_entities(own, None) {
             Ok(entities) => {
                 slices.insert(
@@ -810,6 +819,7 @@ fn build_slices(
                         entities,
                         uses_mandate_context,
                         conditions,
+                        context_shape,
                     },
                 );
             }
