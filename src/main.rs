@@ -85,6 +85,11 @@ names where it came from: FILE:LINE, the variable, or the flag.")]
         #[command(subcommand)]
         command: RouteCommand,
     },
+    /// The MCP gateway's tools.
+    Mcp {
+        #[command(subcommand)]
+        command: McpCommand,
+    },
     /// Local development helpers.
     Dev {
         #[command(subcommand)]
@@ -241,6 +246,25 @@ enum RouteCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum McpCommand {
+    /// Print a Cedar schema fragment with one action per tool of an MCP server
+    /// (`mcp:<server>/<tool>`), its arguments typed from the tool's inputSchema.
+    Schema {
+        /// The server's `[[mcp.servers]]` name: asked for its tools/list, and the `<server>`
+        /// of the action names.
+        #[arg(long)]
+        server: String,
+        /// A saved tools/list result (JSON) to read instead of asking the server (a stdio
+        /// server, or offline).
+        #[arg(long, value_name = "FILE")]
+        tools: Option<PathBuf>,
+        /// The principal entity type the actions apply to.
+        #[arg(long, default_value = "Agent")]
+        principal_type: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DevCommand {
     /// Mint a token signed by the example configuration's dev key; prints only the token.
     Token {
@@ -372,6 +396,31 @@ fn main() -> ExitCode {
                     url: &url,
                     headers: &headers,
                     body: body.as_deref(),
+                },
+            )
+        }
+        Command::Mcp {
+            command:
+                McpCommand::Schema {
+                    server,
+                    tools,
+                    principal_type,
+                },
+        } => {
+            // A saved list needs no configuration; asking the server does.
+            let cfg = match tools {
+                Some(_) => None,
+                None => match load_config(&args.config) {
+                    Ok(c) => Some(c),
+                    Err(code) => return code,
+                },
+            };
+            cli::mcp_schema::schema(
+                cfg.as_ref(),
+                &cli::mcp_schema::SchemaArgs {
+                    server: &server,
+                    tools: tools.as_deref(),
+                    principal_type: &principal_type,
                 },
             )
         }

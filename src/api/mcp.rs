@@ -1057,7 +1057,7 @@ async fn read_answer(resp: reqwest::Response) -> Result<(bool, Bytes), ApiError>
 }
 
 /// The JSON-RPC messages of an answer: the one JSON body, or each SSE event's data.
-fn messages(body: &Bytes) -> Vec<Value> {
+pub fn messages(body: &Bytes) -> Vec<Value> {
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
         return vec![v];
     }

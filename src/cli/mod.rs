@@ -4,6 +4,7 @@
 //! `grants …` ([`client`], printed by [`render`]). Each returns the process exit code.
 
 pub mod client;
+pub mod mcp_schema;
 pub mod render;
 
 use std::path::{Path, PathBuf};
