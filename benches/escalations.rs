@@ -55,6 +55,7 @@ fn request(n: usize) -> NewRequest {
         quorum: 1,
         evidence: vec!["ticket".into()],
         grant_ttl: Duration::from_secs(3600),
+        grant_scope: Default::default(),
         fallback: None,
         created_at: 1_780_000_000,
         expires_at: 1_780_003_600,

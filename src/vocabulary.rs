@@ -107,6 +107,55 @@ pub struct Fallback {
     pub after: Duration,
 }
 
+/// What the grant of an approval allows (`@grant_scope`), from narrowest to widest. Every
+/// scope is for the same whole principal (owner and delegation chain included), under the
+/// same policy version, and, wider than a call, only while the same approval policies are
+/// the ones asking: a request another policy escalates (a larger amount, a stricter quorum)
+/// is never covered by a grant its approver did not give.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantScope {
+    /// Exactly the approved request: action, resource and context (the default).
+    #[default]
+    Call,
+    /// The same action on the same resource, with any context (an MCP tool with any
+    /// arguments).
+    Tool,
+    /// Any action on the same resource, with any context.
+    Resource,
+}
+
+impl GrantScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantScope::Call => "call",
+            GrantScope::Tool => "tool",
+            GrantScope::Resource => "resource",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "call" => Some(GrantScope::Call),
+            "tool" => Some(GrantScope::Tool),
+            "resource" => Some(GrantScope::Resource),
+            _ => None,
+        }
+    }
+    pub fn is_call(&self) -> bool {
+        *self == GrantScope::Call
+    }
+    /// What a grant of this scope allows, in words, for approvers and agents.
+    pub fn covers(self) -> &'static str {
+        match self {
+            GrantScope::Call => "exactly this request",
+            GrantScope::Tool => "this action on this resource, with any context (arguments)",
+            GrantScope::Resource => "any action on this resource, with any context",
+        }
+    }
+}
+
 /// What an escalation needs before the same request can be allowed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ApprovalRequirement {
@@ -121,6 +170,9 @@ pub struct ApprovalRequirement {
     /// How long the resulting grant lasts (`@grant_ttl`).
     #[serde(with = "crate::vocabulary::duration_str")]
     pub grant_ttl: Duration,
+    /// What the grant allows (`@grant_scope`); shown only when wider than the call.
+    #[serde(skip_serializing_if = "GrantScope::is_call")]
+    pub grant_scope: GrantScope,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Fallback>,
     /// Set when this requirement comes from an autonomous permit past its `@recertify_by`

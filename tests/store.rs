@@ -194,6 +194,7 @@ fn request(amount: i64, quorum: u32, fallback: Option<Fallback>) -> NewRequest {
         quorum,
         evidence: vec!["ticket".into()],
         grant_ttl: Duration::from_secs(GRANT_TTL),
+        grant_scope: Default::default(),
         fallback,
         created_at: T0,
         expires_at: T0 + PENDING_TTL,

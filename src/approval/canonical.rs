@@ -6,6 +6,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{PrincipalSnapshot, ResourceSnapshot};
+use crate::vocabulary::GrantScope;
 
 /// `value` as canonical JSON (the audit log's: [`crate::audit::write_canonical_value`]).
 pub fn canonical_json(value: &Value) -> String {
@@ -47,6 +48,49 @@ pub fn binding_hash(
     });
     if let (Some(props), Value::Object(map)) = (action_properties, &mut doc) {
         map.insert("action_properties".into(), Value::Object(props.clone()));
+    }
+    hex::encode(Sha256::digest(canonical_json(&doc).as_bytes()))
+}
+
+/// The binding hash for a grant of `scope` (`@grant_scope`): for [`GrantScope::Call`],
+/// [`binding_hash`] itself (so grants stored before scopes existed still match); wider, a
+/// hash of what the scope keeps plus the scope and the sorted ids of the approval policies
+/// that asked, so no call-scoped hash and no other policies' request can ever equal it:
+/// `tool` keeps the principal, the action (and its properties) and the resource; `resource`
+/// keeps the principal and the resource.
+pub fn scoped_binding_hash(
+    scope: GrantScope,
+    principal: &PrincipalSnapshot,
+    action: &str,
+    action_properties: Option<&Map<String, Value>>,
+    resource: &ResourceSnapshot,
+    context: &Map<String, Value>,
+    policy_ids: &[String],
+) -> String {
+    if scope == GrantScope::Call {
+        return binding_hash(principal, action, action_properties, resource, context);
+    }
+    let mut policies: Vec<&str> = policy_ids.iter().map(String::as_str).collect();
+    policies.sort_unstable();
+    policies.dedup();
+    let mut doc = json!({
+        "scope": scope.as_str(),
+        "policies": policies,
+        "principal": {
+            "type": principal.kind,
+            "id": principal.id,
+            "issuer": principal.issuer,
+            "owner": principal.owner,
+            "actors": principal.actors,
+            "attributes": principal.attributes,
+        },
+        "resource": {"type": resource.kind, "id": resource.id, "properties": resource.properties},
+    });
+    if let (GrantScope::Tool, Value::Object(map)) = (scope, &mut doc) {
+        map.insert("action".into(), Value::String(action.to_owned()));
+        if let Some(props) = action_properties {
+            map.insert("action_properties".into(), Value::Object(props.clone()));
+        }
     }
     hex::encode(Sha256::digest(canonical_json(&doc).as_bytes()))
 }

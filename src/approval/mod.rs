@@ -15,10 +15,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::vocabulary::{ApprovalRequirement, CheckRequest, Fallback, Principal, Resource};
+use crate::vocabulary::{
+    ApprovalRequirement, CheckRequest, Fallback, GrantScope, Principal, Resource,
+};
 
 pub use cache::{ActiveGrant, GrantCache, GrantCacheSettings};
-pub use canonical::{binding_hash, canonical_json};
+pub use canonical::{binding_hash, canonical_json, scoped_binding_hash};
 pub use guard::{GuardSettings, GuardedStore};
 
 /// Where an approval request is in its life. Only `Pending` ever changes; the other four are
@@ -127,6 +129,8 @@ pub struct NewRequest {
     pub quorum: u32,
     pub evidence: Vec<String>,
     pub grant_ttl: Duration,
+    /// What the grant will allow; the binding hash is of this scope.
+    pub grant_scope: GrantScope,
     pub fallback: Option<Fallback>,
     pub created_at: i64,
     pub expires_at: i64,
@@ -158,6 +162,7 @@ impl NewRequest {
             quorum: requirement.quorum,
             evidence: requirement.evidence.clone(),
             grant_ttl: requirement.grant_ttl,
+            grant_scope: requirement.grant_scope,
             fallback: requirement.fallback.clone(),
             created_at: now,
             expires_at: now.saturating_add(secs(pending_ttl)),
@@ -177,14 +182,16 @@ impl NewRequest {
         self
     }
 
-    /// The binding hash of this request (see [`binding_hash`]).
+    /// The binding hash of this request for its grant scope (see [`scoped_binding_hash`]).
     pub fn binding_hash(&self) -> String {
-        binding_hash(
+        scoped_binding_hash(
+            self.grant_scope,
             &self.principal,
             &self.action,
             self.action_properties.as_ref(),
             &self.resource,
             &self.context,
+            &self.policy_ids,
         )
     }
 
@@ -214,6 +221,7 @@ impl NewRequest {
             quorum: self.quorum.max(1),
             evidence: self.evidence,
             grant_ttl: self.grant_ttl,
+            grant_scope: self.grant_scope,
             fallback: self.fallback,
             status: Status::Pending,
             created_at: self.created_at,
@@ -328,6 +336,8 @@ pub struct ApprovalRequest {
     /// Evidence kinds each approval must carry (`ticket`).
     pub evidence: Vec<String>,
     pub grant_ttl: Duration,
+    /// What its grant allows; `binding_hash` is of this scope.
+    pub grant_scope: GrantScope,
     pub fallback: Option<Fallback>,
     pub status: Status,
     pub created_at: i64,

@@ -251,6 +251,7 @@ fn pending(quorum: u32) -> ApprovalRequest {
         quorum,
         evidence: vec![],
         grant_ttl: Duration::from_secs(3600),
+        grant_scope: Default::default(),
         fallback: None,
         created_at: 1000,
         expires_at: 2000,

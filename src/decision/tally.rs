@@ -109,7 +109,17 @@ impl Tally<'_> {
                 .map(|(id, _, _)| (*id).to_owned())
                 .collect(),
             reasons,
-            approval: Some(chosen.clone()),
+            approval: Some(ApprovalRequirement {
+                // The narrowest grant any of them allows: a wider one would cover requests
+                // an approver of the narrower policy never saw.
+                grant_scope: self
+                    .approvals
+                    .iter()
+                    .map(|(_, a, _)| a.grant_scope)
+                    .min()
+                    .unwrap_or_default(),
+                ..chosen.clone()
+            }),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! Annotation rules (docs/design.md §1):
 //! - on approval permits: `@approval("g1,g2")`, `@quorum("N")` (1..=10), `@grant_ttl("1h")`
 //!   (at most 24h, default 15m), `@evidence("ticket,...")`, `@fallback("g")` together with
-//!   `@fallback_after("30m")`;
+//!   `@fallback_after("30m")`, `@grant_scope("call"|"tool"|"resource")` (default `call`);
 //! - on autonomous permits: `@owner("g")` and `@recertify_by("YYYY-MM-DD")` (needs `@owner`);
 //! - `@breakglass` on permits without `@approval`;
 //! - on forbids only `@id`, `@description` and `@owner` among Mandate's annotations.
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use cedar_policy::{Effect, Policy};
 
-use crate::vocabulary::{ApprovalRequirement, Fallback};
+use crate::vocabulary::{ApprovalRequirement, Fallback, GrantScope};
 
 /// Grant lifetime when an approval permit has no `@grant_ttl`.
 pub const DEFAULT_GRANT_TTL: Duration = Duration::from_secs(15 * 60);
@@ -32,6 +32,7 @@ const KNOWN: &[&str] = &[
     "approval",
     "quorum",
     "grant_ttl",
+    "grant_scope",
     "evidence",
     "fallback",
     "fallback_after",
@@ -134,6 +135,7 @@ pub fn parse(
     for key in [
         "quorum",
         "grant_ttl",
+        "grant_scope",
         "evidence",
         "fallback",
         "fallback_after",
@@ -169,6 +171,16 @@ pub fn parse(
                 DEFAULT_GRANT_TTL
             }
         },
+    };
+    let grant_scope = match get("grant_scope") {
+        None => GrantScope::Call,
+        Some(v) => GrantScope::parse(v.trim()).unwrap_or_else(|| {
+            errors.push(format!(
+                "`@grant_scope(\"{v}\")`: expected `call` (this request only), `tool` (this \
+                 action on this resource, any context) or `resource` (any action on it)"
+            ));
+            GrantScope::Call
+        }),
     };
     let evidence = get("evidence")
         .map(|v| group_list("evidence", v, &mut errors))
@@ -263,6 +275,7 @@ pub fn parse(
             quorum,
             evidence,
             grant_ttl,
+            grant_scope,
             fallback,
             recertify_by: None,
         }),
@@ -275,6 +288,7 @@ pub fn parse(
             quorum: 1,
             evidence: Vec::new(),
             grant_ttl: DEFAULT_GRANT_TTL,
+            grant_scope: GrantScope::Call,
             fallback: None,
             recertify_by: Some(r.date.clone()),
         }),

@@ -20,7 +20,7 @@ use crate::approval::{
     ApprovalRequest, ApprovalStore, EscalationLimits, Grant, GrantCache, Review, Status,
     StoreError, Verdict,
 };
-use crate::vocabulary::Fallback;
+use crate::vocabulary::{Fallback, GrantScope};
 
 pub use postgres::{GRANT_CHANNEL, LISTENER_APPLICATION_NAME, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -170,6 +170,7 @@ struct RequestRow {
     quorum: i64,
     evidence: String,
     grant_ttl_secs: i64,
+    grant_scope: String,
     fallback_group: Option<String>,
     fallback_after_secs: Option<i64>,
     status: String,
@@ -223,6 +224,12 @@ impl TryFrom<RequestRow> for ApprovalRequest {
                 })?,
             evidence: from_json("evidence", &r.evidence)?,
             grant_ttl: nonneg_secs("grant_ttl_secs", r.grant_ttl_secs)?,
+            grant_scope: GrantScope::parse(&r.grant_scope).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "column `grant_scope`: unknown scope `{}`",
+                    r.grant_scope
+                ))
+            })?,
             fallback,
             status: Status::parse(&r.status).ok_or_else(|| {
                 StoreError::Corrupt(format!("column `status`: unknown status `{}`", r.status))

@@ -85,7 +85,7 @@ fn cast<D: Dialect>(ty: &str) -> String {
 const REQUEST_COLUMNS: &str = "id:uuid binding_hash principal:jsonb action \
      action_properties:jsonb resource:jsonb context:jsonb policy_version policy_ids:jsonb \
      policy_text:jsonb groups:jsonb current_groups:jsonb quorum evidence:jsonb grant_ttl_secs \
-     fallback_group fallback_after_secs status created_at expires_at fallback_at fell_back_at \
+     grant_scope fallback_group fallback_after_secs status created_at expires_at fallback_at fell_back_at \
      decided_at version";
 const REVIEW_COLUMNS: &str =
     "request_id:uuid approver_id approver_issuer verdict rationale evidence:jsonb at";
@@ -304,6 +304,7 @@ fn request_values(r: &ApprovalRequest) -> Result<Vec<Arg>, StoreError> {
         i64::from(r.quorum).into(),
         to_json(&r.evidence)?.into(),
         crate::approval::secs(r.grant_ttl).into(),
+        r.grant_scope.as_str().into(),
         r.fallback.as_ref().map(|f| f.group.as_str()).into(),
         r.fallback
             .as_ref()
