@@ -501,6 +501,232 @@ async fn an_escalated_call_waits_for_approval_then_its_grant_allows_exactly_it()
     s.shutdown().await;
 }
 
+/// `@grant_scope("tool")` (issue 13 item 5): the example bundle with its transfer approval
+/// split in two, up to 1,000 tool-scoped and above it call-scoped (finance leads). The
+/// escalation says what the grant will cover (to the agent, and to the approver who sees it
+/// before approving); once approved, other amounts the same policy asks about go through for
+/// the grant's lifetime, while an amount another policy asks about escalates anew (SECURITY
+/// A-08: a wider grant is the policy's explicit choice, and never reaches past its own
+/// approvers).
+#[tokio::test]
+async fn a08_a_tool_scoped_grant_covers_other_arguments_of_the_same_policy_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    common::copy_dir(&repo().join("config/policies"), &bundle);
+    let cedar = bundle.join("mcp.cedar");
+    let source = std::fs::read_to_string(&cedar).unwrap();
+    let from = r#"@grant_ttl("1h")
+@fallback("finance-leads")
+@fallback_after("30m")
+permit (
+  principal is Agent,
+  action == Action::"mcp:tools/transfer",
+  resource is McpTool
+)
+when { context.arguments.amount > 100 && context.arguments.amount <= 10000 };"#;
+    assert!(
+        source.contains(from),
+        "the example's transfer approval changed"
+    );
+    let to = r#"@grant_ttl("1h")
+@grant_scope("tool")
+permit (
+  principal is Agent,
+  action == Action::"mcp:tools/transfer",
+  resource is McpTool
+)
+when { context.arguments.amount > 100 && context.arguments.amount <= 1000 };
+
+@id("mcp-transfer-approval-large")
+@approval("finance-leads")
+permit (
+  principal is Agent,
+  action == Action::"mcp:tools/transfer",
+  resource is McpTool
+)
+when { context.arguments.amount > 1000 && context.arguments.amount <= 10000 };"#;
+    std::fs::write(&cedar, source.replace(from, to)).unwrap();
+    // The bundle's own tests still describe the example; this one is about the change.
+    std::fs::remove_dir_all(bundle.join("tests")).unwrap();
+
+    let upstream = Upstream::start().await;
+    let bundle_s = bundle.display().to_string();
+    let s = TestServer::start(&example_config_plus(
+        &format!(
+            "[[mcp.servers]]\nname = \"tools\"\nurl = \"{}\"\n",
+            upstream.url
+        ),
+        &[("MANDATE_POLICY__BUNDLE", &bundle_s)],
+    ))
+    .await;
+    let url = mcp_url(&s);
+    let token = agent();
+    let transfer = |amount: i64| call("transfer", json!({"account": "acct-1", "amount": amount}));
+
+    let run = client(&url, Some(&token), json!([transfer(250)])).await;
+    let esc = run.only();
+    assert_eq!(esc["isError"], true, "{esc}");
+    assert_eq!(
+        esc["structuredContent"]["approval"]["grant_scope"], "tool",
+        "{esc}"
+    );
+    assert!(text(esc).contains("with any arguments"), "{esc}");
+    let id = esc["structuredContent"]["approval_request"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{esc}"))
+        .to_owned();
+    // The approver sees the scope before deciding.
+    let alice = dev_token(
+        "alice",
+        json!({"groups": ["finance-approvers"]}),
+        Duration::from_secs(300),
+    );
+    let shown: Value = serde_json::from_str(
+        &s.client
+            .get(s.url(&format!("/v1/approvals/{id}")))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shown["grant_scope"], "tool", "{shown}");
+    let (st, v) = finance_approve(&s, &id, "FIN-14").await;
+    assert_eq!(st, 200, "{v}");
+
+    // The approved amount and another one the same policy asks about: both reach the tool.
+    let run = client(&url, Some(&token), json!([transfer(250), transfer(999)])).await;
+    let steps = run.steps();
+    assert_eq!(
+        text(steps[0]),
+        "transferred 250 to acct-1",
+        "{:?}",
+        steps[0]
+    );
+    assert_eq!(
+        text(steps[1]),
+        "transferred 999 to acct-1",
+        "{:?}",
+        steps[1]
+    );
+    assert_eq!(upstream.count("transfer").await, 2);
+    // Above 1,000 another policy asks: its approvers gave nothing, so it escalates.
+    let run = client(&url, Some(&token), json!([transfer(5000)])).await;
+    let again = run.only();
+    assert_eq!(again["isError"], true, "{again}");
+    assert_eq!(
+        again["structuredContent"]["policy_ids"],
+        json!(["mcp-transfer-approval-large"]),
+        "{again}"
+    );
+    assert!(
+        again["structuredContent"]["approval"]
+            .get("grant_scope")
+            .is_none(),
+        "{again}"
+    );
+    assert!(
+        text(again).contains("retry exactly the same request"),
+        "{again}"
+    );
+    // Another agent (another owner) is not covered by bob's agent's grant.
+    let other = dev_token(
+        "agent-1",
+        json!({"owner": "carol"}),
+        Duration::from_secs(300),
+    );
+    let run = client(&url, Some(&other), json!([transfer(250)])).await;
+    assert_eq!(run.only()["isError"], true, "{:?}", run.only());
+    assert_eq!(upstream.count("transfer").await, 2);
+    s.shutdown().await;
+}
+
+/// Typed arguments (issue 13 item 4): `mandate mcp schema --server tools` asks the upstream
+/// for its tools and prints one action per tool with its arguments typed from the
+/// inputSchema (what the example bundle's schema declares for `transfer`); a call whose
+/// arguments do not fit those types is refused naming the argument, and never forwarded, even
+/// where no policy would read the value (SECURITY P-01).
+#[tokio::test]
+async fn mcp_schema_types_the_arguments_and_a_mistyped_argument_is_refused_by_name() {
+    let (up, s) = gateway().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mandate.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[mcp.servers]]\nname = \"tools\"\nurl = \"{}\"\n", up.url),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        common::mandate()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["mcp", "schema", "--server", "tools"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let fragment = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{fragment}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let transfer = fragment
+        .split("\n\n")
+        .find(|b| b.contains("action \"mcp:tools/transfer\""))
+        .unwrap_or_else(|| panic!("no transfer action in:\n{fragment}"));
+    assert!(
+        transfer.contains("account: String,") && transfer.contains("amount: Long,"),
+        "{transfer}"
+    );
+    assert!(transfer.contains("(destructiveHint)"), "{transfer}");
+    assert!(
+        fragment.contains("action \"mcp:tools/read_record\""),
+        "{fragment}"
+    );
+    // The listing it read was the upstream's own; no tool call reached it.
+    assert_eq!(up.count("transfer").await, 0);
+
+    let run = client(
+        &mcp_url(&s),
+        Some(&agent()),
+        json!([
+            call("transfer", json!({"account": "acct-1", "amount": "50"})),
+            call("transfer", json!({"account": "acct-1"})),
+            call("transfer", json!({"account": 7, "amount": 50})),
+        ]),
+    )
+    .await;
+    let steps = run.steps();
+    for (step, field, want) in [
+        (
+            steps[0],
+            "context.arguments.amount",
+            "expected Long, got the string \"50\"",
+        ),
+        (steps[1], "context.arguments.amount", "is required (Long)"),
+        (steps[2], "context.arguments.account", "expected String"),
+    ] {
+        assert_eq!(step["isError"], true, "{step}");
+        assert_eq!(
+            step["structuredContent"]["reasons"][0]["code"], "invalid_request",
+            "{step}"
+        );
+        let said = text(step);
+        assert!(said.contains(field) && said.contains(want), "{said}");
+    }
+    assert_eq!(
+        up.count("transfer").await,
+        0,
+        "a mistyped call was forwarded"
+    );
+    s.shutdown().await;
+}
+
 /// No token, or one Mandate cannot verify: HTTP 401 before anything is forwarded (SECURITY
 /// P-05: an unauthenticated agent reaches nothing, not even the upstream's `initialize`).
 #[tokio::test]

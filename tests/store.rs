@@ -23,7 +23,7 @@ use mandate::approval::{
     ApprovalRequest, ApprovalStore, EscalationLimits, ListFilter, NewRequest, PrincipalSnapshot,
     RateLimit, ResourceSnapshot, Review, Status, StoreError, Verdict,
 };
-use mandate::vocabulary::Fallback;
+use mandate::vocabulary::{Fallback, GrantScope};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -152,6 +152,7 @@ store_suite!(
     a16_hourly_limit_per_principal,
     a16_concurrent_creates_respect_the_pending_limit,
     au04_checkpoints_are_kept_per_log_once_each,
+    a08_a_tool_scoped_request_keeps_its_scope_and_covers_other_arguments,
 );
 
 /// Limits no test of the other cases reaches: they create many requests for one principal.
@@ -295,6 +296,27 @@ mod cases {
         assert!(created, "a different binding hash is a new request");
         assert_ne!(other.id, first.id);
         assert_ne!(other.binding_hash, first.binding_hash);
+    }
+
+    pub async fn a08_a_tool_scoped_request_keeps_its_scope_and_covers_other_arguments(
+        h: &mut Harness,
+    ) {
+        let s = h.store.as_ref();
+        let tool = |amount| NewRequest {
+            grant_scope: GrantScope::Tool,
+            ..request(amount, 1, None)
+        };
+        let first = create(s, tool(250)).await;
+        assert_eq!(first.grant_scope, GrantScope::Tool);
+        assert_eq!(s.get(first.id).await.unwrap().as_ref(), Some(&first));
+        // Another amount is the same tool-scoped request (what its grant would cover)...
+        let (again, created) = s.create_or_get_pending(tool(9_000)).await.unwrap();
+        assert!(!created);
+        assert_eq!(again.id, first.id);
+        // ...and never the call-scoped request of the same call.
+        let call = create(s, request(250, 1, None)).await;
+        assert_eq!(call.grant_scope, GrantScope::Call);
+        assert_ne!(call.binding_hash, first.binding_hash);
     }
 
     pub async fn a16_concurrent_identical_creates_make_one_request(h: &mut Harness) {

@@ -229,6 +229,9 @@ fn view(r: &ApprovalRequest) -> serde_json::Value {
         "quorum": r.quorum,
         "evidence": r.evidence,
         "grant_ttl": humantime::format_duration(r.grant_ttl).to_string(),
+        // What the grant will allow once approved (`@grant_scope`): the approver sees it
+        // before deciding.
+        "grant_scope": r.grant_scope.as_str(),
         "fallback": r.fallback,
         "created_at": rfc3339(r.created_at),
         "expires_at": rfc3339(r.expires_at),

@@ -42,7 +42,7 @@ use super::http::decision_value;
 use super::{ApiError, AppState, ConnInfo, body};
 use crate::config::{McpConfig, McpServer};
 use crate::service::Settled;
-use crate::vocabulary::{CheckRequest, Outcome, Principal, Resource};
+use crate::vocabulary::{CheckRequest, GrantScope, Outcome, Principal, Resource};
 
 /// `/mcp/{name}`.
 pub const PREFIX: &str = "/mcp/";
@@ -936,7 +936,12 @@ fn visible(
             }
             true
         }
-        Outcome::Deny => d.reasons.iter().any(|r| r.code == "policy_error"),
+        // A probe without arguments that could not be decided (an argument the schema
+        // requires, or a policy reading one): what the arguments are decides, so it is shown.
+        Outcome::Deny => d
+            .reasons
+            .iter()
+            .any(|r| r.code == "policy_error" || r.code == "invalid_request"),
     }
 }
 
@@ -1186,10 +1191,15 @@ fn explain(settled: &Settled, public_url: &str) -> String {
         (Outcome::Escalate, Some(a)) => format!(
             "Mandate: this call needs approval. Approval request {id} was created \
              ({public_url}/v1/approvals/{id}); it expires at {expires}. Once it is approved, \
-             retry exactly the same request; other arguments need their own approval. \
-             (decision {decision})",
+             {retry} (decision {decision})",
             id = a.id,
             expires = crate::clock::rfc3339(a.expires_at),
+            retry = retry_hint(
+                d.approval
+                    .as_ref()
+                    .map(|r| r.grant_scope)
+                    .unwrap_or_default()
+            ),
             decision = d.id,
         ),
         _ => format!(
@@ -1201,6 +1211,23 @@ fn explain(settled: &Settled, public_url: &str) -> String {
                 .join("; "),
             d.id
         ),
+    }
+}
+
+/// What the agent may retry once an approval is granted, by the grant's scope.
+fn retry_hint(scope: GrantScope) -> &'static str {
+    match scope {
+        GrantScope::Call => {
+            "retry exactly the same request; other arguments need their own approval."
+        }
+        GrantScope::Tool => {
+            "this tool may be called with any arguments for the grant's lifetime \
+             (while the same policies ask)."
+        }
+        GrantScope::Resource => {
+            "any action on this tool's resource may be requested, with any arguments, for \
+             the grant's lifetime (while the same policies ask)."
+        }
     }
 }
 

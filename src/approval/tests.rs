@@ -125,6 +125,67 @@ fn a06_a10_every_part_of_the_request_and_the_whole_identity_is_bound() {
     );
 }
 
+#[test]
+fn a06_a08_a_wider_grant_scope_drops_only_what_it_names() {
+    let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let hash = |scope,
+                p: &PrincipalSnapshot,
+                action: &str,
+                r: &ResourceSnapshot,
+                amount,
+                policies: &[&str]| {
+        scoped_binding_hash(
+            scope,
+            p,
+            action,
+            None,
+            r,
+            &obj(json!({"amount": amount})),
+            &ids(policies),
+        )
+    };
+    let (p, r) = (principal(), resource());
+    let (call, tool, res) = (GrantScope::Call, GrantScope::Tool, GrantScope::Resource);
+    // `call` is the binding hash itself: grants made before scopes existed still match.
+    assert_eq!(
+        hash(call, &p, "payments:transfer", &r, 250, &["x"]),
+        hash_of(&obj(json!({"amount": 250})))
+    );
+    let t = hash(tool, &p, "payments:transfer", &r, 250, &["x", "y"]);
+    // Tool: any context, the same policies in any order...
+    assert_eq!(
+        t,
+        hash(tool, &p, "payments:transfer", &r, 9, &["y", "x", "x"])
+    );
+    // ...and nothing else: another action, resource, principal or set of policies.
+    assert_ne!(t, hash(tool, &p, "payments:refund", &r, 250, &["x", "y"]));
+    let mut other = resource();
+    other.id = "acct-2".into();
+    assert_ne!(
+        t,
+        hash(tool, &p, "payments:transfer", &other, 250, &["x", "y"])
+    );
+    let mut q = principal();
+    q.actors = vec!["alice".into()];
+    assert_ne!(t, hash(tool, &q, "payments:transfer", &r, 250, &["x", "y"]));
+    assert_ne!(t, hash(tool, &p, "payments:transfer", &r, 250, &["x"]));
+    // Resource: any action too, still this resource, principal and policies.
+    let rs = hash(res, &p, "payments:transfer", &r, 250, &["x"]);
+    assert_eq!(rs, hash(res, &p, "payments:refund", &r, 1, &["x"]));
+    assert_ne!(rs, hash(res, &p, "payments:transfer", &other, 250, &["x"]));
+    assert_ne!(rs, hash(res, &q, "payments:transfer", &r, 250, &["x"]));
+    // No scope's hash is another's, for the very same request.
+    let all = [
+        hash(call, &p, "payments:transfer", &r, 250, &["x"]),
+        hash(tool, &p, "payments:transfer", &r, 250, &["x"]),
+        rs,
+    ];
+    assert!(
+        all[0] != all[1] && all[1] != all[2] && all[0] != all[2],
+        "{all:?}"
+    );
+}
+
 /// Arbitrary JSON, a few levels deep.
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![

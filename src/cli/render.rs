@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use super::client::{Answer, Output};
+use crate::vocabulary::GrantScope;
 
 /// The whole printout of a successful answer, ending in a newline (or empty).
 pub fn answer(kind: Answer, v: &Value, output: Output) -> String {
@@ -256,9 +257,14 @@ fn request_summary(r: &Value, now: i64) -> String {
             format!("{group} after {}", str_of(&r["fallback"], "after")),
         ));
     }
+    let scope = grant_scope(r);
     rows.push((
         "grant",
-        format!("lasts {} once approved", str_of(r, "grant_ttl")),
+        format!(
+            "lasts {} once approved; covers {}",
+            str_of(r, "grant_ttl"),
+            scope.covers()
+        ),
     ));
     let expires = str_of(r, "expires_at");
     rows.push(("expires", format!("{expires} ({})", relative(expires, now))));
@@ -289,6 +295,15 @@ pub fn policy_texts(v: &Value) -> String {
     out
 }
 
+/// What a request's grant covers; older servers do not say, and their grants cover exactly the
+/// request.
+fn grant_scope(r: &Value) -> GrantScope {
+    r["grant_scope"]
+        .as_str()
+        .and_then(GrantScope::parse)
+        .unwrap_or_default()
+}
+
 fn review_sentence(v: &Value, now: i64) -> String {
     let r = &v["request"];
     let id = str_of(r, "id");
@@ -296,8 +311,9 @@ fn review_sentence(v: &Value, now: i64) -> String {
         ("approved", Some(g)) => {
             let expires = str_of(g, "expires_at");
             format!(
-                "approved: request {id}; grant {} allows exactly that request until {expires} ({})\n",
+                "approved: request {id}; grant {} allows {} until {expires} ({})\n",
                 str_of(g, "id"),
+                grant_scope(r).covers(),
                 relative(expires, now)
             )
         }

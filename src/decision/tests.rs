@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::clock::ManualClock;
-use crate::vocabulary::{Fallback, Principal, Resource};
+use crate::vocabulary::{Fallback, GrantScope, Principal, Resource};
 
 const SCHEMA: &str = r#"
     type Mandate = { now: Long, "action"?: { dry_run?: Bool } };
@@ -182,6 +182,36 @@ fn strictest_approval_wins_ties_to_smallest_id() {
 }
 
 #[test]
+fn a08_the_narrowest_grant_scope_of_the_asking_policies_is_the_requirements() {
+    // The strictest policy (b, quorum 2) is tool-scoped; a, asking too, is call-scoped: a
+    // grant wider than a's approvers would cover what they never saw (SECURITY A-08).
+    let e = engine(
+        r#"
+        @id("b") @approval("b") @quorum("2") @grant_scope("tool") permit (principal, action, resource);
+        @id("a") @approval("a") permit (principal, action, resource);
+        "#,
+    );
+    let a = e.decide(&transfer(1)).approval.unwrap();
+    assert_eq!((a.policy_id.as_str(), a.quorum), ("b", 2));
+    assert_eq!(a.grant_scope, GrantScope::Call);
+    // Alone, the policy's own scope; serialized because it is wider than the call.
+    let e = engine(
+        r#"@id("b") @approval("b") @grant_scope("resource") permit (principal, action, resource);"#,
+    );
+    let a = e.decide(&transfer(1)).approval.unwrap();
+    assert_eq!(a.grant_scope, GrantScope::Resource);
+    assert_eq!(serde_json::to_value(&a).unwrap()["grant_scope"], "resource");
+    let e = engine(r#"@id("a") @approval("a") permit (principal, action, resource);"#);
+    let a = e.decide(&transfer(1)).approval.unwrap();
+    assert!(
+        serde_json::to_value(&a)
+            .unwrap()
+            .get("grant_scope")
+            .is_none()
+    );
+}
+
+#[test]
 fn recertify_date_degrades_to_owner_approval() {
     let clock = ManualClock::new(JUNE_2026);
     let e = Engine::new(
@@ -236,7 +266,10 @@ fn a_context_that_does_not_fit_the_declared_types_is_refused_naming_the_field() 
     // Before any policy reads it: no `policy_error`, no policy id, the field named.
     for (context, message) in [
         (json!({}), "`context.amount`: is required (Long)"),
-        (json!({"amount": null}), "`context.amount`: is required (Long)"),
+        (
+            json!({"amount": null}),
+            "`context.amount`: is required (Long)",
+        ),
         (
             json!({"amount": "5000"}),
             r#"`context.amount`: expected Long, got the string "5000""#,

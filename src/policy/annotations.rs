@@ -371,6 +371,15 @@ mod tests {
         assert_eq!(a.grant_ttl, Duration::from_secs(3600));
         assert_eq!(a.evidence, vec!["ticket"]);
         assert_eq!(a.fallback.unwrap().after, Duration::from_secs(1800));
+        assert_eq!(a.grant_scope, GrantScope::Call);
+        for scope in [GrantScope::Call, GrantScope::Tool, GrantScope::Resource] {
+            let m = meta(&format!(
+                "@approval(\"a\") @grant_scope(\"{}\") permit {SCOPE}",
+                scope.as_str()
+            ))
+            .unwrap();
+            assert_eq!(m.approval.unwrap().grant_scope, scope);
+        }
     }
 
     #[test]
@@ -408,6 +417,14 @@ mod tests {
             ),
             ("@approval(\"a\") @breakglass", "cannot be combined"),
             ("@approval(\"\")", "non-empty names"),
+            (
+                "@approval(\"a\") @grant_scope(\"server\")",
+                "expected `call`",
+            ),
+            (
+                "@grant_scope(\"tool\")",
+                "`@grant_scope` requires `@approval`",
+            ),
         ];
         for (ann, want) in cases {
             let errs = meta(&format!("{ann} permit {SCOPE}")).unwrap_err();
