@@ -3,7 +3,8 @@
 //!
 //! Each bundle is generated into a temporary directory: the real `payments:transfer` shape
 //! (an autonomous permit, an approval permit, a forbid) plus filler policies spread over
-//! ~100 other actions, some forbids and approval permits among them. The principal is built
+//! ~100 other actions, some forbids and approval permits among them, or (the per-agent case)
+//! one per agent on `payments:transfer` itself. The principal is built
 //! once, as the verified-token cache does.
 //!
 //! The `audit` group prices the audit record on the hot path (SECURITY AU-06): `decide` alone
@@ -31,7 +32,16 @@ use serde_json::{Map, Value, json};
 
 const FILLER_ACTIONS: usize = 100;
 
-fn write_bundle(dir: &Path, policies: usize) {
+/// How the filler policies are spread: over ~100 other actions, or all on the checked action,
+/// one per agent (`principal == Agent::"filler-N"`: per-agent bounded authority, the shape a
+/// fleet produces, which the slice's scope index keeps flat; issue 14 item 1).
+#[derive(Clone, Copy, PartialEq)]
+enum Spread {
+    OtherActions,
+    PerAgent,
+}
+
+fn write_bundle(dir: &Path, policies: usize, spread: Spread) {
     let mut schema = String::from(
         "type Mandate = { now: Long };\n\
          entity Agent = { owner?: String, team?: String, groups?: Set<String> };\n\
@@ -59,6 +69,27 @@ when { context.amount > 10000 };
 "#,
     );
     for i in 0..policies.saturating_sub(3) {
+        if spread == Spread::PerAgent {
+            let scope = format!(
+                "(principal == Agent::\"filler-{i}\", action == Action::\"payments:transfer\", resource)"
+            );
+            let _ = match i % 4 {
+                0 => writeln!(
+                    cedar,
+                    "@id(\"f{i}\") forbid {scope} when {{ context.amount > {} }};",
+                    100 + i
+                ),
+                1 => writeln!(
+                    cedar,
+                    "@id(\"f{i}\") @approval(\"team{i}\") permit {scope} when {{ context.amount > {i} }};"
+                ),
+                _ => writeln!(
+                    cedar,
+                    "@id(\"f{i}\") permit {scope} when {{ context.amount <= {i} }};"
+                ),
+            };
+            continue;
+        }
         let action = i % FILLER_ACTIONS;
         let scope = format!("(principal, action == Action::\"svc{action}:op\", resource)");
         let _ = match i % 4 {
@@ -124,7 +155,11 @@ fn bench_request() -> CheckRequest {
 fn decide(c: &mut Criterion) {
     let request = bench_request();
     let mut group = c.benchmark_group("decide");
-    for policies in [10usize, 1_000] {
+    for (policies, spread) in [
+        (10usize, Spread::OtherActions),
+        (1_000, Spread::OtherActions),
+        (1_000, Spread::PerAgent),
+    ] {
         let dir = match tempfile::tempdir() {
             Ok(d) => d,
             Err(e) => {
@@ -132,7 +167,7 @@ fn decide(c: &mut Criterion) {
                 std::process::exit(1);
             }
         };
-        write_bundle(dir.path(), policies);
+        write_bundle(dir.path(), policies, spread);
         let bundle = match Bundle::load(dir.path()) {
             Ok(b) => Arc::new(b),
             Err(e) => {
@@ -146,16 +181,18 @@ fn decide(c: &mut Criterion) {
             eprintln!("expected allow, got {d:?}");
             std::process::exit(1);
         }
-        group.bench_with_input(
-            BenchmarkId::from_parameter(format!("{policies}_policies")),
-            &request,
-            |b, req| b.iter(|| black_box(engine.decide(black_box(req)))),
-        );
+        let name = match spread {
+            Spread::OtherActions => format!("{policies}_policies"),
+            Spread::PerAgent => format!("{policies}_per_agent_policies_same_action"),
+        };
+        group.bench_with_input(BenchmarkId::from_parameter(&name), &request, |b, req| {
+            b.iter(|| black_box(engine.decide(black_box(req))))
+        });
         // The shape of most agent calls: the resource named by id, no properties.
         let mut by_id = request.clone();
         by_id.resource.properties = Map::new();
         group.bench_with_input(
-            BenchmarkId::from_parameter(format!("{policies}_policies_resource_by_id")),
+            BenchmarkId::from_parameter(format!("{name}_resource_by_id")),
             &by_id,
             |b, req| b.iter(|| black_box(engine.decide(black_box(req)))),
         );
@@ -173,7 +210,7 @@ fn or_exit<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> T {
 fn audit(c: &mut Criterion) {
     let request = bench_request();
     let dir = or_exit("tempdir", tempfile::tempdir());
-    write_bundle(dir.path(), 10);
+    write_bundle(dir.path(), 10, Spread::OtherActions);
     let bundle = or_exit("bundle", Bundle::load(dir.path()));
     let engine = Engine::new(Arc::new(bundle), Arc::new(SystemClock));
     let log = or_exit(

@@ -47,7 +47,8 @@ pub(super) fn slice<'a>(
     let mut evaluator = None;
     let mut satisfied = Vec::new();
     let mut errors = Vec::new();
-    for condition in slice.conditions() {
+    // Only the policies whose scope can match this principal and resource (`policy::index`).
+    for condition in slice.candidates(principal, resource) {
         if let Some(b) = condition.fast.as_ref().and_then(|f| f.eval(&input)) {
             if b {
                 satisfied.push(condition.id.as_str());

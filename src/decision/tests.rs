@@ -612,3 +612,128 @@ proptest! {
         prop_assert!(f.policy_ids.contains(&forbid_id));
     }
 }
+
+/// A generated policy with a scope the index reads (issue 14 item 1): `==` on the principal
+/// or the resource, `is`, `in`, or none.
+#[derive(Debug, Clone)]
+struct Scoped {
+    effect: Gen,
+    principal: u8,
+    resource: u8,
+}
+
+impl Scoped {
+    fn text(&self, i: usize) -> String {
+        let principal = match self.principal {
+            0 => "principal".to_owned(),
+            1 => "principal is Agent".to_owned(),
+            2 => r#"principal in Agent::"agent-1""#.to_owned(),
+            n => format!(r#"principal == Agent::"agent-{}""#, n - 2),
+        };
+        let resource = match self.resource {
+            0 => "resource".to_owned(),
+            1 => "resource is Account".to_owned(),
+            n => format!(r#"resource == Account::"acct-{}""#, n - 1),
+        };
+        let scope = format!(r#"({principal}, action == Action::"payments:transfer", {resource})"#);
+        let when = match &self.effect {
+            Gen::Permit(t) | Gen::Approval(t, _) | Gen::Forbid(t) => {
+                format!("when {{ context.amount > {t} }}")
+            }
+        };
+        match &self.effect {
+            Gen::Permit(_) => format!("@id(\"s{i}\") permit {scope} {when};\n"),
+            Gen::Approval(_, q) => {
+                format!(
+                    "@id(\"s{i}\") @approval(\"grp\") @quorum(\"{q}\") permit {scope} {when};\n"
+                )
+            }
+            Gen::Forbid(_) => format!("@id(\"s{i}\") forbid {scope} {when};\n"),
+        }
+    }
+}
+
+/// What Cedar's own authorizer says of `policies` for the request, in Mandate's terms: a
+/// satisfied forbid denies; else a satisfied autonomous permit allows; else a satisfied
+/// approval permit escalates; else deny. With the policies it names.
+fn cedar_says(policies: &str, agent: &str, account: &str, amount: i64) -> (Outcome, Vec<String>) {
+    let set: cedar_policy::PolicySet = policies.parse().unwrap();
+    let uid = |s: &str| -> cedar_policy::EntityUid { s.parse().unwrap() };
+    let request = cedar_policy::Request::new(
+        uid(&format!(r#"Agent::"{agent}""#)),
+        uid(r#"Action::"payments:transfer""#),
+        uid(&format!(r#"Account::"{account}""#)),
+        cedar_policy::Context::from_json_value(json!({ "amount": amount }), None).unwrap(),
+        None,
+    )
+    .unwrap();
+    let response = cedar_policy::Authorizer::new().is_authorized(
+        &request,
+        &set,
+        &cedar_policy::Entities::empty(),
+    );
+    assert!(response.diagnostics().errors().next().is_none());
+    let mut ids: Vec<String> = response
+        .diagnostics()
+        .reason()
+        .map(|id| {
+            set.policy(id)
+                .and_then(|p| p.annotation("id"))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    let approval = |id: &String| {
+        set.policies()
+            .find(|p| p.annotation("id") == Some(id.as_str()))
+            .is_some_and(|p| p.annotation("approval").is_some())
+    };
+    let outcome = match response.decision() {
+        cedar_policy::Decision::Deny => Outcome::Deny,
+        cedar_policy::Decision::Allow if ids.iter().all(approval) => Outcome::Escalate,
+        cedar_policy::Decision::Allow => Outcome::Allow,
+    };
+    if outcome == Outcome::Allow {
+        ids.retain(|id| !approval(id));
+    }
+    (outcome, ids)
+}
+
+fn gen_scoped() -> impl Strategy<Value = Scoped> {
+    (gen_policy(), 0u8..6, 0u8..4).prop_map(|(effect, principal, resource)| Scoped {
+        effect,
+        principal,
+        resource,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Issue 14 item 1: with the slice indexed by scope, the engine answers what Cedar's own
+    /// authorizer answers over every policy (the same outcome and the same determining
+    /// policies), for principals and resources the policies name and ones they do not; a
+    /// satisfied forbid scoped to this principal or resource is never skipped.
+    #[test]
+    fn pb02_indexed_slices_match_cedars_authorizer(
+        policies in proptest::collection::vec(gen_scoped(), 0..12),
+        agent in 1u8..5,
+        account in 1u8..4,
+        amount in 0i64..25,
+    ) {
+        let text: String = policies.iter().enumerate().map(|(i, p)| p.text(i)).collect();
+        let (agent, account) = (format!("agent-{agent}"), format!("acct-{account}"));
+        let (want, ids) = cedar_says(&text, &agent, &account, amount);
+        let mut req = request("payments:transfer", json!({ "amount": amount }));
+        let principal =
+            Principal::from_parts("Agent", &agent, "test", obj(json!({"owner": "bob"}))).unwrap();
+        req.principal = Arc::new(principal);
+        req.resource.id = account;
+        let d = engine(&text).decide(&req);
+        prop_assert_eq!(d.outcome, want, "{}", text);
+        if want != Outcome::Deny || !ids.is_empty() {
+            prop_assert_eq!(&d.policy_ids, &ids, "{}", text);
+        }
+    }
+}

@@ -23,6 +23,7 @@
 
 pub mod annotations;
 pub mod fast;
+pub mod index;
 pub mod shape;
 pub mod testing;
 pub mod values;
@@ -121,6 +122,8 @@ pub struct ActionSlice {
     /// rebuilds (clones) every policy's condition expression on every request, which was
     /// the largest single cost of a decision.
     conditions: Vec<Condition>,
+    /// Which of `conditions` a request can satisfy, from their scopes' `==` constraints.
+    index: index::ScopeIndex,
     /// The context the schema declares for this action (besides `mandate`), checked against
     /// each request's ([`shape`]); `None` when it declares nothing else.
     context_shape: Option<shape::Shape>,
@@ -172,6 +175,17 @@ impl ActionSlice {
     /// The conditions of [`Self::policies`], one per policy.
     pub fn conditions(&self) -> &[Condition] {
         &self.conditions
+    }
+    /// The conditions a request from `principal` on `resource` can satisfy, in slice order:
+    /// the others are `false` for it by their scope alone ([`index`]).
+    pub fn candidates<'a>(
+        &'a self,
+        principal: &cedar_policy_core::ast::EntityUID,
+        resource: &cedar_policy_core::ast::EntityUID,
+    ) -> impl Iterator<Item = &'a Condition> + 'a {
+        self.index
+            .candidates(principal, resource)
+            .filter_map(|i| self.conditions.get(i))
     }
     /// The declared context, when it declares more than `mandate`.
     pub fn context_shape(&self) -> Option<&shape::Shape> {
@@ -774,6 +788,7 @@ fn build_slices(
         let mut breakglass = PolicySet::new();
         let mut uses_mandate_context = false;
         let mut conditions = Vec::new();
+        let mut regular: Vec<&Policy> = Vec::new();
         for p in parsed {
             if !matches(&p.policy) {
                 continue;
@@ -790,6 +805,7 @@ fn build_slices(
                 &mut breakglass
             } else {
                 conditions.push(Condition::of(&p.policy, &uid));
+                regular.push(&p.policy);
                 &mut policies
             };
             if let Err(e) = target.add(p.policy.clone()) {
@@ -808,6 +824,7 @@ fn build_slices(
             }
         }
         let context_shape = shape::Shape::context(schema, &uid);
+        let index = index::ScopeIndex::new(regular);
         match Entities::from_entities(own, None) {
             Ok(entities) => {
                 slices.insert(
@@ -819,6 +836,7 @@ fn build_slices(
                         entities,
                         uses_mandate_context,
                         conditions,
+                        index,
                         context_shape,
                     },
                 );
