@@ -112,9 +112,7 @@ pub struct Fallback {
 /// same policy version, and, wider than a call, only while the same approval policies are
 /// the ones asking: a request another policy escalates (a larger amount, a stricter quorum)
 /// is never covered by a grant its approver did not give.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GrantScope {
     /// Exactly the approved request: action, resource and context (the default).

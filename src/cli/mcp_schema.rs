@@ -85,7 +85,10 @@ pub fn schema(cfg: Option<&Config>, args: &SchemaArgs<'_>) -> anyhow::Result<u8>
             (tools, format!("the tools/list of {}", server.url))
         }
     };
-    print!("{}", fragment(args.server, args.principal_type, &source, &tools));
+    print!(
+        "{}",
+        fragment(args.server, args.principal_type, &source, &tools)
+    );
     Ok(0)
 }
 
@@ -209,10 +212,15 @@ pub fn fragment(server: &str, principal_type: &str, source: &str, tools: &[Value
     names.sort_by(|a, b| a.0.cmp(b.0));
     for (name, tool) in names {
         out.push('\n');
-        let hints: Vec<&str> = ["readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint"]
-            .into_iter()
-            .filter(|h| tool.pointer(&format!("/annotations/{h}")) == Some(&Value::Bool(true)))
-            .collect();
+        let hints: Vec<&str> = [
+            "readOnlyHint",
+            "destructiveHint",
+            "idempotentHint",
+            "openWorldHint",
+        ]
+        .into_iter()
+        .filter(|h| tool.pointer(&format!("/annotations/{h}")) == Some(&Value::Bool(true)))
+        .collect();
         let description = tool
             .get("description")
             .and_then(Value::as_str)
@@ -233,9 +241,10 @@ pub fn fragment(server: &str, principal_type: &str, source: &str, tools: &[Value
         let arguments = match object(&input, &input, "arguments", 0, &mut notes) {
             Some(record) => record,
             None => {
-                notes.push(format!(
+                notes.push(
                     "its inputSchema is not an object schema: `arguments` is declared empty"
-                ));
+                        .to_owned(),
+                );
                 Record::default()
             }
         };
@@ -379,17 +388,16 @@ fn object(
         for (name, prop) in props {
             let at = format!("{path}.{name}");
             let Some(prop) = resolve(root, prop, depth + 1) else {
-                notes.push(format!(
-                    "`{at}`: its $ref cannot be followed; not declared"
-                ));
+                notes.push(format!("`{at}`: its $ref cannot be followed; not declared"));
                 continue;
             };
             let (_, nullable) = types(prop);
-            match ty(root, prop, &at, depth + 1, notes) {
-                Some(t) => record
-                    .0
-                    .push((name.clone(), required.contains(&name.as_str()) && !nullable, t)),
-                None => {}
+            if let Some(t) = ty(root, prop, &at, depth + 1, notes) {
+                record.0.push((
+                    name.clone(),
+                    required.contains(&name.as_str()) && !nullable,
+                    t,
+                ));
             }
         }
     }
@@ -468,8 +476,22 @@ fn ty(
 
 fn is_identifier(s: &str) -> bool {
     const RESERVED: [&str; 16] = [
-        "true", "false", "if", "then", "else", "in", "is", "like", "has", "principal", "action",
-        "resource", "context", "type", "entity", "namespace",
+        "true",
+        "false",
+        "if",
+        "then",
+        "else",
+        "in",
+        "is",
+        "like",
+        "has",
+        "principal",
+        "action",
+        "resource",
+        "context",
+        "type",
+        "entity",
+        "namespace",
     ];
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')

@@ -236,7 +236,10 @@ fn a_context_that_does_not_fit_the_declared_types_is_refused_naming_the_field() 
     // Before any policy reads it: no `policy_error`, no policy id, the field named.
     for (context, message) in [
         (json!({}), "`context.amount`: is required (Long)"),
-        (json!({"amount": null}), "`context.amount`: is required (Long)"),
+        (
+            json!({"amount": null}),
+            "`context.amount`: is required (Long)",
+        ),
         (
             json!({"amount": "5000"}),
             r#"`context.amount`: expected Long, got the string "5000""#,

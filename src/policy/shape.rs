@@ -147,7 +147,10 @@ fn record(fields: &[Field], map: &Map<String, Value>) -> Result<(), Mismatch> {
                     .under(format!(".{}", f.name)));
             }
             None | Some(Value::Null) => {}
-            Some(v) => f.shape.check(v).map_err(|m| m.under(format!(".{}", f.name)))?,
+            Some(v) => f
+                .shape
+                .check(v)
+                .map_err(|m| m.under(format!(".{}", f.name)))?,
         }
     }
     Ok(())
@@ -245,9 +248,11 @@ mod tests {
     #[test]
     fn fitting_arguments_pass_and_undeclared_fields_are_not_checked() {
         check(json!({"arguments": {"account": "a", "amount": 5}})).unwrap();
-        check(json!({"arguments": {"account": "a", "amount": -5, "memo": null,
+        check(
+            json!({"arguments": {"account": "a", "amount": -5, "memo": null,
             "urgent": true, "tags": ["x"], "lines": [{"sku": "s", "qty": 1}],
-            "undeclared": 2.5, "owner": {"anything": 1}}}))
+            "undeclared": 2.5, "owner": {"anything": 1}}}),
+        )
         .unwrap();
     }
 
@@ -293,7 +298,10 @@ mod tests {
         // u64 beyond i64 is not a Long.
         assert_eq!(
             check(json!({"arguments": {"account": "a", "amount": u64::MAX}})),
-            Err("`context.arguments.amount`: expected Long, got the integer 18446744073709551615".into())
+            Err(
+                "`context.arguments.amount`: expected Long, got the integer 18446744073709551615"
+                    .into()
+            )
         );
     }
 
@@ -301,7 +309,10 @@ mod tests {
     fn long_values_are_cut_in_messages() {
         let long = "x".repeat(100);
         let e = check(json!({"arguments": {"account": 1, "amount": 1, "memo": long}})).unwrap_err();
-        assert_eq!(e, "`context.arguments.account`: expected String, got the integer 1");
+        assert_eq!(
+            e,
+            "`context.arguments.account`: expected String, got the integer 1"
+        );
         let e = check(json!({"arguments": {"account": "a", "amount": long}})).unwrap_err();
         assert!(e.ends_with('…') && e.len() < 120, "{e}");
     }
