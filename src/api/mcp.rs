@@ -1041,7 +1041,8 @@ pub(super) fn filter_list(
 /// Whether a listed tool, resource or prompt may be shown to `principal`, marking it when it
 /// needs approval. A probe decision (not recorded) with no arguments: allowed or escalated,
 /// it is shown; denied only because a policy needed arguments it did not have (a
-/// `policy_error`), it is shown too, as some arguments may be allowed; denied outright
+/// `policy_error`, or an `invalid_request` for a tool whose action declares the types of its
+/// arguments), it is shown too, as some arguments may be allowed; denied outright
 /// (forbidden, or no policy could apply), or not identifiable, it is hidden.
 fn visible(
     state: &AppState,
@@ -1090,7 +1091,20 @@ fn visible(
             }
             true
         }
-        Outcome::Deny => d.reasons.iter().any(|r| r.code == "policy_error"),
+        Outcome::Deny => {
+            // A tool whose action types its arguments (`mandate mcp schema`) is refused by
+            // the probe's empty arguments before any policy reads them.
+            let typed = matches!(kind, Listed::Tools)
+                && state
+                    .service
+                    .engine
+                    .bundle()
+                    .slice(&req.action)
+                    .is_some_and(|s| s.context_shape().is_some());
+            d.reasons
+                .iter()
+                .any(|r| r.code == "policy_error" || (typed && r.code == "invalid_request"))
+        }
     }
 }
 
