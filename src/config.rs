@@ -147,6 +147,16 @@ impl Default for McpConfig {
     }
 }
 
+/// Whether `name` may name an MCP server: letters, digits, `-`, `_` or `.`. It is a path
+/// segment (`/mcp/{name}`) and the first part of its tools' resource ids
+/// (`McpTool::"<name>/<tool>"`), so it never holds a `/`.
+pub fn mcp_server_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 /// One upstream MCP server (Streamable HTTP).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct McpServer {
@@ -1134,11 +1144,7 @@ impl Reader {
             };
             self.known(st, &sp, &["name", "url", "headers"]);
             let name = self.required_string(st, &sp, "name");
-            let name_ok = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-            if !name.is_empty() && !name_ok {
+            if !name.is_empty() && !mcp_server_name_ok(&name) {
                 self.bad(
                     format!("{sp}.name"),
                     format!(

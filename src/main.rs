@@ -262,6 +262,36 @@ enum McpCommand {
         #[arg(long, default_value = "Agent")]
         principal_type: String,
     },
+    /// Run a local stdio MCP server as a child with a running Mandate server's decisions
+    /// between it and the agent's MCP client: `mandate mcp wrap --name tools -- python3
+    /// server.py`. Every tools/call, resources/read and prompts/get is decided for the
+    /// agent's token before the child sees it; the lists are filtered.
+    #[command(after_help = "\
+Environment:
+  MANDATE_TOKEN    the agent's token (as --token); never passed on to the child
+  MANDATE_SERVER   the server's base URL (as --server)
+
+Exit status: the child's (128 + N when signal N ended it). When Mandate cannot be asked,
+a decided call is refused with a JSON-RPC error saying why; it never reaches the child.")]
+    Wrap {
+        /// The server's name in policies: its tools are `McpTool::\"<NAME>/<tool>\"`, a
+        /// declared `mcp:<NAME>/<tool>` action their own. Not a `[[mcp.servers]]` name.
+        #[arg(long)]
+        name: String,
+        /// The Mandate server's base URL.
+        #[arg(long, env = "MANDATE_SERVER", default_value = "http://127.0.0.1:8181")]
+        server: String,
+        /// The agent's own workload token (default: MANDATE_TOKEN).
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// A file holding the agent's token, read again for every decision (a token a
+        /// SPIFFE helper or the platform keeps fresh).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
+        /// The stdio MCP server's command and arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -399,6 +429,24 @@ fn main() -> ExitCode {
                 },
             )
         }
+        Command::Mcp {
+            command:
+                McpCommand::Wrap {
+                    name,
+                    server,
+                    token,
+                    token_file,
+                    command,
+                },
+        } => cli::wrap::Token::choose(token, token_file, std::env::var("MANDATE_TOKEN").ok())
+            .and_then(|token| {
+                cli::wrap::wrap(cli::wrap::WrapArgs {
+                    name,
+                    server,
+                    token,
+                    command,
+                })
+            }),
         Command::Mcp {
             command:
                 McpCommand::Schema {

@@ -18,10 +18,11 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::mcp::{Run, call, text};
 use common::{Killed, TestServer, dev_token, example_config_plus, finance_approve, repo};
 use serde_json::{Value, json};
 
@@ -115,100 +116,11 @@ async fn get_json(url: &str) -> Value {
     serde_json::from_str(&resp.text().await.unwrap()).expect("JSON")
 }
 
-/// What the SDK client printed: one JSON line for `initialize`, one for the session id, then
-/// one per step in order.
-#[derive(Debug)]
-struct Run {
-    lines: Vec<Value>,
-}
-
-impl Run {
-    fn line(&self, op: &str) -> &Value {
-        self.lines
-            .iter()
-            .find(|l| l["op"] == op)
-            .unwrap_or_else(|| panic!("no `{op}` line: {:#?}", self.lines))
-    }
-
-    /// The `initialize` line: `protocolVersion`, or `error`, `code` and `http_status`.
-    fn initialize(&self) -> &Value {
-        self.line("initialize")
-    }
-
-    /// The `Mcp-Session-Id` the client got, if any.
-    fn session(&self) -> Option<&str> {
-        self.line("session")["id"].as_str()
-    }
-
-    /// The answer to each step, in the order of the steps.
-    fn steps(&self) -> Vec<&Value> {
-        self.lines
-            .iter()
-            .filter(|l| l["op"] != "initialize" && l["op"] != "session")
-            .collect()
-    }
-
-    /// The one answer to a one-step run.
-    fn only(&self) -> &Value {
-        let steps = self.steps();
-        assert_eq!(steps.len(), 1, "{:#?}", self.lines);
-        steps[0]
-    }
-}
-
 /// Run the SDK client against `url` with `Authorization: Bearer token` (none if `None`) and
 /// `steps`: `[{"op":"list"}, {"op":"call","tool":..,"arguments":{..}}, {"op":"sleep",..}]`.
 async fn client(url: &str, token: Option<&str>, steps: Value) -> Run {
-    let script = repo().join("tests/peers/mcp_client.py");
-    let args = [url.to_owned(), token.unwrap_or("-").to_owned()];
-    let run = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(steps.to_string().as_bytes())
-            .expect("steps written");
-        child.wait_with_output().expect("client output")
-    });
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the MCP client ran for over 120 s")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the Python MCP client failed (scripts/test installs tests/requirements.txt):\n{stderr}"
-    );
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{stderr}"))
-        })
-        .collect();
-    Run { lines }
-}
-
-fn call(tool: &str, arguments: Value) -> Value {
-    json!({"op": "call", "tool": tool, "arguments": arguments})
-}
-
-/// The texts of a call's content, joined.
-fn text(answer: &Value) -> String {
-    answer["text"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no text: {answer}"))
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect::<Vec<_>>()
-        .join("\n")
+    let args = vec![url.to_owned(), token.unwrap_or("-").to_owned()];
+    common::mcp::client(args, Vec::new(), steps).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -940,34 +852,11 @@ async fn a_held_call_is_released_by_its_approval() {
         json!({"account": "acct-7", "amount": 250})
     )]);
     let approver = async {
-        let alice = dev_token(
-            "alice",
-            json!({"groups": ["finance-approvers"]}),
-            Duration::from_secs(300),
-        );
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no request to approve"
-            );
-            let r = s
-                .client
-                .get(s.url("/v1/approvals?status=pending"))
-                .bearer_auth(&alice)
-                .send()
-                .await
-                .unwrap();
-            let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
-            if let Some(id) = v["requests"][0]["id"].as_str() {
-                // Still held: the upstream has not been called.
-                assert_eq!(up.count("transfer").await, 0);
-                let (st, body) = common::finance_approve(&s, id, "FIN-7").await;
-                assert_eq!(st, 200, "{body}");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let id = common::first_pending(&s).await;
+        // Still held: the upstream has not been called.
+        assert_eq!(up.count("transfer").await, 0);
+        let (st, body) = common::finance_approve(&s, &id, "FIN-7").await;
+        assert_eq!(st, 200, "{body}");
     };
     let (run, ()) = tokio::join!(client(&url, Some(&token), steps), approver);
     let answer = run.only();

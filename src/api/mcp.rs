@@ -88,7 +88,7 @@ const DECIDED: [&str; 3] = ["tools/call", "resources/read", "prompts/get"];
 /// listed again within this time, before a call is decided on what it used to say.
 const ANNOTATIONS_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest `tools/list` answer read to filter it.
-const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+pub(super) const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 /// Pages of `tools/list` Mandate reads itself to learn a tool's annotations.
 const MAX_LIST_PAGES: usize = 16;
 
@@ -142,6 +142,16 @@ impl Gateway {
     pub fn is_empty(&self) -> bool {
         self.servers.is_empty()
     }
+
+    /// Whether `name` is a configured upstream's.
+    pub fn serves(&self, name: &str) -> bool {
+        self.servers.contains_key(name)
+    }
+
+    /// Largest JSON-RPC message accepted from an agent (`mcp.max_message_bytes`).
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
 }
 
 impl Upstream {
@@ -191,23 +201,28 @@ impl Upstream {
         let Ok(mut known) = self.tools.write() else {
             return;
         };
-        for t in tools {
-            let Some(name) = t.get("name").and_then(Value::as_str) else {
-                continue;
-            };
-            let mut attrs = Map::new();
-            attrs.insert("server".into(), Value::String(self.name.clone()));
-            attrs.insert("tool".into(), Value::String(name.to_owned()));
-            if let Some(Value::Object(a)) = t.get("annotations") {
-                for key in ANNOTATIONS {
-                    if let Some(Value::Bool(b)) = a.get(key) {
-                        attrs.insert(key.into(), Value::Bool(*b));
-                    }
-                }
-            }
+        for (name, attrs) in tools.iter().filter_map(|t| tool_attributes(&self.name, t)) {
             known.insert(name.to_owned(), (Instant::now(), attrs));
         }
     }
+}
+
+/// A listed tool's name and the attributes of its resource: `server`, `tool`, and the
+/// boolean annotations the server declares for it (others are ignored). `None`: it has no
+/// name.
+pub fn tool_attributes<'a>(server: &str, tool: &'a Value) -> Option<(&'a str, Map<String, Value>)> {
+    let name = tool.get("name").and_then(Value::as_str)?;
+    let mut attrs = Map::new();
+    attrs.insert("server".into(), Value::String(server.to_owned()));
+    attrs.insert("tool".into(), Value::String(name.to_owned()));
+    if let Some(Value::Object(a)) = tool.get("annotations") {
+        for key in ANNOTATIONS {
+            if let Some(Value::Bool(b)) = a.get(key) {
+                attrs.insert(key.into(), Value::Bool(*b));
+            }
+        }
+    }
+    Some((name, attrs))
 }
 
 /// Serve one request to `/mcp/{name}`.
@@ -244,7 +259,7 @@ async fn serve(
         .iter()
         .find(|h| req.headers().get_all(**h).iter().nth(1).is_some())
     {
-        return Ok(rpc_error(
+        return Ok(rpc_answer(
             StatusCode::BAD_REQUEST,
             Value::Null,
             -32600,
@@ -256,7 +271,7 @@ async fn serve(
         // Unknown (expired, from before a restart, or guessed) or another agent's: the
         // transport's answer to a session that does not exist, so the client starts anew.
         if upstream.sessions.get(session).as_deref() != Some(owner.as_str()) {
-            return Ok(rpc_error(
+            return Ok(rpc_answer(
                 StatusCode::NOT_FOUND,
                 Value::Null,
                 -32001,
@@ -296,66 +311,29 @@ async fn serve(
     }
     let (parts, incoming) = req.into_parts();
     if !body::is_json(&parts.headers) {
-        return Ok(rpc_error(
+        return Ok(rpc_answer(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Value::Null,
             -32700,
             "an MCP message is `application/json`",
         ));
     }
-    let bytes = read_message(&parts.headers, incoming, gateway.max_message_bytes, state).await?;
-    let message = match body::parse_value(&bytes) {
-        Ok(Value::Object(m)) => m,
-        Ok(Value::Array(_)) => {
-            return Ok(rpc_error(
-                StatusCode::BAD_REQUEST,
-                Value::Null,
-                -32600,
-                "a batch (JSON array) is not accepted: send one JSON-RPC message per POST",
-            ));
-        }
-        Ok(_) => {
-            return Ok(rpc_error(
-                StatusCode::BAD_REQUEST,
-                Value::Null,
-                -32600,
-                "a JSON-RPC message is an object",
-            ));
-        }
-        Err(e) => {
-            return Ok(rpc_error(
-                StatusCode::BAD_REQUEST,
-                Value::Null,
-                -32700,
-                &format!("{}{}", e.message, field_note(e.field.as_deref())),
-            ));
-        }
+    let bytes = read_message(
+        &parts.headers,
+        incoming,
+        (gateway.max_message_bytes, "mcp.max_message_bytes"),
+        state,
+    )
+    .await?;
+    let message = match read(body::parse_value(&bytes)) {
+        Ok(m) => m,
+        Err(refusal) => return Ok(answer(StatusCode::BAD_REQUEST, &refusal.answer())),
     };
     let id = message.get("id").cloned();
-    if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return Ok(rpc_error(
-            StatusCode::BAD_REQUEST,
-            id.unwrap_or(Value::Null),
-            -32600,
-            "`jsonrpc` must be \"2.0\"",
-        ));
-    }
     let method = message.get("method").and_then(Value::as_str);
-    if let Some(m) = method.filter(|m| DECIDED.contains(m))
-        && id.as_ref().is_none_or(Value::is_null)
-    {
-        // Fail closed: a notification cannot be answered, so it is never decided, and an
-        // upstream that executed it anyway would act unchecked.
-        return Ok(rpc_error(
-            StatusCode::BAD_REQUEST,
-            Value::Null,
-            -32600,
-            &format!("`{m}` must be a request with an `id`"),
-        ));
-    }
     match (method, id) {
         (Some("tools/call"), Some(id)) => {
-            call(
+            return call(
                 state,
                 upstream,
                 &principal,
@@ -364,15 +342,10 @@ async fn serve(
                 id,
                 bytes,
             )
-            .await
+            .await;
         }
-        (Some(m @ ("tools/list" | "resources/list" | "prompts/list")), Some(id)) => {
-            let kind = match m {
-                "tools/list" => Listed::Tools,
-                "resources/list" => Listed::Resources,
-                _ => Listed::Prompts,
-            };
-            list(
+        (Some(m), Some(id)) if let Some(kind) = Listed::of(m) => {
+            return list(
                 state,
                 upstream,
                 &principal,
@@ -381,40 +354,109 @@ async fn serve(
                 kind,
                 bytes,
             )
-            .await
+            .await;
         }
         (Some(m @ ("resources/read" | "prompts/get")), Some(id)) => {
-            let req = match other_check(upstream, &principal, m, &message) {
-                Ok(req) => req,
-                Err(why) => return Ok(rpc_error(StatusCode::OK, id, -32602, &why)),
-            };
-            let settled = state.service.check(&req, Instant::now()).await;
-            if settled.decision.outcome == Outcome::Allow {
-                return forward(
-                    gateway,
-                    upstream,
-                    &owner,
-                    Method::POST,
-                    &parts.headers,
-                    Some(bytes),
-                )
-                .await;
+            if let Verdict::Answer(v) =
+                decide_other(state, &upstream.name, &principal, m, &message, id).await
+            {
+                return Ok(answer(StatusCode::OK, &v));
             }
-            let public_url = state.server.public_url.as_deref().unwrap_or_default();
-            Ok(refused(id, &settled, &explain(&settled, public_url)))
         }
-        _ => {
-            forward(
-                gateway,
-                upstream,
-                &owner,
-                Method::POST,
-                &parts.headers,
-                Some(bytes),
-            )
-            .await
+        // Everything else is forwarded undecided.
+        _ => {}
+    }
+    forward(
+        gateway,
+        upstream,
+        &owner,
+        Method::POST,
+        &parts.headers,
+        Some(bytes),
+    )
+    .await
+}
+
+/// A client message refused before any decision: the id to answer (null when it cannot be
+/// known), the JSON-RPC error code, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub id: Value,
+    pub code: i64,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(id: Value, code: i64, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            code,
+            message: message.into(),
         }
     }
+
+    /// The JSON-RPC error answering the message.
+    pub fn answer(&self) -> Value {
+        rpc_error(self.id.clone(), self.code, &self.message)
+    }
+}
+
+/// One client message, as the gateway and the stdio wrapper (`mandate mcp wrap`) read it:
+/// strict JSON (a duplicate key is refused), one JSON-RPC 2.0 object, and a decided method
+/// only as a request.
+pub fn read(parsed: Result<Value, ApiError>) -> Result<Map<String, Value>, Refusal> {
+    let message = match parsed {
+        Ok(Value::Object(m)) => m,
+        Ok(Value::Array(_)) => {
+            return Err(Refusal::new(
+                Value::Null,
+                -32600,
+                "a batch (JSON array) is not accepted: send one JSON-RPC message at a time",
+            ));
+        }
+        Ok(_) => {
+            return Err(Refusal::new(
+                Value::Null,
+                -32600,
+                "a JSON-RPC message is an object",
+            ));
+        }
+        Err(e) => {
+            return Err(Refusal::new(
+                Value::Null,
+                -32700,
+                format!("{}{}", e.message, field_note(e.field.as_deref())),
+            ));
+        }
+    };
+    let id = message.get("id").cloned();
+    if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(Refusal::new(
+            id.unwrap_or(Value::Null),
+            -32600,
+            "`jsonrpc` must be \"2.0\"",
+        ));
+    }
+    if let Some(m) = message
+        .get("method")
+        .and_then(Value::as_str)
+        .filter(|m| is_decided(m))
+        && id.as_ref().is_none_or(Value::is_null)
+    {
+        // Fail closed: a notification cannot be answered, so it is never decided, and a
+        // server that executed it anyway would act unchecked.
+        return Err(Refusal::new(
+            Value::Null,
+            -32600,
+            format!("`{m}` must be a request with an `id`"),
+        ));
+    }
+    Ok(message)
+}
+
+/// Whether messages of `method` are decided before they reach the server.
+pub fn is_decided(method: &str) -> bool {
+    DECIDED.contains(&method)
 }
 
 fn field_note(field: Option<&str>) -> String {
@@ -422,17 +464,17 @@ fn field_note(field: Option<&str>) -> String {
 }
 
 /// The message, within `mcp.max_message_bytes` and `server.body_read_timeout`.
-async fn read_message(
+pub(super) async fn read_message(
     headers: &HeaderMap,
     incoming: Incoming,
-    limit: usize,
+    (limit, limit_name): (usize, &str),
     state: &AppState,
 ) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("the message is larger than mcp.max_message_bytes ({limit})"),
+            format!("the message is larger than {limit_name} ({limit})"),
         )
     };
     let declared = headers
@@ -479,38 +521,40 @@ async fn call(
     bytes: Bytes,
 ) -> Result<Response<McpBody>, ApiError> {
     let started = Instant::now();
-    let params = message.get("params").and_then(Value::as_object);
-    let Some(tool) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
-        return Ok(rpc_error(
-            StatusCode::OK,
-            id,
-            -32602,
-            "`params.name` (the tool) is required",
-        ));
-    };
-    let arguments = match params.and_then(|p| p.get("arguments")) {
-        None => Map::new(),
-        Some(Value::Object(a)) => a.clone(),
-        Some(_) => {
-            return Ok(rpc_error(
-                StatusCode::OK,
-                id,
-                -32602,
-                "`params.arguments` must be an object",
-            ));
-        }
+    let (tool, arguments) = match call_params(message) {
+        Ok(p) => p,
+        Err(why) => return Ok(rpc_answer(StatusCode::OK, id, -32602, &why)),
     };
     let attributes = match annotations(state, upstream, headers, tool).await? {
         Ok(a) => a,
         // Fail closed: without the tool's annotations there is nothing certain to decide on.
-        Err(why) => return Ok(rpc_error(StatusCode::OK, id, -32602, &why)),
+        Err(why) => return Ok(rpc_answer(StatusCode::OK, id, -32602, &why)),
     };
-    let req = tool_check(state, upstream, principal, tool, attributes, arguments);
+    let req = tool_check(
+        state,
+        &upstream.name,
+        principal,
+        tool,
+        attributes,
+        arguments,
+    );
     let settled = state.service.check(&req, started).await;
-    let owner = owner_key(principal);
-    let public_url = state.server.public_url.as_deref().unwrap_or_default();
-    match (&settled.decision.outcome, &settled.approval) {
-        (Outcome::Allow, _) => {
+    if let Some(approval) = held_approval(state, &settled)
+        && let Some(token) = progress_token(message)
+        && accepts_sse(headers)
+    {
+        let pending = Pending {
+            held: Held::new(state, req, approval, settled),
+            server: upstream.name.clone(),
+            headers: headers.clone(),
+            bytes,
+            id,
+        };
+        return Ok(pending.stream(token));
+    }
+    match settle_call(state, req, settled, id).await {
+        Verdict::Forward => {
+            let owner = owner_key(principal);
             forward(
                 &state.mcp,
                 upstream,
@@ -521,29 +565,91 @@ async fn call(
             )
             .await
         }
-        (Outcome::Escalate, Some(a)) if !state.mcp.hold.is_zero() => {
-            let progress = params
-                .and_then(|p| p.get("_meta"))
-                .and_then(|m| m.get("progressToken"))
-                .cloned();
-            let held = Held {
-                state: state.clone(),
-                server: upstream.name.clone(),
-                principal: principal.clone(),
-                approval: a.id.to_string(),
-                req,
-                headers: headers.clone(),
-                bytes,
-                id,
-                escalated: settled,
-            };
-            match progress {
-                Some(token) if accepts_sse(headers) => Ok(held.stream(token)),
-                _ => held.wait().await,
-            }
-        }
-        _ => Ok(in_band(id, &settled, public_url)),
+        Verdict::Answer(v) => Ok(answer(StatusCode::OK, &v)),
     }
+}
+
+/// What becomes of a decided message: sent on to the server as received, or answered here
+/// (and never sent).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Forward,
+    Answer(Value),
+}
+
+/// The tool and arguments of a `tools/call`; `Err`: why its params cannot be decided on.
+pub fn call_params(message: &Map<String, Value>) -> Result<(&str, Map<String, Value>), String> {
+    let params = message.get("params").and_then(Value::as_object);
+    let Some(tool) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
+        return Err("`params.name` (the tool) is required".into());
+    };
+    let arguments = match params.and_then(|p| p.get("arguments")) {
+        None => Map::new(),
+        Some(Value::Object(a)) => a.clone(),
+        Some(_) => return Err("`params.arguments` must be an object".into()),
+    };
+    Ok((tool, arguments))
+}
+
+/// The progress token a request asked its progress to be reported under.
+pub fn progress_token(message: &Map<String, Value>) -> Option<Value> {
+    message
+        .get("params")
+        .and_then(|p| p.get("_meta"))
+        .and_then(|m| m.get("progressToken"))
+        .cloned()
+}
+
+/// The approval request an escalated call is held for, when `mcp.hold` is set.
+fn held_approval(state: &AppState, settled: &Settled) -> Option<String> {
+    match (&settled.decision.outcome, &settled.approval) {
+        (Outcome::Escalate, Some(a)) if !state.mcp.hold.is_zero() => Some(a.id.to_string()),
+        _ => None,
+    }
+}
+
+/// A tool call's check, settled: forwarded on an allow (at once, or once its approval
+/// request is approved within `mcp.hold`), else answered in-band.
+pub(super) async fn settle_call(
+    state: &Arc<AppState>,
+    req: CheckRequest,
+    settled: Settled,
+    id: Value,
+) -> Verdict {
+    let released = match (&settled.decision.outcome, held_approval(state, &settled)) {
+        (Outcome::Allow, _) => Ok(()),
+        (_, Some(approval)) => Held::new(state, req, approval, settled).wait().await,
+        _ => Err(settled),
+    };
+    match released {
+        Ok(()) => Verdict::Forward,
+        Err(s) => {
+            let public_url = state.server.public_url.as_deref().unwrap_or_default();
+            Verdict::Answer(in_band(id, &s, public_url))
+        }
+    }
+}
+
+/// Decide a `resources/read` or `prompts/get` of `server`: forwarded on an allow, else
+/// refused with a JSON-RPC error carrying the decision.
+pub(super) async fn decide_other(
+    state: &AppState,
+    server: &str,
+    principal: &Arc<Principal>,
+    method: &str,
+    message: &Map<String, Value>,
+    id: Value,
+) -> Verdict {
+    let req = match other_check(server, principal, method, message) {
+        Ok(req) => req,
+        Err(why) => return Verdict::Answer(rpc_error(id, -32602, &why)),
+    };
+    let settled = state.service.check(&req, Instant::now()).await;
+    if settled.decision.outcome == Outcome::Allow {
+        return Verdict::Forward;
+    }
+    let public_url = state.server.public_url.as_deref().unwrap_or_default();
+    Verdict::Answer(refused(id, &settled, &explain(&settled, public_url)))
 }
 
 fn accepts_sse(headers: &HeaderMap) -> bool {
@@ -555,17 +661,12 @@ fn accepts_sse(headers: &HeaderMap) -> bool {
 }
 
 /// An escalated tool call held open for `mcp.hold` while its approval request is pending:
-/// forwarded if it is approved in time (and the check, made again, now allows it, under the
-/// grant), else answered as the escalation.
+/// allowed if it is approved in time and the check, made again, now allows it (under the
+/// grant); else the escalation (or the new decision) stands.
 struct Held {
     state: Arc<AppState>,
-    server: String,
-    principal: Arc<Principal>,
     approval: String,
     req: CheckRequest,
-    headers: HeaderMap,
-    bytes: Bytes,
-    id: Value,
     escalated: Settled,
 }
 
@@ -573,10 +674,19 @@ struct Held {
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Held {
-    /// Wait up to `deadline` for the approval request to leave `pending`: whether it was
+    fn new(state: &Arc<AppState>, req: CheckRequest, approval: String, escalated: Settled) -> Self {
+        Self {
+            state: state.clone(),
+            approval,
+            req,
+            escalated,
+        }
+    }
+
+    /// Wait up to `wait` for the approval request to leave `pending`: whether it was
     /// approved.
     async fn approved_by(&self, wait: std::time::Duration) -> Option<bool> {
-        let caller = crate::service::Caller::Agent(self.principal.clone());
+        let caller = crate::service::Caller::Agent(self.req.principal.clone());
         match self
             .state
             .service
@@ -590,48 +700,44 @@ impl Held {
         }
     }
 
-    /// After the wait: forward if the check now allows the call, else the escalation (or
-    /// the new decision) in-band.
-    async fn settle(self) -> Result<Response<McpBody>, ApiError> {
-        let public_url = self.state.server.public_url.clone().unwrap_or_default();
+    /// After the wait (`approved`: the request was approved in time): `Ok` if the check,
+    /// made again, allows the call; else the decision to answer with.
+    async fn release(self, approved: bool) -> Result<(), Settled> {
+        if !approved {
+            return Err(self.escalated);
+        }
         let again = self.state.service.check(&self.req, Instant::now()).await;
-        let Some(upstream) = self.state.mcp.servers.get(&self.server) else {
-            return Ok(in_band(self.id, &self.escalated, &public_url));
-        };
-        if again.decision.outcome == Outcome::Allow {
-            let owner = owner_key(&self.principal);
-            return forward(
-                &self.state.mcp,
-                upstream,
-                &owner,
-                Method::POST,
-                &self.headers,
-                Some(self.bytes),
-            )
-            .await;
-        }
-        Ok(in_band(self.id, &again, &public_url))
-    }
-
-    /// Hold without progress: one wait, then the answer.
-    async fn wait(self) -> Result<Response<McpBody>, ApiError> {
-        match self.approved_by(self.state.mcp.hold).await {
-            Some(true) => self.settle().await,
-            _ => {
-                let public_url = self.state.server.public_url.clone().unwrap_or_default();
-                Ok(in_band(self.id, &self.escalated, &public_url))
-            }
+        match again.decision.outcome {
+            Outcome::Allow => Ok(()),
+            _ => Err(again),
         }
     }
 
+    /// Hold without progress: one wait, then the outcome.
+    async fn wait(self) -> Result<(), Settled> {
+        let approved = self.approved_by(self.state.mcp.hold).await == Some(true);
+        self.release(approved).await
+    }
+}
+
+/// A held gateway call and what forwarding it takes.
+struct Pending {
+    held: Held,
+    server: String,
+    headers: HeaderMap,
+    bytes: Bytes,
+    id: Value,
+}
+
+impl Pending {
     /// Hold with progress: an SSE answer whose first events are `notifications/progress`
     /// (every few seconds, naming the approval request), and whose last is the call's result:
     /// the upstream's (its own events passed through) or the escalation.
     fn stream(self, token: Value) -> Response<McpBody> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
         tokio::spawn(async move {
-            let hold = self.state.mcp.hold;
-            let until = tokio::time::Instant::now() + hold;
+            let state = self.held.state.clone();
+            let until = tokio::time::Instant::now() + state.mcp.hold;
             let mut step = 0u64;
             let mut approved = false;
             loop {
@@ -642,11 +748,11 @@ impl Held {
                 step += 1;
                 let note = json!({"jsonrpc": "2.0", "method": "notifications/progress",
                     "params": {"progressToken": token, "progress": step,
-                               "message": format!("waiting for approval request {}", self.approval)}});
+                               "message": format!("waiting for approval request {}", self.held.approval)}});
                 if tx.send(sse_event(&note.to_string())).await.is_err() {
                     return; // The client went away.
                 }
-                match self.approved_by(left.min(PROGRESS_EVERY)).await {
+                match self.held.approved_by(left.min(PROGRESS_EVERY)).await {
                     None => {}
                     Some(a) => {
                         approved = a;
@@ -655,16 +761,33 @@ impl Held {
                 }
             }
             let id = self.id.clone();
-            let answer = match approved {
-                true => self.settle().await,
-                false => {
-                    let public_url = self.state.server.public_url.clone().unwrap_or_default();
-                    Ok(in_band(self.id, &self.escalated, &public_url))
-                }
+            let public_url = state.server.public_url.clone().unwrap_or_default();
+            let owner = owner_key(&self.held.req.principal);
+            let answered = match self.held.release(approved).await {
+                Err(s) => Ok(answer(StatusCode::OK, &in_band(self.id, &s, &public_url))),
+                Ok(()) => match state.mcp.servers.get(&self.server) {
+                    Some(upstream) => {
+                        forward(
+                            &state.mcp,
+                            upstream,
+                            &owner,
+                            Method::POST,
+                            &self.headers,
+                            Some(self.bytes),
+                        )
+                        .await
+                    }
+                    None => Ok(rpc_answer(
+                        StatusCode::OK,
+                        id.clone(),
+                        -32603,
+                        "the MCP server is no longer configured",
+                    )),
+                },
             };
-            let resp = match answer {
+            let resp = match answered {
                 Ok(r) => r,
-                Err(e) => rpc_error(StatusCode::OK, id, -32603, &e.message),
+                Err(e) => rpc_answer(StatusCode::OK, id, -32603, &e.message),
             };
             pipe_as_sse(resp, &tx).await;
         });
@@ -722,16 +845,16 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
-/// The check of calling `tool` with `arguments`.
-fn tool_check(
+/// The check of calling `tool` of `server` with `arguments`.
+pub(super) fn tool_check(
     state: &AppState,
-    upstream: &Upstream,
+    server: &str,
     principal: &Arc<Principal>,
     tool: &str,
     attributes: Map<String, Value>,
     arguments: Map<String, Value>,
 ) -> CheckRequest {
-    let own = format!("mcp:{}/{tool}", upstream.name);
+    let own = format!("mcp:{server}/{tool}");
     let bundle = state.service.engine.bundle();
     let action = match bundle.slice(&own) {
         Some(_) => own,
@@ -745,7 +868,7 @@ fn tool_check(
         action_properties: None,
         resource: Resource {
             kind: TOOL_TYPE.to_owned(),
-            id: format!("{}/{tool}", upstream.name),
+            id: format!("{server}/{tool}"),
             properties: attributes,
         },
         context,
@@ -814,27 +937,45 @@ async fn annotations(
             None => break,
         }
     }
-    Ok(Err(format!(
-        "tool `{tool}` is not in the tools/list of MCP server `{}`",
-        upstream.name
-    )))
+    Ok(Err(not_listed(&upstream.name, tool)))
+}
+
+/// Why a call to a tool its server does not list cannot be decided.
+pub(super) fn not_listed(server: &str, tool: &str) -> String {
+    format!("tool `{tool}` is not in the tools/list of MCP server `{server}`")
 }
 
 /// What a `*/list` lists.
-#[derive(Debug, Clone, Copy)]
-enum Listed {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
     Tools,
     Resources,
     Prompts,
 }
 
 impl Listed {
-    /// The array in the result.
-    fn pointer(self) -> &'static str {
+    /// The list a method asks for, if it is one of the three filtered.
+    pub fn of(method: &str) -> Option<Self> {
+        [Listed::Tools, Listed::Resources, Listed::Prompts]
+            .into_iter()
+            .find(|l| l.method() == method)
+    }
+
+    /// The method that asks for it.
+    pub fn method(self) -> &'static str {
         match self {
-            Listed::Tools => "/result/tools",
-            Listed::Resources => "/result/resources",
-            Listed::Prompts => "/result/prompts",
+            Listed::Tools => "tools/list",
+            Listed::Resources => "resources/list",
+            Listed::Prompts => "prompts/list",
+        }
+    }
+
+    /// The array of the result that holds the items.
+    pub fn key(self) -> &'static str {
+        match self {
+            Listed::Tools => "tools",
+            Listed::Resources => "resources",
+            Listed::Prompts => "prompts",
         }
     }
 }
@@ -859,13 +1000,14 @@ async fn list(
         if msg.get("id") != Some(id) {
             return;
         }
-        let Some(Value::Array(items)) = msg.pointer_mut(kind.pointer()) else {
+        let Some(Value::Array(items)) = msg.get_mut("result").and_then(|r| r.get_mut(kind.key()))
+        else {
             return;
         };
         if let Listed::Tools = kind {
             upstream.learn(items);
         }
-        items.retain_mut(|item| visible(state, upstream, principal, kind, item));
+        filter_list(state, &upstream.name, principal, kind, items);
     };
     let out = match sse {
         true => rewrite_sse(&body, filter),
@@ -884,14 +1026,27 @@ async fn list(
     Ok(r)
 }
 
+/// The items of one `*/list` answer of `server` that `principal` may see, marked where they
+/// need approval.
+pub(super) fn filter_list(
+    state: &AppState,
+    server: &str,
+    principal: &Arc<Principal>,
+    kind: Listed,
+    items: &mut Vec<Value>,
+) {
+    items.retain_mut(|item| visible(state, server, principal, kind, item));
+}
+
 /// Whether a listed tool, resource or prompt may be shown to `principal`, marking it when it
 /// needs approval. A probe decision (not recorded) with no arguments: allowed or escalated,
 /// it is shown; denied only because a policy needed arguments it did not have (a
-/// `policy_error`), it is shown too, as some arguments may be allowed; denied outright
+/// `policy_error`, or an `invalid_request` for a tool whose action declares the types of its
+/// arguments), it is shown too, as some arguments may be allowed; denied outright
 /// (forbidden, or no policy could apply), or not identifiable, it is hidden.
 fn visible(
     state: &AppState,
-    upstream: &Upstream,
+    server: &str,
     principal: &Arc<Principal>,
     kind: Listed,
     tool: &mut Value,
@@ -906,17 +1061,17 @@ fn visible(
     };
     let req = match kind {
         Listed::Tools => {
-            let Some(attributes) = upstream.tool(&name) else {
+            let Some((_, attributes)) = tool_attributes(server, tool) else {
                 return false;
             };
-            tool_check(state, upstream, principal, &name, attributes, Map::new())
+            tool_check(state, server, principal, &name, attributes, Map::new())
         }
         Listed::Resources | Listed::Prompts => {
             let mut params = Map::new();
             params.insert(key.into(), Value::String(name));
             let mut message = Map::new();
             message.insert("params".into(), Value::Object(params));
-            match other_check(upstream, principal, method, &message) {
+            match other_check(server, principal, method, &message) {
                 Ok(req) => req,
                 Err(_) => return false,
             }
@@ -936,12 +1091,20 @@ fn visible(
             }
             true
         }
-        // A probe without arguments that could not be decided (an argument the schema
-        // requires, or a policy reading one): what the arguments are decides, so it is shown.
-        Outcome::Deny => d
-            .reasons
-            .iter()
-            .any(|r| r.code == "policy_error" || r.code == "invalid_request"),
+        Outcome::Deny => {
+            // A tool whose action types its arguments (`mandate mcp schema`) is refused by
+            // the probe's empty arguments before any policy reads them.
+            let typed = matches!(kind, Listed::Tools)
+                && state
+                    .service
+                    .engine
+                    .bundle()
+                    .slice(&req.action)
+                    .is_some_and(|s| s.context_shape().is_some());
+            d.reasons
+                .iter()
+                .any(|r| r.code == "policy_error" || (typed && r.code == "invalid_request"))
+        }
     }
 }
 
@@ -1135,7 +1298,7 @@ fn owner_key(p: &Principal) -> String {
 /// `prompts/get` (`mcp:prompt` on `McpPrompt::"<server>/<name>"`, its arguments in the
 /// context).
 fn other_check(
-    upstream: &Upstream,
+    server: &str,
     principal: &Arc<Principal>,
     method: &str,
     message: &Map<String, Value>,
@@ -1149,7 +1312,7 @@ fn other_check(
         return Err(format!("`params.{key}` is required"));
     };
     let mut properties = Map::new();
-    properties.insert("server".into(), Value::String(upstream.name.clone()));
+    properties.insert("server".into(), Value::String(server.to_owned()));
     properties.insert(attr.into(), Value::String(name.to_owned()));
     let mut context = Map::new();
     if method == "prompts/get" {
@@ -1166,7 +1329,7 @@ fn other_check(
         action_properties: None,
         resource: Resource {
             kind: kind.to_owned(),
-            id: format!("{}/{name}", upstream.name),
+            id: format!("{server}/{name}"),
             properties,
         },
         context,
@@ -1175,13 +1338,9 @@ fn other_check(
 
 /// A refused `resources/read` or `prompts/get`: a JSON-RPC error (these results have no
 /// error flag), the decision in its `data`.
-fn refused(id: Value, settled: &Settled, text: &str) -> Response<McpBody> {
-    let v = json!({"jsonrpc": "2.0", "id": id, "error": {
-        "code": -32003, "message": text, "data": decision_value(settled)}});
-    let mut r = Response::new(full(Bytes::from(v.to_string())));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+fn refused(id: Value, settled: &Settled, text: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {
+        "code": -32003, "message": text, "data": decision_value(settled)}})
 }
 
 /// What the model reads about a refusal: why, or where the approval is awaited.
@@ -1233,9 +1392,9 @@ fn retry_hint(scope: GrantScope) -> &'static str {
 
 /// A denied or escalated tool call, answered in the MCP session: the model reads the text,
 /// a client reads `structuredContent`.
-fn in_band(id: Value, settled: &Settled, public_url: &str) -> Response<McpBody> {
+fn in_band(id: Value, settled: &Settled, public_url: &str) -> Value {
     let text = explain(settled, public_url);
-    let result = json!({
+    json!({
         "jsonrpc": "2.0",
         "id": id,
         "result": {
@@ -1243,21 +1402,26 @@ fn in_band(id: Value, settled: &Settled, public_url: &str) -> Response<McpBody> 
             "isError": true,
             "structuredContent": decision_value(settled),
         },
-    });
-    let mut r = Response::new(full(Bytes::from(result.to_string())));
+    })
+}
+
+/// A JSON-RPC error.
+pub fn rpc_error(id: Value, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+/// A JSON-RPC message as the gateway's answer.
+fn answer(status: StatusCode, message: &Value) -> Response<McpBody> {
+    let mut r = Response::new(full(Bytes::from(message.to_string())));
+    *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
-/// A JSON-RPC error answer.
-fn rpc_error(status: StatusCode, id: Value, code: i64, message: &str) -> Response<McpBody> {
-    let v = json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
-    let mut r = Response::new(full(Bytes::from(v.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+/// A JSON-RPC error as the gateway's answer.
+fn rpc_answer(status: StatusCode, id: Value, code: i64, message: &str) -> Response<McpBody> {
+    answer(status, &rpc_error(id, code, message))
 }
 
 fn full(b: Bytes) -> McpBody {
@@ -1295,6 +1459,46 @@ mod tests {
             messages(&Bytes::from_static(b"{\"id\":1}")),
             [json!({"id": 1})]
         );
+    }
+
+    #[test]
+    fn a_message_is_one_jsonrpc_object_and_a_decided_one_a_request() {
+        let code = |v: Value| read(Ok(v)).map(|_| ()).map_err(|r| (r.id, r.code));
+        assert_eq!(
+            code(json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"}])),
+            Err((Value::Null, -32600))
+        );
+        assert_eq!(code(json!("tools/call")), Err((Value::Null, -32600)));
+        assert_eq!(
+            code(json!({"jsonrpc": "1.0", "id": 4, "method": "ping"})),
+            Err((json!(4), -32600))
+        );
+        for method in DECIDED {
+            assert_eq!(
+                code(json!({"jsonrpc": "2.0", "method": method})),
+                Err((Value::Null, -32600))
+            );
+            assert_eq!(
+                code(json!({"jsonrpc": "2.0", "id": null, "method": method})),
+                Err((Value::Null, -32600))
+            );
+            assert_eq!(
+                code(json!({"jsonrpc": "2.0", "id": 1, "method": method})),
+                Ok(())
+            );
+        }
+        // Other notifications pass.
+        assert_eq!(
+            code(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})),
+            Ok(())
+        );
+        let parse = read(body::parse_value(br#"{"id":1,"id":2}"#)).unwrap_err();
+        assert_eq!(parse.code, -32700);
+        assert!(parse.message.contains("duplicate key `id`"), "{parse:?}");
+        for kind in [Listed::Tools, Listed::Resources, Listed::Prompts] {
+            assert_eq!(Listed::of(kind.method()), Some(kind));
+        }
+        assert_eq!(Listed::of("tools/call"), None);
     }
 
     #[test]

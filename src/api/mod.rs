@@ -19,6 +19,7 @@ pub mod ext_authz;
 pub mod forward_auth;
 pub mod http;
 pub mod mcp;
+pub mod mcp_wrap;
 pub mod server;
 
 use std::sync::Arc;
@@ -223,6 +224,8 @@ pub async fn route(
         }
         (&Method::POST, "/access/v1/evaluation") => authzen::evaluation(&state, &conn, req).await,
         (&Method::POST, "/access/v1/evaluations") => authzen::evaluations(&state, &conn, req).await,
+        (&Method::POST, mcp_wrap::DECIDE) => mcp_wrap::decide(&state, &conn, req).await,
+        (&Method::POST, mcp_wrap::FILTER) => mcp_wrap::filter(&state, &conn, req).await,
         (&Method::GET, "/v1/approvals") => approvals::list(&state, &conn, req).await,
         (&Method::GET, approvals::GRANTS) => approvals::grants(&state, &conn, req).await,
         (&Method::POST, p) if p.starts_with(approvals::GRANTS) && p.ends_with("/revoke") => {
@@ -250,7 +253,9 @@ pub async fn route(
             | "/v1/check"
             | "/access/v1/evaluation"
             | "/access/v1/evaluations"
-            | "/.well-known/authzen-configuration",
+            | "/.well-known/authzen-configuration"
+            | mcp_wrap::DECIDE
+            | mcp_wrap::FILTER,
         ) => ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

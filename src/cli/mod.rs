@@ -1,11 +1,13 @@
 //! The subcommands other than `serve`. Offline, for policy authors and for trying Mandate
 //! locally: `check`, `policy validate`, `policy test`, `route test`, `dev token`,
 //! `audit verify|keygen` (here); against a running server with the caller's own token: `approvals …` and
-//! `grants …` ([`client`], printed by [`render`]). Each returns the process exit code.
+//! `grants …` ([`client`], printed by [`render`]), and `mcp wrap` ([`wrap`]: a stdio MCP
+//! server behind the server's decisions). Each returns the process exit code.
 
 pub mod client;
 pub mod mcp_schema;
 pub mod render;
+pub mod wrap;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

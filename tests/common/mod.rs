@@ -7,6 +7,8 @@
     reason = "test harness: a failed setup must stop the test loudly"
 )]
 
+pub mod mcp;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -213,6 +215,35 @@ pub async fn finance_approve(s: &TestServer, id: &str, ticket: &str) -> (u16, Va
         &serde_json::json!({"rationale": format!("invoice for {ticket}"), "evidence": {"ticket": ticket}}),
     )
     .await
+}
+
+/// The id of the first pending approval request that `alice`, a finance approver, sees:
+/// polled (for an escalation another task is making) for up to 60 s.
+pub async fn first_pending(s: &TestServer) -> String {
+    let alice = dev_token(
+        "alice",
+        serde_json::json!({"groups": ["finance-approvers"]}),
+        Duration::from_secs(300),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request to approve"
+        );
+        let r = s
+            .client
+            .get(s.url("/v1/approvals?status=pending"))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .expect("approvals answer");
+        let v: Value = serde_json::from_str(&r.text().await.expect("body")).expect("JSON");
+        if let Some(id) = v["requests"][0]["id"].as_str() {
+            return id.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A child process killed when the test ends, however it ends.

@@ -5,8 +5,12 @@ a server. tests/mcp.rs points it at Mandate's gateway (/mcp/{name}) or straight 
 upstream (tests/peers/mcp_upstream.py).
 
     mcp_client.py URL TOKEN < steps.json        (TOKEN "" or "-": no Authorization header)
+    mcp_client.py --stdio COMMAND [ARG...] < steps.json
 
-Every HTTP request carries `Authorization: Bearer TOKEN`. The client runs the `initialize`
+Every HTTP request carries `Authorization: Bearer TOKEN`. With --stdio the client runs COMMAND
+with the SDK's stdio transport (`stdio_client`), as a desktop agent runs a local server (for
+tests/mcp_stdio.rs: `mandate mcp wrap … -- python3 mcp_upstream.py --stdio`), passing it this
+process's whole environment (the SDK passes only HOME, PATH and a few others by default). The client runs the `initialize`
 handshake, then the steps (a JSON list on stdin) in that one session, and prints one JSON
 line per step on stdout:
 
@@ -25,14 +29,17 @@ Before the steps: {"op": "initialize", "protocolVersion", "serverInfo"} and, onc
 JSON-RPC error, an HTTP error) is printed as {"op", "error", "code", "http_status"} and the
 next step runs; if `initialize` fails, every step is reported as failed the same way.
 `content_type` is that of the last tools/call POST's answer (text/event-stream when it came as
-SSE); `http_status` that of the last POST of the step.
+SSE); `http_status` that of the last POST of the step. Over stdio both are null, and
+{"op": "session"} has a null id.
 """
 import asyncio
 import json
+import os
 import sys
 
 import httpx2
 from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
@@ -141,14 +148,15 @@ def failed_step(step: dict, message: str, wire: Wire) -> dict:
     }
 
 
-async def session_steps(url: str, http: httpx2.AsyncClient, wire: Wire, steps: list, done: list) -> None:
-    """initialize, then each step; `done` gets one entry per line printed (for main)."""
+async def session_steps(transport, wire: Wire, steps: list, done: list) -> None:
+    """initialize, then each step over `transport` (the client's async context manager);
+    `done` gets one entry per line printed (for main)."""
     logs: list = []
 
     async def on_log(params) -> None:
         logs.append(params.data)
 
-    async with streamable_http_client(url, http_client=http) as (read, write):
+    async with transport as (read, write):
         async with ClientSession(read, write, logging_callback=on_log) as session:
             try:
                 init = await session.initialize()
@@ -176,19 +184,27 @@ async def session_steps(url: str, http: httpx2.AsyncClient, wire: Wire, steps: l
 
 
 async def main() -> None:
-    url, token = sys.argv[1], sys.argv[2]
     steps = json.load(sys.stdin)
     wire = Wire()
-    headers = {} if token in ("", "-") else {"authorization": f"Bearer {token}"}
-    http = httpx2.AsyncClient(
-        headers=headers,
-        timeout=httpx2.Timeout(30.0, read=60.0),
-        event_hooks={"response": [wire.on_response]},
-    )
     done: list = []
     try:
-        async with http:
-            await session_steps(url, http, wire, steps, done)
+        if sys.argv[1] == "--stdio":
+            params = StdioServerParameters(
+                command=sys.argv[2], args=sys.argv[3:], env=dict(os.environ)
+            )
+            await session_steps(stdio_client(params), wire, steps, done)
+        else:
+            url, token = sys.argv[1], sys.argv[2]
+            headers = {} if token in ("", "-") else {"authorization": f"Bearer {token}"}
+            http = httpx2.AsyncClient(
+                headers=headers,
+                timeout=httpx2.Timeout(30.0, read=60.0),
+                event_hooks={"response": [wire.on_response]},
+            )
+            async with http:
+                await session_steps(
+                    streamable_http_client(url, http_client=http), wire, steps, done
+                )
     except BaseException as exc:  # the transport itself failed (connection refused, reset...)
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]

@@ -3,9 +3,15 @@
 formerly FastMCP), served over Streamable HTTP on 127.0.0.1: the server Mandate's MCP gateway
 (/mcp/{name}) fronts in tests/mcp.rs.
 
-    mcp_upstream.py [PORT]        (PORT 0 or absent: a free port)
+    mcp_upstream.py [PORT]                    (PORT 0 or absent: a free port)
+    mcp_upstream.py --stdio [--counts FILE]   (the stdio transport; tests/mcp_stdio.rs)
 
-When it is ready it prints exactly one line, `listening on http://127.0.0.1:PORT/mcp`.
+When it is ready it prints exactly one line, `listening on http://127.0.0.1:PORT/mcp`. With
+--stdio it speaks MCP on stdin/stdout instead (and prints nothing else there); with --counts
+it writes FILE at start and after every tool call or resource read (replaced whole, so a
+reader never sees half of it):
+  {"counts": {...as /counts}, "reads": {...as /reads}, "env": [the names of its environment
+   variables], "token_in_env": whether MANDATE_TOKEN is one of them}
 
 Tools (deterministic, nothing real is done):
   read_record(id)            readOnlyHint            -> "record {id}: status active"
@@ -25,6 +31,8 @@ Plain HTTP routes beside the MCP endpoint, for the test to see what reached this
                agent's token).
 """
 import asyncio
+import json
+import os
 import socket
 import sys
 import warnings
@@ -47,11 +55,29 @@ reads = {"docs://handbook": 0, "secrets://payroll": 0}
 calls = []
 
 server = MCPServer("mandate-test-upstream", version="1.0.0", log_level="WARNING")
+# --counts FILE: where the counts are written after each call (stdio mode has no HTTP routes).
+counts_file = None
+
+
+def write_counts() -> None:
+    if counts_file is None:
+        return
+    state = {
+        "counts": counts,
+        "reads": reads,
+        "env": sorted(os.environ),
+        "token_in_env": "MANDATE_TOKEN" in os.environ,
+    }
+    partial = counts_file + ".partial"
+    with open(partial, "w") as f:
+        json.dump(state, f)
+    os.replace(partial, counts_file)
 
 
 def seen(tool: str, arguments: dict, ctx: Context) -> None:
     """Count a call that reached this server, with the headers it came with."""
     counts[tool] += 1
+    write_counts()
     headers = ctx.headers or {}
     calls.append(
         {
@@ -67,6 +93,7 @@ def seen(tool: str, arguments: dict, ctx: Context) -> None:
 def handbook() -> str:
     """A document any agent may read (the example bundle permits docs://)."""
     reads["docs://handbook"] += 1
+    write_counts()
     return "the handbook"
 
 
@@ -74,6 +101,7 @@ def handbook() -> str:
 def payroll() -> str:
     """A resource no agent may read."""
     reads["secrets://payroll"] += 1
+    write_counts()
     return "salaries"
 
 
@@ -158,8 +186,19 @@ async def main() -> None:
     await serving
 
 
+def stdio(argv: list) -> None:
+    global counts_file
+    if "--counts" in argv:
+        counts_file = argv[argv.index("--counts") + 1]
+    write_counts()
+    server.run("stdio")
+
+
 if __name__ == "__main__":
     try:
-        asyncio.run(main())
+        if "--stdio" in sys.argv[1:]:
+            stdio(sys.argv[1:])
+        else:
+            asyncio.run(main())
     except KeyboardInterrupt:
         pass
