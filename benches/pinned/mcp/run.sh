@@ -8,19 +8,20 @@
 # Mandate and one directly (initialize, notifications/initialized) and checks that the
 # measured call, `transfer` of 50 from acct-1, is allowed (isError false) both ways; then:
 #   single connection, pinned (Mandate, the upstream, the floor and wrk on PIN_CPU), ROUNDS
-#   interleaved rounds of (a) direct, (b) through Mandate, (c) native /v1/check, (d) the
-#   floor's /v1/check; best p50 and p99 of each;
-#   32 connections, unpinned (wrk -t2 -c32): p50/p99/rps of (a)-(d);
+#   interleaved rounds of (a) direct, (b) through Mandate, (c) native /v1/check (the same
+#   check repeated), (c2) native with a new check every time (DISTINCT=1, as every tools/call
+#   is decided anew), (d) the floor's /v1/check; best p50 and p99 of each;
+#   32 connections, unpinned (wrk -t2 -c32): p50/p99/rps of each;
 #   Mandate's RSS after, and the audit log's count of MCP decisions (all must be allow);
 #   the summary: MCP overhead = p50(b) - p50(a), native cost above the floor = p50(c) - p50(d),
-#   their ratio (target < 2) and p50(b) / p50(a).
+#   their ratio (target < 2) and p50(b) / p50(a); the same ratio against (c2) - (d) for context.
 # Every answer is checked (lib/check.lua's EXPECT): a 200 whose body carries `"isError":false`
 # (MCP) or `"decision":"allow"` (/v1/check); anything else fails the run. All wrk connections
 # of one case send the same prepared request in the same session (one Mcp-Session-Id, the
 # same JSON-RPC id): neither Mandate nor the upstream tracks ids, and a tools/call is decided
 # every time (no decision cache answers it; the repeated native /v1/check is answered from
 # its one-second decision cache, see README "Benchmarks").
-# Env: CONFIG (default: config/mandate.toml of this checkout; the others files of its
+# Env: CONFIG (default: config/mandate.toml of this checkout; the other files of its
 #      directory are linked beside the bench's copy, so its relative paths resolve),
 #      BUNDLE (policy bundle dir, default: the config's own), PERF_TARGET (floor build, default
 #      /tmp/perf-target), ROUNDS (default 3), PIN_CPU (default 0), WARMUP_S (default 1).
@@ -80,7 +81,7 @@ env "${menv[@]}" "$bin" serve --config "$mcfg" >"$work/serve.log" 2>&1 &
 mpid=$!; pids+=("$mpid")
 for _ in $(seq 100); do curl -sf "127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "127.0.0.1:$port/readyz" >/dev/null || { echo "mandate not ready:" >&2; cat "$work/serve.log" >&2; exit 1; }
-TOKEN=$("$bin" dev token --config "$mcfg" --sub agent-1 --claim owner=bob)
+TOKEN=$("$bin" dev token --config "$mcfg" --sub agent-1 --claim owner=bob --ttl 1h)
 export TOKEN
 echo "mandate pid $mpid :$port; mcp upstream pid $upid :$uport; http floor pid $fpid :$fport"
 
@@ -128,23 +129,30 @@ echo "rss_kib_idle=$(awk '/VmRSS/{print $2}' "/proc/$mpid/status")"
 # The four cases as env for lib/check.lua: the same TOKEN everywhere (the upstream and the
 # floor ignore it), the MCP headers on the MCP cases, every answer checked.
 mcp_headers="MCP-Protocol-Version: $proto|Accept: application/json, text/event-stream"
-declare -A url body hdrs expect
+declare -A url body hdrs expect distinct
 url[direct]=$direct body[direct]=$call hdrs[direct]="Mcp-Session-Id: $sid_direct|$mcp_headers"
 url[mcp]=$via body[mcp]=$call hdrs[mcp]="Mcp-Session-Id: $sid_via|$mcp_headers"
 url[native]=$u/v1/check body[native]=$native_body hdrs[native]=''
 url[floor]=$f/v1/check body[floor]=$native_body hdrs[floor]=''
-expect[direct]='"isError":false' expect[mcp]='"isError":false'
-expect[native]='"decision":"allow"' expect[floor]='"decision":"allow"'
-cases=(direct mcp native floor)
+# Context for the summary: native /v1/check with a new check every time (DISTINCT=1: the
+# resource id varies, so no decision cache answers), as every tools/call is decided.
+url[native_new]=$u/v1/check body[native_new]=$native_body hdrs[native_new]=''
+expect[direct]='"isError":false' expect[mcp]='"isError":false' expect[native]='"decision":"allow"'
+expect[native_new]='"decision":"allow"' expect[floor]='"decision":"allow"'
+distinct[native_new]=1
+cases=(direct mcp native native_new floor)
 # with_env CASE CMD...: CMD with the case's request and expected answer (lib/check.lua).
-with_env() { local c=$1; shift; BODY=${body[$c]} HEADERS=${hdrs[$c]} EXPECT=${expect[$c]} "$@"; }
+with_env() {
+  local c=$1; shift
+  BODY=${body[$c]} HEADERS=${hdrs[$c]} EXPECT=${expect[$c]} DISTINCT=${distinct[$c]:-} "$@"
+}
 
 best() { if [ -z "$1" ]; then echo "$2"; else awk -v a="$1" -v b="$2" 'BEGIN { print (b < a ? b : a) }'; fi; }
 declare -A c1p50 c1p99 c32 requests
 for c in "${cases[@]}"; do c1p50[$c]='' c1p99[$c]='' requests[$c]=0; done
 
 echo "== c1 pinned on cpu $PIN_CPU (mandate, upstream, floor, wrk), $rounds interleaved rounds of ${secs}s:" \
-  "(a) direct (b) through mandate (c) native /v1/check (d) floor /v1/check"
+  "(a) direct (b) through mandate (c) native /v1/check (c2) native, new checks (d) floor /v1/check"
 warn_if_busy
 pin_pids "$PIN_CPU" "$mpid" "$upid" "$fpid"
 for r in $(seq 1 "$rounds"); do
@@ -177,12 +185,14 @@ echo "audit_lines=$(wc -l <"$work/audit.jsonl") mcp_transfer_decisions=$mcp_allo
 [ "$mcp_allow" -ge "${requests[mcp]}" ] || fail "fewer MCP decisions ($mcp_allow) than requests answered (${requests[mcp]})"
 
 echo "== summary (target: MCP overhead < 2x the native check's cost above the floor)"
-awk -v a="${c1p50[direct]}" -v b="${c1p50[mcp]}" -v c="${c1p50[native]}" -v d="${c1p50[floor]}" 'BEGIN {
-  o = b - a; n = c - d
-  printf "c1 p50: direct %s us, through mandate %s us, native /v1/check %s us, floor %s us\n", a, b, c, d
+awk -v a="${c1p50[direct]}" -v b="${c1p50[mcp]}" -v c="${c1p50[native]}" -v d="${c1p50[floor]}" \
+    -v cn="${c1p50[native_new]}" 'BEGIN {
+  o = b - a; n = c - d; nn = cn - d
+  printf "c1 p50: (a) direct %s us, (b) through mandate %s us, (c) native /v1/check %s us, (c2) native new checks %s us, (d) floor %s us\n", a, b, c, cn, d
   printf "MCP overhead = p50(b) - p50(a) = %s us; native check cost above floor = p50(c) - p50(d) = %s us\n", o, n
   if (n > 0) printf "overhead / native cost = %.2f (%s); p50(b) / p50(a) = %.2f\n", o / n, (o / n < 2 ? "PASS" : "MISS"), b / a
   else printf "overhead / native cost: undefined (native cost above floor %s us); p50(b) / p50(a) = %.2f\n", n, b / a
+  if (nn > 0) printf "(context: a new native check costs %s us above the floor; overhead / that = %.2f)\n", nn, o / nn
 }'
 for c in "${cases[@]}"; do
   echo "c32 $c p50=$(kv latency_us_p50 "${c32[$c]}") us p99=$(kv latency_us_p99 "${c32[$c]}") us rps=$(kv rps "${c32[$c]}")"
