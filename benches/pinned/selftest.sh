@@ -39,7 +39,21 @@ c=$(code -X POST -d '{"action":"x"}' "http://127.0.0.1:$pa/v1/check")
 [ "$c" = 401 ] || { echo "FAIL: /v1/check without token gave $c" >&2; exit 1; }
 c=$(code "http://127.0.0.1:$pa/other")
 [ "$c" = 404 ] || { echo "FAIL: /other gave $c" >&2; exit 1; }
-echo "floor answers: ok (200 with token, 401 without, 404 elsewhere)"
+# The MCP upstream (/mcp): initialize opens a session, a notification is a 202, a tools/call
+# echoes its id with the fixed result.
+mcp=(-H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream')
+c=$(code -D "$tmp/headers" "${mcp[@]}" "http://127.0.0.1:$pa/mcp" \
+      -d '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"selftest","version":"0"}}}')
+sid=$(sed -n 's/^[Mm]cp-[Ss]ession-[Ii]d: *\([^[:space:]]*\).*/\1/p' "$tmp/headers")
+[ "$c" = 200 ] && [ -n "$sid" ] && grep -q '"protocolVersion":"2025-11-25"' "$tmp/body" \
+  || { echo "FAIL: /mcp initialize gave $c (session '$sid'): $(cat "$tmp/body")" >&2; exit 1; }
+c=$(code "${mcp[@]}" -H "Mcp-Session-Id: $sid" "http://127.0.0.1:$pa/mcp" -d '{"jsonrpc":"2.0","method":"notifications/initialized"}')
+[ "$c" = 202 ] || { echo "FAIL: /mcp notification gave $c" >&2; exit 1; }
+c=$(code "${mcp[@]}" -H "Mcp-Session-Id: $sid" "http://127.0.0.1:$pa/mcp" \
+      -d '{"jsonrpc":"2.0","id":"c-9","method":"tools/call","params":{"name":"transfer","arguments":{"account":"acct-1","amount":50}}}')
+[ "$c" = 200 ] && grep -q '"id":"c-9","result":{"content":\[{"type":"text","text":"ok"}\],"isError":false}' "$tmp/body" \
+  || { echo "FAIL: /mcp tools/call gave $c: $(cat "$tmp/body")" >&2; exit 1; }
+echo "floor answers: ok (200 with token, 401 without, 404 elsewhere; /mcp initialize, notification, tools/call)"
 
 echo "load on floor A, 32 connections, ${secs}s:"
 "$here/load.sh" "http://127.0.0.1:$pa/v1/check" 32 "$secs"
