@@ -91,6 +91,7 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
     Ok(Service {
         engine,
         verifier,
+        audit_disk: crate::audit::DiskWatch::new(&config.audit.path, config.audit.min_free_disk),
         audit,
         decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
         store,
@@ -275,6 +276,12 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         config.store.sweep_interval,
         wait_stop(stopped.clone()),
     )));
+    // The audit log's disk is watched, so a full disk (every check denied) is announced
+    // while there is still room.
+    tasks.push(tokio::spawn(disk_loop(
+        service.clone(),
+        wait_stop(stopped.clone()),
+    )));
     // A running server is not silent: what it did, every `log.summary_interval`.
     if !config.log.summary_interval.is_zero() {
         tasks.push(tokio::spawn(summary_loop(
@@ -452,6 +459,24 @@ async fn sweep_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => { service.sweep().await; }
+            () = &mut stop => break,
+        }
+    }
+}
+
+/// How often the audit log's free space is read for the log's warning (`/readyz` reads it
+/// on every call).
+const DISK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Read the audit log's free space every [`DISK_CHECK_EVERY`] until `stop`; the watch logs
+/// when it crosses `audit.min_free_disk`.
+async fn disk_loop(service: Arc<Service>, stop: impl std::future::Future<Output = ()>) {
+    let mut tick = tokio::time::interval(DISK_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => { let _ = service.audit_disk.check(); }
             () = &mut stop => break,
         }
     }

@@ -267,6 +267,8 @@ pub struct AuditConfig {
     pub group_commit: Duration,
     /// Signed checkpoints of the chain, when a key is configured.
     pub checkpoints: Option<CheckpointConfig>,
+    /// Below this much free space on the log's filesystem, `/readyz` and the log warn.
+    pub min_free_disk: crate::audit::MinFree,
 }
 
 /// Where the checkpoint signing key comes from.
@@ -1588,6 +1590,7 @@ impl Reader {
                 "checkpoint_every",
                 "checkpoint_interval",
                 "checkpoint_file",
+                "min_free_disk",
             ],
         );
         let path = match self.string(t, p, "path") {
@@ -1619,10 +1622,28 @@ impl Reader {
         }
         let path = self.path(&path);
         let checkpoints = self.checkpoints(t, p, &path);
+        // A size with its unit or a share (`"1GiB"`, `"5%"`), or a number of bytes.
+        let min_free_disk = match t.get("min_free_disk") {
+            Some(Value::Integer(i)) => match u64::try_from(*i) {
+                Ok(b) => crate::audit::MinFree::Bytes(b),
+                Err(_) => {
+                    self.bad(join(p, "min_free_disk"), format!("`{i}` is negative"));
+                    crate::audit::MinFree::DEFAULT
+                }
+            },
+            _ => match self.string(t, p, "min_free_disk") {
+                None => crate::audit::MinFree::DEFAULT,
+                Some(s) => crate::audit::MinFree::parse(&s).unwrap_or_else(|e| {
+                    self.bad(join(p, "min_free_disk"), e);
+                    crate::audit::MinFree::DEFAULT
+                }),
+            },
+        };
         AuditConfig {
             path,
             group_commit,
             checkpoints,
+            min_free_disk,
         }
     }
 
@@ -2632,6 +2653,24 @@ format = "xml"
         assert_eq!(err.problems[0].key, "audit.group_commit");
         let err = parse("audit = 1\n", &[]).unwrap_err();
         assert_eq!(err.problems[0].key, "audit");
+        // The free-disk alarm: a size, a share or bytes; anything else names the key.
+        use crate::audit::MinFree;
+        assert_eq!(
+            parse("", &[]).unwrap().audit.min_free_disk,
+            MinFree::DEFAULT
+        );
+        for (value, want) in [
+            ("\"5%\"", MinFree::Percent(5)),
+            ("\"2GiB\"", MinFree::Bytes(2 << 30)),
+            ("4096", MinFree::Bytes(4096)),
+        ] {
+            let c = parse(&format!("[audit]\nmin_free_disk = {value}\n"), &[]).unwrap();
+            assert_eq!(c.audit.min_free_disk, want, "{value}");
+        }
+        for bad in ["\"lots\"", "-1", "true"] {
+            let err = parse(&format!("[audit]\nmin_free_disk = {bad}\n"), &[]).unwrap_err();
+            assert_eq!(err.problems[0].key, "audit.min_free_disk", "{bad}");
+        }
     }
 
     #[test]

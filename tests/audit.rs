@@ -408,3 +408,41 @@ async fn au04_signed_checkpoints_catch_a_rewritten_chain_a_cut_end_and_a_forged_
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("does not verify"), "{out}");
 }
+
+/// Issue 14 item 4: below `audit.min_free_disk` on the log's filesystem, `/readyz` says so
+/// (`warnings: ["audit_disk_low"]`, the free and total bytes) while the sidecar stays ready and
+/// keeps answering: the alarm comes before the disk is full and every check is denied (AU-02).
+#[tokio::test]
+async fn au02_a_low_audit_disk_is_announced_before_it_fills() {
+    for (min_free, low) in [("100%", true), ("0", false)] {
+        let s = TestServer::start(&example_config(&[(
+            "MANDATE_AUDIT__MIN_FREE_DISK",
+            min_free,
+        )]))
+        .await;
+        let r = s.client.get(s.url("/readyz")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{min_free}");
+        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        let disk = &v["audit"]["disk"];
+        assert_eq!(disk["low"], low, "{v}");
+        assert!(disk["total_bytes"].as_u64().unwrap() > 0, "{v}");
+        assert!(
+            disk["free_bytes"].as_u64().unwrap() <= disk["total_bytes"].as_u64().unwrap(),
+            "{v}"
+        );
+        let want = if low {
+            json!(["audit_disk_low"])
+        } else {
+            json!([])
+        };
+        assert_eq!(v["warnings"], want, "{v}");
+        assert_eq!(
+            (v["ready"].clone(), v["degraded"].clone()),
+            (json!(true), json!([]))
+        );
+        // Checks go on.
+        let (st, d) = s.post("/v1/check", Some(&token()), &transfer(50)).await;
+        assert_eq!((st, d["decision"].clone()), (200, json!("allow")), "{d}");
+        s.shutdown().await;
+    }
+}

@@ -53,9 +53,21 @@ pub fn readyz(state: &AppState) -> Response<Body> {
         .map(|(name, e)| (name, serde_json::Value::String(e)))
         .collect();
     let audit = state.audit.failing();
+    let disk = state.audit_disk.read();
     let store = state.store.outage();
     let degraded = degraded(keys, audit.is_some(), store.is_some());
     let ready = degraded.is_empty();
+    // Not a reason to take the sidecar out of service (it still answers), but the alarm
+    // before the disk fills and every check is denied.
+    let warnings: Vec<&str> = match &disk {
+        Ok(d) if d.low => vec!["audit_disk_low"],
+        Ok(_) => vec![],
+        Err(_) => vec!["audit_disk_unknown"],
+    };
+    let disk = match disk {
+        Ok(d) => json!(d),
+        Err(e) => json!({"error": e}),
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -66,12 +78,13 @@ pub fn readyz(state: &AppState) -> Response<Body> {
         &json!({
             "ready": ready,
             "degraded": degraded,
+            "warnings": warnings,
             "policy": {"name": bundle.name(), "version": &*bundle.version(), "policies": bundle.policy_count()},
             "issuers_ready": keys,
             "jwks_errors": jwks_errors,
             // Decisions denied and events refused because the log could not be written
             // (SECURITY §0 item 2): counted here, so an operator sees an audit outage.
-            "audit": {"ok": audit.is_none(), "error": audit, "write_failures": state.audit.write_failures()},
+            "audit": {"ok": audit.is_none(), "error": audit, "write_failures": state.audit.write_failures(), "disk": disk},
             "store": {"ok": store.is_none(), "error": store},
         }),
     )

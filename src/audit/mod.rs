@@ -22,6 +22,7 @@
 
 mod canonical;
 pub mod checkpoint;
+pub mod disk;
 mod log;
 mod record;
 pub mod verify;
@@ -33,6 +34,7 @@ pub use canonical::{
     context_digest, write_canonical, write_str, write_value as write_canonical_value,
 };
 pub use checkpoint::{Checkpoint, CheckpointKey, Checkpointer};
+pub use disk::{DiskSpace, DiskWatch, MinFree};
 pub use log::{AuditError, AuditLog, AuditSettings};
 pub use record::{Approver, DecisionRecord, EntityName, EventRecord, Record, Timestamp};
 pub use verify::{Broken, VerifyError, VerifyReport, verify, verify_visiting};

@@ -50,6 +50,8 @@ pub struct Service {
     pub verifier: Verifier,
     /// Every decision is recorded here before it is answered.
     pub audit: AuditLog,
+    /// The free space left for `audit` (`audit.min_free_disk`).
+    pub audit_disk: crate::audit::DiskWatch,
     /// Repeats of the exact same check within a second reuse the verdict.
     pub decisions: DecisionCache,
     /// Approval requests and grants, behind the circuit breaker that fails fast while the
