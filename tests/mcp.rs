@@ -82,7 +82,7 @@ impl Upstream {
     }
 
     /// The calls each tool received: `{"read_record": 0, "transfer": 0, "shell": 0,
-    /// "slow_count": 0}`.
+    /// "slow_count": 0, "demote_reads": 0}`.
     async fn counts(&self) -> Value {
         get_json(&format!("{}/counts", self.base)).await
     }
@@ -231,14 +231,20 @@ async fn the_peers_work_directly() {
         .collect();
     assert_eq!(
         names,
-        ["read_record", "transfer", "shell", "slow_count"],
+        [
+            "read_record",
+            "transfer",
+            "shell",
+            "slow_count",
+            "demote_reads"
+        ],
         "{run:?}"
     );
     assert_eq!(text(steps[1]), "record r-1: status active");
     assert_eq!(steps[2]["progress"].as_array().unwrap().len(), 2, "{run:?}");
     assert_eq!(
         up.counts().await,
-        json!({"read_record": 1, "transfer": 0, "shell": 0, "slow_count": 1})
+        json!({"read_record": 1, "transfer": 0, "shell": 0, "slow_count": 1, "demote_reads": 0})
     );
 }
 
@@ -273,7 +279,7 @@ async fn tools_list_hides_what_the_agent_may_never_call() {
     // Listing is not calling.
     assert_eq!(
         up.counts().await,
-        json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0})
+        json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0, "demote_reads": 0})
     );
     s.shutdown().await;
 }
@@ -639,6 +645,44 @@ async fn mcp_schema_types_the_arguments_and_a_mistyped_argument_is_refused_by_na
     s.shutdown().await;
 }
 
+/// An upstream whose tools change says so (`notifications/tools/list_changed`); the gateway
+/// passes it on and forgets the annotations it learnt, so the next call is decided on what
+/// the upstream says now, not on what it said a minute ago: `read_record`, allowed while it
+/// is read-only, is denied once the upstream takes that back (the example bundle allows
+/// read-only tools only), and never reaches it.
+#[tokio::test]
+async fn a_tools_list_changed_makes_the_next_call_decided_on_the_new_annotations() {
+    let (up, s) = gateway().await;
+    let read = call("read_record", json!({"id": "r-1"}));
+    let run = client(
+        &mcp_url(&s),
+        Some(&agent()),
+        json!([read, call("demote_reads", json!({})), read]),
+    )
+    .await;
+    let steps = run.steps();
+    assert_eq!(steps[0]["isError"], false, "{:?}", steps[0]);
+    assert_eq!(
+        text(steps[1]),
+        "read_record is no longer read-only",
+        "{:?}",
+        steps[1]
+    );
+    assert_eq!(steps[2]["isError"], true, "{:?}", steps[2]);
+    assert_eq!(
+        steps[2]["structuredContent"]["decision"], "deny",
+        "{:?}",
+        steps[2]
+    );
+    assert_eq!(
+        up.count("read_record").await,
+        1,
+        "the demoted tool was called"
+    );
+    assert_eq!(up.count("demote_reads").await, 1);
+    s.shutdown().await;
+}
+
 /// No token, or one Mandate cannot verify: HTTP 401 before anything is forwarded (SECURITY
 /// P-05: an unauthenticated agent reaches nothing, not even the upstream's `initialize`).
 #[tokio::test]
@@ -666,7 +710,7 @@ async fn no_token_or_a_bad_token_is_401_and_nothing_is_forwarded() {
     assert_eq!(st, 401, "{body}");
     assert_eq!(
         up.counts().await,
-        json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0})
+        json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0, "demote_reads": 0})
     );
     assert!(up.calls().await.is_empty());
     s.shutdown().await;
@@ -833,7 +877,7 @@ async fn malformed_or_oversize_requests_are_refused() {
 
     assert_eq!(
         up.counts().await,
-        json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0})
+        json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0, "demote_reads": 0})
     );
     s.shutdown().await;
 }

@@ -111,7 +111,7 @@ async fn wrapped(steps: Value) -> (TestServer, Counts, Run) {
 
 /// The counts of a child no call reached.
 fn zero() -> Value {
-    json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0})
+    json!({"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0, "demote_reads": 0})
 }
 
 /// The peers speak MCP over stdio to each other without Mandate: what the wrapper must keep
@@ -137,7 +137,7 @@ async fn the_peers_work_directly_over_stdio() {
     )
     .await;
     let steps = run.steps();
-    assert_eq!(steps[0]["tools"].as_array().unwrap().len(), 4, "{run:?}");
+    assert_eq!(steps[0]["tools"].as_array().unwrap().len(), 5, "{run:?}");
     assert_eq!(text(steps[1]), "ran: id");
     assert_eq!(counts.calls()["shell"], 1);
 }
@@ -156,7 +156,11 @@ async fn wrapped_lists_show_only_what_the_agent_may_use() {
         .as_array()
         .unwrap_or_else(|| panic!("{run:?}"));
     let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["read_record", "transfer", "slow_count"], "{run:?}");
+    assert_eq!(
+        names,
+        ["read_record", "transfer", "slow_count", "demote_reads"],
+        "{run:?}"
+    );
     let transfer = &tools[1];
     assert_ne!(
         transfer["_meta"]["mandate/approval"], "required",
@@ -197,7 +201,7 @@ async fn allowed_calls_reach_the_child_and_the_token_does_not() {
     let state = counts.read();
     assert_eq!(
         state["counts"],
-        json!({"read_record": 1, "transfer": 1, "shell": 0, "slow_count": 1})
+        json!({"read_record": 1, "transfer": 1, "shell": 0, "slow_count": 1, "demote_reads": 0})
     );
     assert_eq!(state["reads"]["docs://handbook"], 1);
     assert_eq!(state["token_in_env"], false, "{state}");
@@ -517,7 +521,7 @@ async fn malformed_lines_are_refused_and_never_forwarded() {
     );
     assert_eq!(
         counts.calls(),
-        json!({"read_record": 1, "transfer": 0, "shell": 0, "slow_count": 0})
+        json!({"read_record": 1, "transfer": 0, "shell": 0, "slow_count": 0, "demote_reads": 0})
     );
     s.shutdown().await;
 }

@@ -83,9 +83,9 @@ const MAX_SESSIONS: u64 = 100_000;
 const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// The methods decided before they are forwarded; each must be a request (with an id).
 const DECIDED: [&str; 3] = ["tools/call", "resources/read", "prompts/get"];
-/// How long a tool's annotations are trusted without a new `tools/list`: an upstream that
-/// changes its tools (`notifications/tools/list_changed`, which streams past the gateway) is
-/// listed again within this time, before a call is decided on what it used to say.
+/// How long a tool's annotations are trusted without a new `tools/list`: the bound on
+/// staleness when an upstream changes its tools without a `notifications/tools/list_changed`
+/// the gateway sees pass (one it sees forgets them at once: [`ListChanged`]).
 const ANNOTATIONS_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest `tools/list` answer read to filter it.
 pub(super) const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
@@ -111,7 +111,9 @@ struct Upstream {
     headers: HeaderMap,
     /// Tool name → when it was listed, and its resource attributes (annotations, `server`,
     /// `tool`).
-    tools: RwLock<HashMap<String, ListedTool>>,
+    /// Shared with the answers streaming back, which forget it all when the upstream says
+    /// its tools changed.
+    tools: Arc<RwLock<HashMap<String, ListedTool>>>,
     /// `Mcp-Session-Id` → the principal whose `initialize` opened it: a session is used only
     /// by the agent that opened it (another agent that learns the id gets a 404).
     sessions: moka::sync::Cache<String, String>,
@@ -170,7 +172,7 @@ impl Upstream {
             name: s.name.clone(),
             url,
             headers,
-            tools: RwLock::new(HashMap::new()),
+            tools: Arc::new(RwLock::new(HashMap::new())),
             sessions: moka::sync::Cache::builder()
                 .max_capacity(MAX_SESSIONS)
                 .time_to_idle(SESSION_IDLE)
@@ -203,6 +205,56 @@ impl Upstream {
         };
         for (name, attrs) in tools.iter().filter_map(|t| tool_attributes(&self.name, t)) {
             known.insert(name.to_owned(), (Instant::now(), attrs));
+        }
+    }
+}
+
+/// The notification an upstream sends when its tools change (`tools/list_changed`).
+const LIST_CHANGED: &[u8] = b"notifications/tools/list_changed";
+
+/// Watches an answer streaming back from an upstream for [`LIST_CHANGED`] and forgets every
+/// learnt annotation when it passes, so the next call lists the tools again instead of
+/// deciding on what they were (for up to [`ANNOTATIONS_TTL`]). The stream itself passes
+/// unchanged. A mention of the name anywhere (a tool's result quoting it) counts too: at
+/// worst one more `tools/list`.
+struct ListChanged {
+    tools: Arc<RwLock<HashMap<String, ListedTool>>>,
+    /// The end of the previous chunk, for a name split across two.
+    carry: Vec<u8>,
+    finder: memchr::memmem::Finder<'static>,
+}
+
+impl ListChanged {
+    fn new(tools: Arc<RwLock<HashMap<String, ListedTool>>>) -> Self {
+        Self {
+            tools,
+            carry: Vec::with_capacity(LIST_CHANGED.len()),
+            finder: memchr::memmem::Finder::new(LIST_CHANGED),
+        }
+    }
+
+    fn scan(&mut self, chunk: &[u8]) {
+        let keep = LIST_CHANGED.len() - 1;
+        let mut seen = self.finder.find(chunk).is_some();
+        if !seen && !self.carry.is_empty() {
+            // The name may straddle the boundary: the carried end plus this chunk's start.
+            let at = self.carry.len();
+            self.carry
+                .extend_from_slice(&chunk[..chunk.len().min(keep)]);
+            seen = self.finder.find(&self.carry).is_some();
+            self.carry.truncate(at);
+        }
+        if seen && let Ok(mut known) = self.tools.write() {
+            known.clear();
+        }
+        // Keep the last `keep` bytes of everything seen so far.
+        if chunk.len() >= keep {
+            self.carry.clear();
+            self.carry.extend_from_slice(&chunk[chunk.len() - keep..]);
+        } else {
+            self.carry.extend_from_slice(chunk);
+            let excess = self.carry.len().saturating_sub(keep);
+            self.carry.drain(..excess);
         }
     }
 }
@@ -1122,9 +1174,16 @@ async fn forward(
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let headers = answer_headers(resp.headers());
     let streamed: http::Response<reqwest::Body> = resp.into();
+    let mut watch = ListChanged::new(upstream.tools.clone());
     let mut r = Response::new(
         streamed
             .into_body()
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    watch.scan(data);
+                }
+                frame
+            })
             .map_err(std::io::Error::other)
             .boxed_unsync(),
     );
@@ -1499,6 +1558,48 @@ mod tests {
             assert_eq!(Listed::of(kind.method()), Some(kind));
         }
         assert_eq!(Listed::of("tools/call"), None);
+    }
+
+    #[test]
+    fn a_tools_list_changed_passing_by_forgets_what_was_learnt_even_split_across_chunks() {
+        let u = Upstream::new(&McpServer {
+            name: "tools".into(),
+            url: "http://127.0.0.1:1/mcp".into(),
+            headers: vec![],
+        })
+        .unwrap();
+        let note = br#"event: message
+data: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}
+
+"#;
+        let learn = || u.learn(&[json!({"name": "read", "annotations": {"readOnlyHint": true}})]);
+        // Whole, or split at every byte: forgotten either way.
+        for split in 0..=note.len() {
+            learn();
+            let mut watch = ListChanged::new(u.tools.clone());
+            watch.scan(&note[..split]);
+            watch.scan(&note[split..]);
+            assert!(u.tool("read").is_none(), "split at {split}");
+        }
+        // In small pieces, as a slow stream may deliver it.
+        for size in 1..=8 {
+            learn();
+            let mut watch = ListChanged::new(u.tools.clone());
+            for part in note.chunks(size) {
+                watch.scan(part);
+            }
+            assert!(u.tool("read").is_none(), "chunks of {size}");
+        }
+        // Other traffic leaves it alone, however it is cut.
+        learn();
+        let mut watch = ListChanged::new(u.tools.clone());
+        let other = br#"data: {"jsonrpc":"2.0","method":"notifications/tools/list"}"#;
+        for part in other.chunks(7) {
+            watch.scan(part);
+        }
+        watch.scan(b"notifications/tools/list_chang");
+        watch.scan(b"ing");
+        assert!(u.tool("read").is_some());
     }
 
     #[test]

@@ -21,9 +21,12 @@ Tools (deterministic, nothing real is done):
   slow_count(n)              readOnlyHint            -> n progress notifications and n log
                                                         messages on the response's SSE stream,
                                                         then "counted to {n}"
+  demote_reads()             readOnlyHint            -> read_record loses readOnlyHint, and a
+                                                        notifications/tools/list_changed goes
+                                                        out on the call's stream
 
 Plain HTTP routes beside the MCP endpoint, for the test to see what reached this server:
-  GET /counts  {"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0}
+  GET /counts  {"read_record": 0, "transfer": 0, "shell": 0, "slow_count": 0, "demote_reads": 0}
   GET /reads   {"docs://handbook": 0, "secrets://payroll": 0}  (resource reads)
   GET /calls   [{"tool", "arguments", "session", "authorization"}] in arrival order, where
                `session` is the Mcp-Session-Id header of the call and `authorization` the
@@ -40,7 +43,7 @@ import warnings
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPDeprecationWarning
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, TextContent, ToolAnnotations, ToolListChangedNotification
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -48,7 +51,7 @@ from starlette.responses import JSONResponse
 # what `initialize` negotiates) still has them, and they are what slow_count streams.
 warnings.filterwarnings("ignore", category=MCPDeprecationWarning)
 
-TOOLS = ("read_record", "transfer", "shell", "slow_count")
+TOOLS = ("read_record", "transfer", "shell", "slow_count", "demote_reads")
 counts = {name: 0 for name in TOOLS}
 # Resource reads that reached this server (GET /reads).
 reads = {"docs://handbook": 0, "secrets://payroll": 0}
@@ -148,6 +151,20 @@ async def slow_count(n: int, ctx: Context) -> str:
         await ctx.info(f"count {i}")
         await asyncio.sleep(0.05)
     return f"counted to {n}"
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True), structured_output=False)
+async def demote_reads(ctx: Context) -> str:
+    """Declare read_record no longer read-only, and tell the client the tools changed (a
+    notifications/tools/list_changed on this call's stream): what an upstream whose tools
+    change does."""
+    seen("demote_reads", {}, ctx)
+    tool = server._tool_manager.get_tool("read_record")
+    tool.annotations = ToolAnnotations(read_only_hint=False)
+    await ctx.request_context.session.send_notification(
+        ToolListChangedNotification(), related_request_id=ctx.request_id
+    )
+    return "read_record is no longer read-only"
 
 
 @server.custom_route("/counts", methods=["GET"])
