@@ -134,6 +134,9 @@ pub struct McpConfig {
     /// How long an escalated tool call is held open for its approval (then forwarded if
     /// approved); zero answers the escalation at once.
     pub hold: Duration,
+    /// `[[mcp.local_principals]]`: who a tokenless `mcp wrap` request on the Unix socket is,
+    /// by the OS user of the process that connected.
+    pub local_principals: Vec<LocalPrincipal>,
 }
 
 impl Default for McpConfig {
@@ -143,9 +146,36 @@ impl Default for McpConfig {
             max_message_bytes: 1024 * 1024,
             upstream_timeout: Duration::from_secs(30),
             hold: Duration::ZERO,
+            local_principals: Vec::new(),
         }
     }
 }
+
+/// A local principal: the identity of `POST /v1/mcp/decide` and `/v1/mcp/filter` requests
+/// that carry no token and arrive on the Unix socket (`server.unix_socket`) from a process
+/// whose user id the kernel reports as `uid` (`SO_PEERCRED`). The OS user is the proof, so
+/// every process of that user is this principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPrincipal {
+    pub uid: u32,
+    /// Cedar entity type (`Agent`).
+    pub kind: String,
+    pub id: String,
+    /// Cedar attributes (`owner`, `team`, `groups`…), as for a token's mapped claims.
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+impl LocalPrincipal {
+    /// The issuer audit records and approval requests show: the OS vouched for this uid. No
+    /// `[[issuers]]` name may start with `local:`, so no token's principal is ever taken for
+    /// a local one.
+    pub fn issuer(&self) -> String {
+        format!("{LOCAL_ISSUER_PREFIX}uid={}", self.uid)
+    }
+}
+
+/// The issuer prefix of local principals ([`LocalPrincipal::issuer`]).
+pub const LOCAL_ISSUER_PREFIX: &str = "local:";
 
 /// Whether `name` may name an MCP server: letters, digits, `-`, `_` or `.`. It is a path
 /// segment (`/mcp/{name}`) and the first part of its tools' resource ids
@@ -715,6 +745,35 @@ impl Reader {
         }
     }
 
+    /// The tables of the array of tables at `key` (`[[key]]`), each with its key path
+    /// (`routes[2]`); whatever is not a table is reported and left out.
+    fn tables<'a>(&mut self, t: &'a Table, prefix: &str, key: &str) -> Vec<(String, &'a Table)> {
+        let full = join(prefix, key);
+        let items = match t.get(key) {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                self.bad(
+                    &full,
+                    format!(
+                        "expected an array of tables (`[[{full}]]`), found {}",
+                        other.type_str()
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{full}[{i}]");
+            match item {
+                Value::Table(t) => out.push((p, t)),
+                _ => self.bad(p, "expected a table"),
+            }
+        }
+        out
+    }
+
     fn string(&mut self, t: &Table, prefix: &str, key: &str) -> Option<String> {
         match t.get(key) {
             None => None,
@@ -956,6 +1015,13 @@ impl Reader {
         let ext_authz = self.ext_authz(ext_t, &issuers, &enforcement_points);
         let mcp_t = self.table(root, "", "mcp").unwrap_or(&empty);
         let mcp = self.mcp(mcp_t);
+        if !mcp.local_principals.is_empty() && server.unix_socket.is_none() {
+            self.bad(
+                "mcp.local_principals",
+                "needs `server.unix_socket`: a local principal is known by the user id the \
+                 kernel reports for a Unix socket's peer, which no TCP connection has",
+            );
+        }
         Config {
             server,
             policy,
@@ -1104,7 +1170,13 @@ impl Reader {
         self.known(
             t,
             p,
-            &["servers", "max_message_bytes", "upstream_timeout", "hold"],
+            &[
+                "servers",
+                "max_message_bytes",
+                "upstream_timeout",
+                "hold",
+                "local_principals",
+            ],
         );
         let defaults = McpConfig::default();
         let max_message_bytes = self.integer(
@@ -1123,27 +1195,8 @@ impl Reader {
         );
         // The approvals API's longest wait is 60 s; an agent's MCP client times out as well.
         let hold = self.duration(t, p, "hold", defaults.hold, Duration::from_secs(60));
-        let items = match t.get("servers") {
-            None => &Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(other) => {
-                self.bad(
-                    "mcp.servers",
-                    format!(
-                        "expected an array of tables (`[[mcp.servers]]`), found {}",
-                        other.type_str()
-                    ),
-                );
-                &Vec::new()
-            }
-        };
         let mut servers: Vec<McpServer> = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let sp = format!("mcp.servers[{i}]");
-            let Value::Table(st) = item else {
-                self.bad(sp, "expected a table");
-                continue;
-            };
+        for (sp, st) in self.tables(t, "mcp", "servers") {
             self.known(st, &sp, &["name", "url", "headers"]);
             let name = self.required_string(st, &sp, "name");
             if !name.is_empty() && !mcp_server_name_ok(&name) {
@@ -1195,7 +1248,103 @@ impl Reader {
             max_message_bytes,
             upstream_timeout,
             hold,
+            local_principals: self.local_principals(t),
         }
+    }
+
+    /// `[[mcp.local_principals]]`: `uid = 1000` and `principal = { type, id, attributes }`.
+    fn local_principals(&mut self, t: &Table) -> Vec<LocalPrincipal> {
+        let mut out: Vec<LocalPrincipal> = Vec::new();
+        // Every entry's uid by its key, the entries with other problems too.
+        let mut seen: Vec<(u32, String)> = Vec::new();
+        for (p, lt) in self.tables(t, "mcp", "local_principals") {
+            self.known(lt, &p, &["uid", "principal"]);
+            let uid = match lt.get("uid") {
+                Some(Value::Integer(n)) => match u32::try_from(*n) {
+                    Ok(uid) => Some(uid),
+                    Err(_) => {
+                        self.bad(
+                            format!("{p}.uid"),
+                            format!("`{n}` is not a user id (0..={})", u32::MAX),
+                        );
+                        None
+                    }
+                },
+                Some(other) => {
+                    self.bad(
+                        format!("{p}.uid"),
+                        format!(
+                            "expected an integer (a numeric user id, as `id -u` prints it), \
+                             found {}",
+                            other.type_str()
+                        ),
+                    );
+                    None
+                }
+                None => {
+                    self.bad(format!("{p}.uid"), "is required");
+                    None
+                }
+            };
+            if let Some(uid) = uid {
+                if let Some((_, first)) = seen.iter().find(|(u, _)| *u == uid) {
+                    self.bad(
+                        format!("{p}.uid"),
+                        format!("uid `{uid}` is already {first}'s: one OS user is one principal"),
+                    );
+                }
+                seen.push((uid, p.clone()));
+            }
+            let Some(pt) = self.table(lt, &p, "principal") else {
+                if !lt.contains_key("principal") {
+                    self.bad(format!("{p}.principal"), "is required");
+                }
+                continue;
+            };
+            let pp = format!("{p}.principal");
+            self.known(pt, &pp, &["type", "id", "attributes"]);
+            let kind = self.required_string(pt, &pp, "type");
+            let id = self.required_string(pt, &pp, "id");
+            let attributes = match self.table(pt, &pp, "attributes") {
+                None => serde_json::Map::new(),
+                Some(a) => {
+                    let ap = format!("{pp}.attributes");
+                    match json_of_table(a, &ap) {
+                        Ok(m) => m,
+                        Err((key, message)) => {
+                            self.bad(key, message);
+                            continue;
+                        }
+                    }
+                }
+            };
+            if kind.is_empty() || id.is_empty() {
+                continue;
+            }
+            if let Err(e) = crate::policy::values::entity_uid(&format!("{pp}.type"), &kind, &id)
+                .and_then(|_| {
+                    crate::policy::values::entity_from_json(
+                        &format!("{pp}.attributes"),
+                        &kind,
+                        &id,
+                        &attributes,
+                        Default::default(),
+                    )
+                })
+            {
+                self.bad(e.path, e.message);
+                continue;
+            }
+            if let Some(uid) = uid {
+                out.push(LocalPrincipal {
+                    uid,
+                    kind,
+                    id,
+                    attributes,
+                });
+            }
+        }
+        out
     }
 
     fn identity_sources(&mut self, t: &Table, p: &str) -> Vec<IdentitySource> {
@@ -1348,28 +1497,9 @@ impl Reader {
     /// `[[routes]]`, compiled; a rule with problems is reported and left out (the
     /// configuration is then refused whole).
     fn routes(&mut self, root: &Table) -> Vec<Route> {
-        let items = match root.get("routes") {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(other) => {
-                self.bad(
-                    "routes",
-                    format!(
-                        "expected an array of tables (`[[routes]]`), found {}",
-                        other.type_str()
-                    ),
-                );
-                return Vec::new();
-            }
-        };
-        let mut out = Vec::with_capacity(items.len());
-        let mut names: Vec<String> = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("routes[{i}]");
-            let Value::Table(t) = item else {
-                self.bad(p, "expected a table");
-                continue;
-            };
+        let mut out = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        for (p, t) in self.tables(root, "", "routes") {
             let spec = self.route_spec(t, &p);
             if let Some(j) = names.iter().position(|n| !n.is_empty() && *n == spec.name) {
                 self.bad(
@@ -1807,27 +1937,8 @@ impl Reader {
     }
 
     fn issuers(&mut self, root: &Table) -> Vec<IssuerSettings> {
-        let items = match root.get("issuers") {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(other) => {
-                self.bad(
-                    "issuers",
-                    format!(
-                        "expected an array of tables (`[[issuers]]`), found {}",
-                        other.type_str()
-                    ),
-                );
-                return Vec::new();
-            }
-        };
         let mut out: Vec<IssuerSettings> = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("issuers[{i}]");
-            let Value::Table(t) = item else {
-                self.bad(p, "expected a table");
-                continue;
-            };
+        for (p, t) in self.tables(root, "", "issuers") {
             let issuer = self.issuer(t, &p);
             if out.iter().any(|o| o.name == issuer.name) {
                 self.bad(
@@ -1873,6 +1984,15 @@ impl Reader {
             ],
         );
         let name = self.required_string(t, p, "name");
+        if name.starts_with(LOCAL_ISSUER_PREFIX) {
+            self.bad(
+                format!("{p}.name"),
+                format!(
+                    "`{name}` starts with `{LOCAL_ISSUER_PREFIX}`, which names the OS-identified \
+                     principals of `[[mcp.local_principals]]`"
+                ),
+            );
+        }
         let issuer = self.required_string(t, p, "issuer");
         let profile = self.issuer_profile(t, p);
         let audiences = self.strings(t, p, "audiences");
@@ -2161,27 +2281,8 @@ impl Reader {
         root: &Table,
         issuers: &[IssuerSettings],
     ) -> Vec<EnforcementPoint> {
-        let items = match root.get("enforcement_points") {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(other) => {
-                self.bad(
-                    "enforcement_points",
-                    format!(
-                        "expected an array of tables (`[[enforcement_points]]`), found {}",
-                        other.type_str()
-                    ),
-                );
-                return Vec::new();
-            }
-        };
         let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("enforcement_points[{i}]");
-            let Value::Table(t) = item else {
-                self.bad(p, "expected a table");
-                continue;
-            };
+        for (p, t) in self.tables(root, "", "enforcement_points") {
             self.known(
                 t,
                 &p,
@@ -2315,6 +2416,41 @@ fn header_name(name: &str) -> Result<String, String> {
         return Err(format!("`{name}` is a header HTTP itself uses"));
     }
     Ok(lower)
+}
+
+/// A TOML table as a JSON object, for Cedar attributes: strings, integers, booleans, arrays
+/// and tables. A float or a date is refused at its key (Cedar has neither; a rounded number
+/// would change what a policy decides).
+fn json_of_table(
+    t: &Table,
+    path: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, (String, String)> {
+    fn one(v: &Value, path: String) -> Result<serde_json::Value, (String, String)> {
+        Ok(match v {
+            Value::String(s) => s.clone().into(),
+            Value::Integer(i) => (*i).into(),
+            Value::Boolean(b) => (*b).into(),
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| one(item, format!("{path}[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?
+                .into(),
+            Value::Table(t) => json_of_table(t, &path)?.into(),
+            Value::Float(_) | Value::Datetime(_) => {
+                return Err((
+                    path,
+                    format!(
+                        "a {} is not a Cedar value (use an integer or a string)",
+                        v.type_str()
+                    ),
+                ));
+            }
+        })
+    }
+    t.iter()
+        .map(|(k, v)| Ok((k.clone(), one(v, join(path, k))?)))
+        .collect()
 }
 
 /// `p` with its `.` components dropped and each `dir/..` folded, the way the kernel resolves
@@ -3159,6 +3295,156 @@ resource = { type = "CrmRecord", id = "{id}" }
             ],
             "{err}"
         );
+    }
+
+    #[test]
+    fn local_principals_are_read_whole() {
+        let c = parse(
+            "[server]\nunix_socket = \"/run/mandate/mandate.sock\"\n\
+             [[mcp.local_principals]]\nuid = 1000\n\
+             principal = { type = \"Agent\", id = \"desktop-agent\", attributes = { owner = \"bob\", \
+             groups = [\"dev\"], limits = { daily = 100 } } }\n\
+             [[mcp.local_principals]]\nuid = 0\nprincipal = { type = \"Ns::Agent\", id = \"root-agent\" }\n",
+            &[],
+        )
+        .unwrap();
+        let l = &c.mcp.local_principals;
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            (l[0].uid, &*l[0].kind, &*l[0].id),
+            (1000, "Agent", "desktop-agent")
+        );
+        assert_eq!(
+            serde_json::Value::Object(l[0].attributes.clone()),
+            serde_json::json!({"owner": "bob", "groups": ["dev"], "limits": {"daily": 100}})
+        );
+        // The issuer says the OS vouched for this uid, in audit records and approvals.
+        assert_eq!(l[0].issuer(), "local:uid=1000");
+        assert_eq!((l[1].uid, &*l[1].kind), (0, "Ns::Agent"));
+        assert!(l[1].attributes.is_empty());
+    }
+
+    #[test]
+    fn local_principal_problems_name_their_keys() {
+        let socket = "[server]\nunix_socket = \"/run/m.sock\"\n";
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "uid = \"1000\"\nprincipal = { type = \"Agent\", id = \"a\" }",
+                "mcp.local_principals[0].uid",
+                "expected an integer",
+            ),
+            (
+                "uid = -1\nprincipal = { type = \"Agent\", id = \"a\" }",
+                "mcp.local_principals[0].uid",
+                "is not a user id",
+            ),
+            (
+                "uid = 4294967296\nprincipal = { type = \"Agent\", id = \"a\" }",
+                "mcp.local_principals[0].uid",
+                "is not a user id",
+            ),
+            (
+                "principal = { type = \"Agent\", id = \"a\" }",
+                "mcp.local_principals[0].uid",
+                "is required",
+            ),
+            (
+                "uid = 1",
+                "mcp.local_principals[0].principal",
+                "is required",
+            ),
+            (
+                "uid = 1\nprincipal = \"Agent::a\"",
+                "mcp.local_principals[0].principal",
+                "expected a table",
+            ),
+            (
+                "uid = 1\nprincipal = { type = \"not a type\", id = \"a\" }",
+                "mcp.local_principals[0].principal.type",
+                "not a valid Cedar entity type name",
+            ),
+            (
+                "uid = 1\nprincipal = { type = \"Agent::\", id = \"a\" }",
+                "mcp.local_principals[0].principal.type",
+                "not a valid Cedar entity type name",
+            ),
+            (
+                "uid = 1\nprincipal = { id = \"a\" }",
+                "mcp.local_principals[0].principal.type",
+                "is required",
+            ),
+            (
+                "uid = 1\nprincipal = { type = \"Agent\", id = \"\" }",
+                "mcp.local_principals[0].principal.id",
+                "must not be empty",
+            ),
+            (
+                "uid = 1\nprincipal = { type = \"Agent\", id = \"a\", attributes = { rate = 0.5 } }",
+                "mcp.local_principals[0].principal.attributes.rate",
+                "a float is not a Cedar value",
+            ),
+            (
+                "uid = 1\nprincipal = { type = \"Agent\", id = \"a\", attributes = { l = [1, { at = 1979-05-27 }] } }",
+                "mcp.local_principals[0].principal.attributes.l[1].at",
+                "is not a Cedar value",
+            ),
+            (
+                "uid = 1\nprincipal = { type = \"Agent\", id = \"a\", attributes = \"owner=bob\" }",
+                "mcp.local_principals[0].principal.attributes",
+                "expected a table",
+            ),
+            (
+                "uid = 1\nprincipal = { type = \"Agent\", id = \"a\", groups = [] }",
+                "mcp.local_principals[0].principal.groups",
+                "unknown key",
+            ),
+            (
+                "uid = 1\ngid = 1\nprincipal = { type = \"Agent\", id = \"a\" }",
+                "mcp.local_principals[0].gid",
+                "unknown key",
+            ),
+        ];
+        for (entry, key, message) in cases {
+            let text = format!("{socket}[[mcp.local_principals]]\n{entry}\n");
+            let err = parse(&text, &[]).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{entry}: {err}");
+            assert_eq!(err.problems[0].key, *key, "{entry}: {err}");
+            assert!(err.problems[0].message.contains(message), "{entry}: {err}");
+        }
+
+        // One OS user is one principal.
+        let twice = format!(
+            "{socket}[[mcp.local_principals]]\nuid = 1000\nprincipal = {{ type = \"Agent\", id = \"a\" }}\n\
+             [[mcp.local_principals]]\nuid = 1000\nprincipal = {{ type = \"Agent\", id = \"b\" }}\n"
+        );
+        let err = parse(&twice, &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "mcp.local_principals[1].uid", "{err}");
+        assert!(
+            err.problems[0].message.contains("mcp.local_principals[0]"),
+            "{err}"
+        );
+
+        // Only the Unix socket knows who connected: without one, the entries could never apply.
+        let err = parse(
+            "[[mcp.local_principals]]\nuid = 1\nprincipal = { type = \"Agent\", id = \"a\" }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "mcp.local_principals", "{err}");
+        assert!(
+            err.problems[0].message.contains("server.unix_socket"),
+            "{err}"
+        );
+        let err = parse("[mcp]\nlocal_principals = { uid = 1 }\n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "mcp.local_principals", "{err}");
+
+        // No token issuer may pass for the OS.
+        let err = parse(
+            &GOOD.replace("name = \"dev\"", "name = \"local:uid=1000\""),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "issuers[0].name", "{err}");
     }
 
     #[test]

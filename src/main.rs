@@ -265,11 +265,12 @@ enum McpCommand {
     /// Run a local stdio MCP server as a child with a running Mandate server's decisions
     /// between it and the agent's MCP client: `mandate mcp wrap --name tools -- python3
     /// server.py`. Every tools/call, resources/read and prompts/get is decided for the
-    /// agent's token before the child sees it; the lists are filtered.
+    /// agent's token (or, over the Unix socket without one, for the local principal of the
+    /// OS user this runs as) before the child sees it; the lists are filtered.
     #[command(after_help = "\
 Environment:
   MANDATE_TOKEN    the agent's token (as --token); never passed on to the child
-  MANDATE_SERVER   the server's base URL (as --server)
+  MANDATE_SERVER   the server's base URL or unix:PATH (as --server)
 
 Exit status: the child's (128 + N when signal N ended it). When Mandate cannot be asked,
 a decided call is refused with a JSON-RPC error saying why; it never reaches the child.")]
@@ -278,10 +279,12 @@ a decided call is refused with a JSON-RPC error saying why; it never reaches the
         /// declared `mcp:<NAME>/<tool>` action their own. Not a `[[mcp.servers]]` name.
         #[arg(long)]
         name: String,
-        /// The Mandate server's base URL.
+        /// The Mandate server's base URL, or `unix:PATH` for its Unix socket (where, without
+        /// a token, the OS user this runs as is its `[[mcp.local_principals]]` entry).
         #[arg(long, env = "MANDATE_SERVER", default_value = "http://127.0.0.1:8181")]
         server: String,
-        /// The agent's own workload token (default: MANDATE_TOKEN).
+        /// The agent's own workload token (default: MANDATE_TOKEN). Required unless
+        /// `--server` is `unix:PATH`; sent there too when given.
         #[arg(long, conflicts_with = "token_file")]
         token: Option<String>,
         /// A file holding the agent's token, read again for every decision (a token a

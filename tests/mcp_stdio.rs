@@ -7,7 +7,8 @@
 //! Mandate (the example configuration and bundle, port 0) decides every call through
 //! `/v1/mcp/decide` and filters every list through `/v1/mcp/filter`, exactly as the HTTP
 //! gateway does for `/mcp/tools` (tests/mcp.rs): what is not allowed never reaches the child
-//! (SECURITY P-01), which the counts prove.
+//! (SECURITY P-01), which the counts prove. The `j35_` cases run the wrapper without a token
+//! against Mandate's Unix socket, where the OS user is the identity (`[[mcp.local_principals]]`).
 
 #![allow(
     clippy::unwrap_used,
@@ -629,4 +630,411 @@ async fn the_wrap_endpoints_take_the_agents_token_and_a_name_of_its_own() {
     let (st, v) = s.post("/v1/mcp/filter", Some(&token), &wrong).await;
     assert_eq!((st, v["field"].as_str()), (400, Some("method")), "{v}");
     s.shutdown().await;
+}
+
+/// Mandate with a Unix socket in a directory of its own, and `[[mcp.local_principals]]`
+/// mapping OS user `uid` to `Agent::"desktop-agent"` (owner bob).
+struct LocalServer {
+    s: TestServer,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl LocalServer {
+    async fn start(uid: u32) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let socket = dir.path().join("mandate.sock");
+        let extra = format!(
+            "[[mcp.local_principals]]\nuid = {uid}\n\
+             principal = {{ type = \"Agent\", id = \"desktop-agent\", attributes = {{ owner = \"bob\" }} }}\n"
+        );
+        let s = TestServer::start(&example_config_plus(
+            &extra,
+            &[("MANDATE_SERVER__UNIX_SOCKET", socket.to_str().unwrap())],
+        ))
+        .await;
+        Self { s, socket, dir }
+    }
+
+    /// `unix:PATH`, as `--server` takes it.
+    fn server(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// The audit records that name `Agent::"desktop-agent"`.
+    fn local_records(&self) -> Vec<Value> {
+        let log =
+            std::fs::read_to_string(self.s.running.as_ref().unwrap().service.audit.path()).unwrap();
+        log.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["principal"]["id"] == "desktop-agent")
+            .collect()
+    }
+}
+
+/// The user id this test runs as: the owner of a directory it just made (the kernel's
+/// effective uid, as `SO_PEERCRED` reports it for the wrapper this test starts).
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::metadata(dir.path()).unwrap().uid()
+}
+
+/// A POST over the Unix socket at `socket`, with `headers` as given: the status and the body
+/// as JSON.
+async fn unix_post(
+    socket: &Path,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = body.to_string();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap_or_else(|_| panic!("{out}"));
+    let (_, text) = out
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{out}"));
+    (
+        status,
+        serde_json::from_str(text).unwrap_or_else(|_| panic!("{out}")),
+    )
+}
+
+/// A `/v1/mcp/decide` body for `read_record`, which the example bundle lets any agent call.
+fn read_record_decision() -> Value {
+    json!({"server": "tools",
+           "message": {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "read_record", "arguments": {"id": "r-1"}}},
+           "tools": [{"name": "read_record", "annotations": {"readOnlyHint": true}}]})
+}
+
+/// Issue 13 item 6, a configured local principal (SECURITY J-35: UDS credentials): the SDK
+/// client runs the wrapper with no token at all, pointed at Mandate's Unix socket; the kernel
+/// tells Mandate which OS user connected, and `[[mcp.local_principals]]` maps this test's
+/// uid to `Agent::"desktop-agent"`. Its calls are decided as any agent's: the read reaches
+/// the child, the shell is denied and never does, a transfer of 250 escalates. Audit records
+/// and the approval request name the principal with issuer `local:uid=<uid>`, so a reviewer
+/// sees the OS vouched for it; once approved, the same call goes through.
+#[tokio::test]
+async fn j35_a_local_principal_needs_no_token_on_the_unix_socket() {
+    let uid = own_uid();
+    let l = LocalServer::start(uid).await;
+    let counts = Counts::new();
+    let transfer = call("transfer", json!({"account": "acct-9", "amount": 250}));
+    let run = client(
+        &l.server(),
+        None,
+        &counts,
+        json!([
+            {"op": "list"},
+            call("read_record", json!({"id": "r-1"})),
+            call("shell", json!({"command": "id"})),
+            transfer,
+        ]),
+    )
+    .await;
+    let steps = run.steps();
+    let names: Vec<&str> = steps[0]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{run:?}"))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["read_record", "transfer", "slow_count"], "{run:?}");
+    assert_eq!(text(steps[1]), "record r-1: status active", "{run:?}");
+    assert_eq!(steps[2]["isError"], true, "{run:?}");
+    assert_eq!(steps[2]["structuredContent"]["decision"], "deny", "{run:?}");
+    assert!(
+        text(steps[3]).starts_with("Mandate: this call needs approval."),
+        "{run:?}"
+    );
+    assert_eq!(
+        counts.calls(),
+        json!({"read_record": 1, "transfer": 0, "shell": 0, "slow_count": 0})
+    );
+
+    let issuer = format!("local:uid={uid}");
+    let records = l.local_records();
+    let outcomes: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r["action"] != "mcp:list")
+        .map(|r| {
+            (
+                r["decision"].as_str().unwrap(),
+                r["issuer"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for wanted in ["allow", "deny", "escalate"] {
+        assert!(
+            outcomes.contains(&(wanted, issuer.as_str())),
+            "no {wanted} record by {issuer}: {records:#?}"
+        );
+    }
+    assert!(
+        records.iter().all(|r| r["issuer"] == issuer),
+        "{records:#?}"
+    );
+
+    let id = common::first_pending(&l.s).await;
+    let alice = dev_token(
+        "alice",
+        json!({"groups": ["finance-approvers"]}),
+        Duration::from_secs(300),
+    );
+    let resp =
+        l.s.client
+            .get(l.s.url(&format!("/v1/approvals/{id}")))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap();
+    let shown: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(
+        (
+            &shown["principal"]["id"],
+            &shown["principal"]["issuer"],
+            &shown["principal"]["owner"]
+        ),
+        (&json!("desktop-agent"), &json!(issuer), &json!("bob")),
+        "{shown}"
+    );
+    let (st, v) = common::finance_approve(&l.s, &id, "FIN-9").await;
+    assert_eq!(st, 200, "{v}");
+    let run = client(&l.server(), None, &counts, json!([transfer])).await;
+    assert_eq!(text(run.only()), "transferred 250 to acct-9", "{run:?}");
+    assert_eq!(counts.calls()["transfer"], 1);
+    l.s.shutdown().await;
+}
+
+/// Fail closed: on the Unix socket, a uid no `[[mcp.local_principals]]` entry names is
+/// nobody. The wrapper (this test's uid, mapped to another) gets a 401 naming the uid, and
+/// the call never reaches the child; nor is a list shown.
+#[tokio::test]
+async fn j35_an_unmapped_uid_on_the_unix_socket_gets_nothing() {
+    let uid = own_uid();
+    let l = LocalServer::start(uid.wrapping_add(1)).await;
+    let counts = Counts::new();
+    let run = client(
+        &l.server(),
+        None,
+        &counts,
+        json!([call("read_record", json!({"id": "r-1"})), {"op": "list"}]),
+    )
+    .await;
+    let steps = run.steps();
+    let error = steps[0]["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{run:?}"));
+    assert!(error.contains("not forwarded"), "{error}");
+    assert!(error.contains("401"), "{error}");
+    assert!(
+        error.contains(&format!("uid {uid} on the Unix socket is not a configured")),
+        "{error}"
+    );
+    assert!(
+        steps[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not shown")),
+        "{run:?}"
+    );
+    assert_eq!(counts.calls(), zero());
+    assert!(l.local_records().is_empty());
+    l.s.shutdown().await;
+}
+
+/// Where a local principal is not: anywhere but a tokenless request to the wrap endpoints on
+/// the Unix socket. Over TCP (127.0.0.1 is any local user) a request without a token is a 401
+/// whatever its headers claim; on the socket a token, when sent, is always the one judged (a
+/// bad one is a 401, never a fall-back to the uid's principal) and a good one is its agent's;
+/// `/v1/check` on the socket still wants a token; a body cannot name who is asking.
+#[tokio::test]
+async fn j35_the_local_principal_is_only_the_unix_socket_peer_without_a_token() {
+    let l = LocalServer::start(own_uid()).await;
+    let decide = read_record_decision();
+    let claims = [
+        ("X-Forwarded-For", "127.0.0.1"),
+        ("X-Forwarded-User", "desktop-agent"),
+        ("X-Remote-User", "root"),
+        ("Forwarded", "for=\"unix:\""),
+    ];
+    let resp =
+        l.s.client
+            .post(l.s.url("/v1/mcp/decide"))
+            .header("content-type", "application/json")
+            .headers(
+                claims
+                    .iter()
+                    .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+                    .collect(),
+            )
+            .body(decide.to_string())
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 401);
+    let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(v["error"], "token_missing", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("only on the Unix socket"),
+        "{v}"
+    );
+    let (st, v) =
+        l.s.post(
+            "/v1/mcp/filter",
+            None,
+            &json!({"server": "tools",
+        "method": "tools/list", "result": {"tools": []}}),
+        )
+        .await;
+    assert_eq!((st, &v["error"]), (401, &json!("token_missing")), "{v}");
+
+    // The socket's peer, without a token: the local principal.
+    let (st, v) = unix_post(&l.socket, "/v1/mcp/decide", &[], &decide).await;
+    assert_eq!((st, &v), (200, &json!({"forward": true})));
+    let list = json!({"server": "tools", "method": "tools/list",
+                      "result": {"tools": [{"name": "shell"}]}});
+    let (st, v) = unix_post(&l.socket, "/v1/mcp/filter", &[], &list).await;
+    assert_eq!((st, &v["result"]["tools"]), (200, &json!([])), "{v}");
+
+    // A credential is judged as sent, whatever the uid.
+    for bad in ["Bearer not-a-token", "Bearer ", "Basic ZGVza3RvcDo="] {
+        let (st, v) = unix_post(
+            &l.socket,
+            "/v1/mcp/decide",
+            &[("Authorization", bad)],
+            &decide,
+        )
+        .await;
+        assert_eq!(st, 401, "{bad}: {v}");
+        assert_ne!(v["error"], "local_principal_unknown", "{bad}: {v}");
+    }
+    let expired = common::dev_token_at("agent-1", json!({}), Duration::from_secs(60), 1_000_000);
+    let (st, v) = unix_post(
+        &l.socket,
+        "/v1/mcp/decide",
+        &[("Authorization", &format!("Bearer {expired}"))],
+        &decide,
+    )
+    .await;
+    assert_eq!((st, &v["error"]), (401, &json!("token_expired")), "{v}");
+    let before = l.local_records().len();
+    let (st, v) = unix_post(
+        &l.socket,
+        "/v1/mcp/decide",
+        &[("Authorization", &format!("Bearer {}", agent()))],
+        &decide,
+    )
+    .await;
+    assert_eq!((st, &v), (200, &json!({"forward": true})));
+    assert_eq!(
+        l.local_records().len(),
+        before,
+        "the token's agent is who asked"
+    );
+
+    // Only the wrap endpoints know local principals.
+    let check = json!({"action": "mcp:call", "resource": {"type": "McpTool", "id": "tools/read_record",
+                        "properties": {"readOnlyHint": true}}});
+    let (st, v) = unix_post(&l.socket, "/v1/check", &[], &check).await;
+    assert_eq!((st, &v["error"]), (401, &json!("token_missing")), "{v}");
+
+    // A body naming a principal is refused as malformed, not read as one.
+    let mut named = decide.clone();
+    named["principal"] = json!({"type": "Agent", "id": "someone-else"});
+    let (st, v) = unix_post(&l.socket, "/v1/mcp/decide", &[], &named).await;
+    assert_eq!((st, &v["field"]), (400, &json!("principal")), "{v}");
+    l.s.shutdown().await;
+}
+
+/// Another OS user on the host gets nothing (SECURITY J-35): `curl` run as uid 65534
+/// (`nobody`) asks `/v1/mcp/decide` over the socket, which it may open, and gets a 401 naming
+/// its uid; the same request from this test's uid, which is mapped, is forwarded. Needs root
+/// to start a process as another user; skipped otherwise.
+#[tokio::test]
+async fn j35_another_os_user_on_the_socket_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    let uid = own_uid();
+    if uid != 0 {
+        eprintln!("skipped: starting a process as another user needs root (running as uid {uid})");
+        return;
+    }
+    let l = LocalServer::start(uid).await;
+    // Let the other user reach the socket: the refusal must be Mandate's, not the file mode's.
+    std::fs::set_permissions(l.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&l.socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let curl = |as_user: Option<u32>| {
+        let mut c = Command::new("curl");
+        c.args(["-q", "-sS", "--max-time", "20", "--unix-socket"])
+            .arg(&l.socket)
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-w",
+                "\n%{http_code}",
+                "-d",
+            ])
+            .arg(read_record_decision().to_string())
+            .arg("http://localhost/v1/mcp/decide");
+        if let Some(u) = as_user {
+            c.uid(u).gid(u);
+        }
+        tokio::task::spawn_blocking(move || c.output())
+    };
+    let nobody = match curl(Some(65534)).await.unwrap() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipped: no `curl` to run as another user");
+            return;
+        }
+        Err(e) => panic!("curl: {e}"),
+    };
+    let own = curl(None).await.unwrap().unwrap();
+    let answer = |out: &std::process::Output| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        (
+            status.to_owned(),
+            serde_json::from_str::<Value>(body).unwrap(),
+        )
+    };
+    let (status, v) = answer(&nobody);
+    assert_eq!(
+        (status.as_str(), &v["error"]),
+        ("401", &json!("local_principal_unknown")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("uid 65534 on the Unix socket"),
+        "{v}"
+    );
+    let (status, v) = answer(&own);
+    assert_eq!((status.as_str(), &v), ("200", &json!({"forward": true})));
+    l.s.shutdown().await;
 }

@@ -405,7 +405,8 @@ pub(super) fn answer(s: &Settings, settled: &Settled, principal: &Principal) -> 
 /// code when no token was sent at all).
 pub(super) fn refusal(e: ApiError) -> Response<Body> {
     let challenge = (e.status == StatusCode::UNAUTHORIZED).then(|| match e.code {
-        "token_missing" => "Bearer".to_owned(),
+        // No credential was sent: a bare challenge (RFC 6750 §3.1).
+        "token_missing" | super::mcp_wrap::LOCAL_UNKNOWN => "Bearer".to_owned(),
         code => format!("Bearer error=\"invalid_token\", error_description=\"{code}\""),
     });
     let mut resp = e.into_response();

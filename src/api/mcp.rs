@@ -99,6 +99,9 @@ pub struct Gateway {
     client: reqwest::Client,
     max_message_bytes: usize,
     hold: std::time::Duration,
+    /// `[[mcp.local_principals]]` by uid, each built once: who a tokenless `mcp wrap` request
+    /// on the Unix socket is ([`super::mcp_wrap`]).
+    local: HashMap<u32, Arc<Principal>>,
 }
 
 /// When a tool was listed, and its resource attributes.
@@ -133,12 +136,24 @@ impl Gateway {
             .read_timeout(c.upstream_timeout)
             .build()
             .map_err(|e| format!("mcp: HTTP client: {e}"))?;
+        let mut local = HashMap::new();
+        for l in &c.local_principals {
+            let p = Principal::from_parts(&l.kind, &l.id, &l.issuer(), l.attributes.clone())
+                .map_err(|e| format!("mcp.local_principals (uid {}): {e}", l.uid))?;
+            local.insert(l.uid, Arc::new(p));
+        }
         Ok(Self {
             servers,
             client,
             max_message_bytes: c.max_message_bytes,
             hold: c.hold,
+            local,
         })
+    }
+
+    /// The local principal of OS user `uid`, if one is configured.
+    pub fn local_principal(&self, uid: u32) -> Option<&Arc<Principal>> {
+        self.local.get(&uid)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -11,9 +11,10 @@
 //!   `resources/list` or `prompts/list` result of the child. Answer: `{"result": …}`
 //!   without what this agent may never use, marked where it needs approval.
 //!
-//! Both take the agent's own workload token, verified as `/mcp/{name}` verifies it. The
-//! decisions are the server's (policy, grants, approvals, audit); the wrapper only carries
-//! them out, and refuses whatever it could not get decided.
+//! Both take the agent's own workload token, verified as `/mcp/{name}` verifies it, or, on
+//! the Unix socket only, no token from a process whose OS user is a configured local
+//! principal ([`caller`]). The decisions are the server's (policy, grants, approvals,
+//! audit); the wrapper only carries them out, and refuses whatever it could not get decided.
 //!
 //! Trust: `server` is the name the wrapper was started with (`--name`): a label in the
 //! agent's own tool configuration, not a configured upstream, and `tools` is what the child
@@ -27,7 +28,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::header::AUTHORIZATION;
+use hyper::{HeaderMap, Request, Response, StatusCode};
 use serde_json::{Map, Value, json};
 
 use super::body;
@@ -189,7 +191,7 @@ async fn read_body(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<(Arc<Principal>, Map<String, Value>), ApiError> {
-    let principal = agent(authenticate(state, conn, req.headers()).await?)?;
+    let principal = caller(state, conn, req.headers()).await?;
     if !body::is_json(req.headers()) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -209,6 +211,62 @@ async fn read_body(
     .await?;
     Ok((principal, body::parse_object(&bytes)?))
 }
+
+/// Who is asking. A credential, when one is sent, is judged as at `/mcp/{name}`: a bad token
+/// is a 401, never a fall-back to a local principal. Without one, the only other proof is
+/// the kernel's: on the Unix socket, the uid of the process that connected names a
+/// configured `[[mcp.local_principals]]` entry. TCP has no such proof (a connection from
+/// 127.0.0.1 may be any local user's), and nothing the client writes (a header, a body
+/// field) has a say. Every other API takes tokens only.
+async fn caller(
+    state: &AppState,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+) -> Result<Arc<Principal>, ApiError> {
+    if headers.contains_key(AUTHORIZATION) || !conn.unix {
+        return match authenticate(state, conn, headers).await {
+            Err(e) if e.code == "token_missing" => Err(ApiError {
+                message: format!(
+                    "{}; a request without one is a local principal's only on the Unix socket \
+                     (`server.unix_socket`, `[[mcp.local_principals]]`)",
+                    e.message
+                ),
+                ..e
+            }),
+            caller => agent(caller?),
+        };
+    }
+    // Fail closed: a connection the kernel named no user for, or a user no entry names, is
+    // nobody.
+    let refused = |message: String| {
+        state.service.stats.token_rejected();
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            LOCAL_UNKNOWN,
+            message,
+        ))
+    };
+    let Some(peer) = conn.unix_peer else {
+        return refused(
+            "no token, and the credentials of this Unix socket connection could not be read".into(),
+        );
+    };
+    match state.mcp.local_principal(peer.uid) {
+        Some(p) => {
+            tracing::debug!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, principal = %p.id,
+                "mcp wrap: local principal by Unix socket credentials");
+            Ok(p.clone())
+        }
+        None => refused(format!(
+            "no token, and uid {} on the Unix socket is not a configured \
+             `mcp.local_principals` entry",
+            peer.uid
+        )),
+    }
+}
+
+/// The 401 code of a tokenless request that names no local principal.
+pub const LOCAL_UNKNOWN: &str = "local_principal_unknown";
 
 /// The wrapped server's name: a label of the agent's own (see the module's notes on trust),
 /// never a configured upstream's.

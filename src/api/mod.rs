@@ -60,6 +60,25 @@ pub struct ConnInfo {
     pub tls: bool,
     /// URI SANs of a verified client certificate (mTLS).
     pub client_uri_sans: Vec<String>,
+    /// The peer process of a connection on the Unix socket listener, as the kernel reported
+    /// it when the peer connected (`SO_PEERCRED`); `None` on TCP and TLS, where nothing the
+    /// kernel knows names the peer (127.0.0.1 is any local user), and on a Unix connection
+    /// whose credentials could not be read.
+    pub unix_peer: Option<PeerCred>,
+    /// True for a connection on the Unix socket listener.
+    pub unix: bool,
+}
+
+/// Who connected to the Unix socket: the credentials of the process at `connect(2)`, which
+/// it cannot choose (SECURITY J-35: UDS credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Effective user id.
+    pub uid: u32,
+    pub gid: u32,
+    /// The process id, when the kernel reports one (it may have exited or been reused since:
+    /// for logs, never for identity).
+    pub pid: Option<i32>,
 }
 
 /// A request refused before any decision was made.

@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::conn_guard::{Conn, Connections, Ended};
-use super::{AppState, ConnInfo, mcp, route};
+use super::{AppState, ConnInfo, PeerCred, mcp, route};
 use crate::config::{ServerConfig, TlsConfig};
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -170,6 +170,7 @@ pub async fn serve(
                     let info = ConnInfo {
                         tls: true,
                         client_uri_sans: sans,
+                        ..ConnInfo::default()
                     };
                     serve_io(stream, info, served, &builder, watcher).await;
                 }
@@ -177,7 +178,12 @@ pub async fn serve(
                     serve_io(stream, ConnInfo::default(), served, &builder, watcher).await;
                 }
                 (Accepted::Unix(stream), _) => {
-                    serve_io(stream, ConnInfo::default(), served, &builder, watcher).await;
+                    let info = ConnInfo {
+                        unix: true,
+                        unix_peer: peer_cred(&stream),
+                        ..ConnInfo::default()
+                    };
+                    serve_io(stream, info, served, &builder, watcher).await;
                 }
             }
         }
@@ -262,6 +268,22 @@ pub(super) async fn accept_guarded<F, Fut>(
             listener = what,
             "in-flight connections did not finish within the shutdown grace period"
         );
+    }
+}
+
+/// The kernel's word on who connected to the Unix socket. Unreadable credentials are no
+/// identity: the connection is served, but with no local principal.
+fn peer_cred(stream: &tokio::net::UnixStream) -> Option<PeerCred> {
+    match stream.peer_cred() {
+        Ok(c) => Some(PeerCred {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the Unix socket peer's credentials");
+            None
+        }
     }
 }
 

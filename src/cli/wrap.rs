@@ -4,7 +4,10 @@
 //!
 //! The transport is MCP's stdio one: newline-delimited JSON-RPC on the child's stdin and
 //! stdout (its stderr is the wrapper's). The decisions are the server's, asked over HTTP with
-//! the agent's own token ([`crate::api::mcp_wrap`]); the wrapper carries them out:
+//! the agent's own token ([`crate::api::mcp_wrap`]), or, with `--server unix:PATH`, over the
+//! server's Unix socket, where a request without a token is the configured local principal
+//! of the OS user the wrapper runs as (`[[mcp.local_principals]]`: the kernel tells the
+//! server who connected). The wrapper carries the decisions out:
 //!
 //! - client → child: each line is read strictly (one JSON-RPC object, no duplicate key, no
 //!   batch). A `tools/call`, `resources/read` or `prompts/get` goes to `/v1/mcp/decide` first
@@ -71,9 +74,10 @@ const QUEUE: usize = 64;
 pub struct WrapArgs {
     /// The server part of its tools' resource ids (`McpTool::"<name>/<tool>"`).
     pub name: String,
-    /// The Mandate server's base URL.
+    /// The Mandate server: a base URL, or `unix:PATH` for its Unix socket.
     pub server: String,
-    pub token: Token,
+    /// Required over TCP; over the Unix socket, without one the OS user is the identity.
+    pub token: Option<Token>,
     /// The stdio server's command and arguments.
     pub command: Vec<OsString>,
 }
@@ -98,21 +102,21 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
-    /// `--token`, else `--token-file`, else `MANDATE_TOKEN` (`env`).
+    /// `--token`, else `--token-file`, else `MANDATE_TOKEN` (`env`); `None`: none of them
+    /// (an empty `MANDATE_TOKEN` is none).
     pub fn choose(
         token: Option<String>,
         file: Option<PathBuf>,
         env: Option<String>,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Option<Self>> {
         match (token, file, env) {
             (Some(t), _, _) if t.trim().is_empty() => bail!("--token is empty"),
-            (Some(t), _, _) => Ok(Token::Value(t.trim().to_owned())),
-            (None, Some(f), _) => Ok(Token::File(f)),
-            (None, None, Some(t)) if !t.trim().is_empty() => Ok(Token::Value(t.trim().to_owned())),
-            _ => bail!(
-                "no token: pass --token TOKEN or --token-file PATH, or set MANDATE_TOKEN (the \
-                 agent's own workload token: every call is decided for it)"
-            ),
+            (Some(t), _, _) => Ok(Some(Token::Value(t.trim().to_owned()))),
+            (None, Some(f), _) => Ok(Some(Token::File(f))),
+            (None, None, Some(t)) if !t.trim().is_empty() => {
+                Ok(Some(Token::Value(t.trim().to_owned())))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -138,23 +142,23 @@ pub fn wrap(args: WrapArgs) -> anyhow::Result<u8> {
             args.name
         );
     }
-    let base = args.server.trim_end_matches('/');
-    let url =
-        reqwest::Url::parse(base).with_context(|| format!("--server: `{base}` is not a URL"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        bail!("--server: `{base}` is not an http:// or https:// URL");
+    let endpoint = Endpoint::of(&args.server)?;
+    if args.token.is_none() && !matches!(endpoint, Endpoint::Unix(_)) {
+        bail!(
+            "no token: pass --token TOKEN or --token-file PATH, or set MANDATE_TOKEN (the \
+             agent's own workload token: every call is decided for it); without a token, only \
+             `--server unix:PATH` (Mandate's Unix socket) identifies the agent, by its OS user's \
+             `[[mcp.local_principals]]` entry"
+        );
     }
-    let token = args.token.current().map_err(anyhow::Error::msg)?;
+    // A token file that cannot be read now is a mistake to report before the child runs.
+    let token = match &args.token {
+        Some(t) => t.current().map_err(anyhow::Error::msg)?,
+        None => String::new(),
+    };
     let Some((program, rest)) = args.command.split_first() else {
         bail!("no command to run: `mandate mcp wrap --name NAME -- COMMAND [ARGS…]`");
     };
-    crate::app::install_crypto()?;
-    let http = reqwest::Client::builder()
-        // The configured server is the server: a redirect is not followed with the token.
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(DECIDE_TIMEOUT)
-        .build()?;
 
     let mut command = Command::new(program);
     command
@@ -188,10 +192,8 @@ pub fn wrap(args: WrapArgs) -> anyhow::Result<u8> {
 
     let wrapper = Arc::new(Wrapper {
         name: args.name,
-        server: base.to_owned(),
-        decide_url: format!("{base}{DECIDE}"),
-        filter_url: format!("{base}{FILTER}"),
-        http,
+        server: args.server.trim_end_matches('/').to_owned(),
+        endpoint,
         token: args.token,
         to_child,
         to_client,
@@ -297,10 +299,8 @@ struct Wrapper {
     name: String,
     /// `--server`, as shown in errors.
     server: String,
-    decide_url: String,
-    filter_url: String,
-    http: reqwest::Client,
-    token: Token,
+    endpoint: Endpoint,
+    token: Option<Token>,
     /// Lines for the child's stdin; `None` closes it.
     to_child: mpsc::UnboundedSender<Option<Vec<u8>>>,
     /// Lines for the client (stdout); `None` ends them.
@@ -500,7 +500,7 @@ impl Wrapper {
                 }
             },
         };
-        let asked = self.post(&self.decide_url, decide_body(&self.name, &line, &tools));
+        let asked = self.post(DECIDE, decide_body(&self.name, &line, &tools));
         let answered = match mcp::progress_token(&message) {
             Some(token) => self.with_progress(asked, token).await,
             None => asked.await,
@@ -670,11 +670,7 @@ impl Wrapper {
             self.learn(tools);
         }
         let body = json!({"server": self.name, "method": kind.method(), "result": result});
-        match self
-            .post(&self.filter_url, body.to_string())
-            .await
-            .and_then(filtered)
-        {
+        match self.post(FILTER, body.to_string()).await.and_then(filtered) {
             Ok(result) => {
                 message.insert("result".into(), result);
                 self.answer(&Value::Object(message));
@@ -689,29 +685,62 @@ impl Wrapper {
         }
     }
 
-    /// POST `body` with the agent's token: the JSON answer, or why there is none.
-    async fn post(&self, url: &str, body: String) -> Result<Value, String> {
-        let token = self.token.current()?;
-        let resp = self
-            .http
-            .post(url)
-            .bearer_auth(token)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                format!(
-                    "Mandate at {} could not be reached ({})",
-                    self.server,
-                    causes(&e)
+    /// POST `body` to `path` with the agent's token, if it has one: the JSON answer, or why
+    /// there is none.
+    async fn post(&self, path: &str, body: String) -> Result<Value, String> {
+        let token = self.token.as_ref().map(Token::current).transpose()?;
+        let unreachable = |e: &dyn std::error::Error| {
+            format!(
+                "Mandate at {} could not be reached ({})",
+                self.server,
+                causes(e)
+            )
+        };
+        let (status, text) = match &self.endpoint {
+            Endpoint::Http { client, base } => {
+                let mut req = client
+                    .post(format!("{base}{path}"))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body);
+                if let Some(t) = token {
+                    req = req.bearer_auth(t);
+                }
+                let resp = req.send().await.map_err(|e| unreachable(&e))?;
+                let status = resp.status();
+                let text = resp
+                    .text()
+                    .await
+                    .map_err(|e| format!("Mandate's answer could not be read ({})", causes(&e)))?;
+                (status, text)
+            }
+            Endpoint::Unix(socket) => {
+                match tokio::time::timeout(
+                    DECIDE_TIMEOUT,
+                    post_unix(socket, path, token.as_deref(), body),
                 )
-            })?;
-        let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| format!("Mandate's answer could not be read ({})", causes(&e)))?;
+                .await
+                {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(UnixError::Connect(e))) => return Err(unreachable(&e)),
+                    Ok(Err(UnixError::Http(e))) => {
+                        return Err(format!(
+                            "Mandate's answer could not be read ({})",
+                            causes(&e)
+                        ));
+                    }
+                    Ok(Err(UnixError::TooLarge)) => {
+                        return Err(format!("Mandate's answer is larger than {MAX_LINE} bytes"));
+                    }
+                    Err(_) => {
+                        return Err(format!(
+                            "Mandate at {} did not answer within {}s",
+                            self.server,
+                            DECIDE_TIMEOUT.as_secs()
+                        ));
+                    }
+                }
+            }
+        };
         let parsed = serde_json::from_str::<Value>(&text);
         match (status.is_success(), parsed) {
             (true, Ok(v)) => Ok(v),
@@ -723,6 +752,116 @@ impl Wrapper {
             (false, Err(_)) => Err(format!("Mandate refused: {status}")),
         }
     }
+}
+
+/// Where Mandate is asked.
+#[derive(Debug)]
+enum Endpoint {
+    /// `http(s)://…`: the agent's token is its identity.
+    Http {
+        client: reqwest::Client,
+        base: String,
+    },
+    /// `unix:PATH`: Mandate's Unix socket, where the kernel tells the server which OS user
+    /// connected, so a request without a token can be a configured local principal's.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// From `--server`: `unix:PATH`, or an `http://` or `https://` base URL.
+    fn of(server: &str) -> anyhow::Result<Self> {
+        if let Some(path) = server.strip_prefix("unix:") {
+            if path.is_empty() {
+                bail!(
+                    "--server: `unix:` needs the socket's path, `unix:/run/mandate/mandate.sock`"
+                );
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        let base = server.trim_end_matches('/');
+        let url = reqwest::Url::parse(base)
+            .with_context(|| format!("--server: `{base}` is not a URL or `unix:PATH`"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            bail!("--server: `{base}` is not an http:// or https:// URL, or `unix:PATH`");
+        }
+        crate::app::install_crypto()?;
+        let client = reqwest::Client::builder()
+            // The configured server is the server: a redirect is not followed with the token.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(DECIDE_TIMEOUT)
+            .build()?;
+        Ok(Endpoint::Http {
+            client,
+            base: base.to_owned(),
+        })
+    }
+}
+
+/// Why a request over the Unix socket got no answer.
+#[derive(Debug)]
+enum UnixError {
+    Connect(std::io::Error),
+    Http(hyper::Error),
+    TooLarge,
+}
+
+/// POST `body` to `path` over the Unix socket `socket` (HTTP/1.1, one connection a request):
+/// the status and the answer's text.
+async fn post_unix(
+    socket: &std::path::Path,
+    path: &str,
+    token: Option<&str>,
+    body: String,
+) -> Result<(reqwest::StatusCode, String), UnixError> {
+    use http_body_util::{BodyExt as _, Full, Limited};
+    use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+
+    let stream = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::UnixStream::connect(socket),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(UnixError::Connect(e)),
+        Err(_) => {
+            return Err(UnixError::Connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
+            )));
+        }
+    };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(UnixError::Http)?;
+    let driver = tokio::spawn(connection);
+    let mut req = hyper::Request::post(path)
+        .header(HOST, "localhost")
+        .header(CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| UnixError::Connect(std::io::Error::other(e)))?;
+    let answer = async {
+        let resp = sender.send_request(req).await.map_err(UnixError::Http)?;
+        let status = resp.status();
+        let bytes = Limited::new(resp.into_body(), MAX_LINE)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => UnixError::Http(*e),
+                Err(_) => UnixError::TooLarge,
+            })?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+    .await;
+    driver.abort();
+    answer
 }
 
 /// An error and its causes, as one line (`error sending request: … : Connection refused`).
@@ -862,23 +1001,48 @@ mod tests {
         let file = Some(PathBuf::from("/run/token"));
         assert_eq!(
             Token::choose(t(" a "), file.clone(), t("c")).unwrap(),
-            Token::Value("a".into())
+            Some(Token::Value("a".into()))
         );
         assert_eq!(
             Token::choose(None, file.clone(), t("c")).unwrap(),
-            Token::File(PathBuf::from("/run/token"))
+            Some(Token::File(PathBuf::from("/run/token")))
         );
         assert_eq!(
             Token::choose(None, None, t("c")).unwrap(),
-            Token::Value("c".into())
+            Some(Token::Value("c".into()))
         );
-        assert!(Token::choose(None, None, None).is_err());
-        assert!(Token::choose(None, None, t("  ")).is_err());
+        // None at all is for `wrap` to judge: enough over the Unix socket only.
+        assert_eq!(Token::choose(None, None, None).unwrap(), None);
+        assert_eq!(Token::choose(None, None, t("  ")).unwrap(), None);
         assert!(Token::choose(t(""), None, t("c")).is_err());
         assert_eq!(
             format!("{:?}", Token::Value("secret".into())),
             "Token::Value(…)"
         );
+    }
+
+    #[test]
+    fn the_server_is_a_url_or_a_unix_socket_and_only_the_socket_goes_without_a_token() {
+        assert!(matches!(
+            Endpoint::of("unix:/run/mandate/mandate.sock").unwrap(),
+            Endpoint::Unix(p) if p == std::path::Path::new("/run/mandate/mandate.sock")
+        ));
+        assert!(matches!(
+            Endpoint::of("http://127.0.0.1:8181/").unwrap(),
+            Endpoint::Http { base, .. } if base == "http://127.0.0.1:8181"
+        ));
+        for bad in ["unix:", "ftp://x", "127.0.0.1:8181", "not a url"] {
+            let e = Endpoint::of(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--server: "), "{bad}: {e}");
+        }
+        let args = |server: &str| WrapArgs {
+            name: "tools".into(),
+            server: server.into(),
+            token: None,
+            command: vec!["true".into()],
+        };
+        let e = wrap(args("http://127.0.0.1:8181")).unwrap_err().to_string();
+        assert!(e.starts_with("no token") && e.contains("unix:PATH"), "{e}");
     }
 
     #[test]
