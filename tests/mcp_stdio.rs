@@ -754,7 +754,11 @@ async fn j35_a_local_principal_needs_no_token_on_the_unix_socket() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["read_record", "transfer", "slow_count"], "{run:?}");
+    assert_eq!(
+        names,
+        ["read_record", "transfer", "slow_count", "demote_reads"],
+        "{run:?}"
+    );
     assert_eq!(text(steps[1]), "record r-1: status active", "{run:?}");
     assert_eq!(steps[2]["isError"], true, "{run:?}");
     assert_eq!(steps[2]["structuredContent"]["decision"], "deny", "{run:?}");
@@ -764,7 +768,7 @@ async fn j35_a_local_principal_needs_no_token_on_the_unix_socket() {
     );
     assert_eq!(
         counts.calls(),
-        json!({"read_record": 1, "transfer": 0, "shell": 0, "slow_count": 0})
+        json!({"read_record": 1, "transfer": 0, "shell": 0, "slow_count": 0, "demote_reads": 0})
     );
 
     let issuer = format!("local:uid={uid}");
