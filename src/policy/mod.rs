@@ -107,8 +107,6 @@ impl fmt::Display for BundleError {
 #[derive(Debug)]
 pub struct ActionSlice {
     uid: EntityUid,
-    /// Every non-break-glass policy whose action scope can match this action.
-    policies: PolicySet,
     /// The `@breakglass` permits whose scope can match: only for declared emergencies.
     breakglass: PolicySet,
     /// The bundle's entities plus this action's entity and its groups (when it is in any):
@@ -160,9 +158,6 @@ impl ActionSlice {
     pub fn uid(&self) -> &EntityUid {
         &self.uid
     }
-    pub fn policies(&self) -> &PolicySet {
-        &self.policies
-    }
     pub fn breakglass(&self) -> &PolicySet {
         &self.breakglass
     }
@@ -172,7 +167,8 @@ impl ActionSlice {
     pub fn uses_mandate_context(&self) -> bool {
         self.uses_mandate_context
     }
-    /// The conditions of [`Self::policies`], one per policy.
+    /// The condition of every non-break-glass policy whose action scope can match this
+    /// action, one per policy (the policies themselves stay in the bundle's set).
     pub fn conditions(&self) -> &[Condition] {
         &self.conditions
     }
@@ -784,7 +780,6 @@ fn build_slices(
                 groups.iter().any(|g| *g == uid || ancestors.contains(g))
             }
         };
-        let mut policies = PolicySet::new();
         let mut breakglass = PolicySet::new();
         let mut uses_mandate_context = false;
         let mut conditions = Vec::new();
@@ -801,14 +796,10 @@ fn build_slices(
                 .policy
                 .to_string()
                 .contains(crate::vocabulary::RESERVED_CONTEXT_KEY);
-            let target = if is_breakglass {
-                &mut breakglass
-            } else {
+            if !is_breakglass {
                 conditions.push(Condition::of(&p.policy, &uid));
                 regular.push(&p.policy);
-                &mut policies
-            };
-            if let Err(e) = target.add(p.policy.clone()) {
+            } else if let Err(e) = breakglass.add(p.policy.clone()) {
                 errors.push(e.to_string());
             }
         }
@@ -831,7 +822,6 @@ fn build_slices(
                     name,
                     ActionSlice {
                         uid,
-                        policies,
                         breakglass,
                         entities,
                         uses_mandate_context,

@@ -78,18 +78,11 @@ fn example_bundle_loads_and_its_tests_pass() {
         bundle
             .slice("payments:transfer")
             .unwrap()
-            .policies()
-            .num_of_policies(),
+            .conditions()
+            .len(),
         4
     );
-    assert_eq!(
-        bundle
-            .slice("crm:read")
-            .unwrap()
-            .policies()
-            .num_of_policies(),
-        1
-    );
+    assert_eq!(bundle.slice("crm:read").unwrap().conditions().len(), 1);
     assert!(bundle.tests().len() >= 14);
     let report = crate::decision::cases::run(&bundle);
     assert!(report.ok(), "{report}");
@@ -385,9 +378,9 @@ fn action_groups_and_unscoped_policies_are_sliced() {
         let mut v: Vec<String> = b
             .slice(action)
             .unwrap()
-            .policies()
-            .policies()
-            .map(|p| p.id().to_string())
+            .conditions()
+            .iter()
+            .map(|c| c.id.clone())
             .collect();
         v.sort();
         v
