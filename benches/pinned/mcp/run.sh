@@ -44,17 +44,7 @@ command -v jq >/dev/null || { echo "needs jq" >&2; exit 2; }
 CARGO_TARGET_DIR=$perf cargo build --release --quiet --manifest-path "$here/floor/Cargo.toml"
 floor_bin=$perf/release/floor
 
-work=$(mktemp -d /tmp/perf-mcp.XXXX)
-pids=()
-cleanup() {
-  local p
-  unpin_pids
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+perf_workspace mcp
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 echo "uptime: $(uptime)"
@@ -74,13 +64,7 @@ mcfg=$work/config/mcp-bench.toml
 { cat "$config"; printf '\n[[mcp.servers]]\nname = "tools"\nurl = "http://127.0.0.1:%s/mcp"\n' "$uport"; } >"$mcfg"
 
 port=$(free_port)
-menv=(MANDATE_SERVER__LISTEN="127.0.0.1:$port" MANDATE_EXT_AUTHZ__GRPC_LISTEN=127.0.0.1:0
-      MANDATE_STORE__URL="$work/m.db" MANDATE_AUDIT__PATH="$work/audit.jsonl" MANDATE_LOG__LEVEL=warn)
-if [ -n "${BUNDLE:-}" ]; then menv+=(MANDATE_POLICY__BUNDLE="$(readlink -f "$BUNDLE")"); fi
-env "${menv[@]}" "$bin" serve --config "$mcfg" >"$work/serve.log" 2>&1 &
-mpid=$!; pids+=("$mpid")
-for _ in $(seq 100); do curl -sf "127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-curl -sf "127.0.0.1:$port/readyz" >/dev/null || { echo "mandate not ready:" >&2; cat "$work/serve.log" >&2; exit 1; }
+start_mandate "$bin" "$mcfg" "$port" 127.0.0.1:0
 TOKEN=$("$bin" dev token --config "$mcfg" --sub agent-1 --claim owner=bob --ttl 1h)
 export TOKEN
 echo "mandate pid $mpid :$port; mcp upstream pid $upid :$uport; http floor pid $fpid :$fport"

@@ -37,31 +37,15 @@ floor_bin=$perf/release/floor
 gfloor_bin=$perf/release/grpc-floor
 gload=$perf/release/grpc-load
 
-work=$(mktemp -d /tmp/perf-proxy.XXXX)
-pids=()
-cleanup() {
-  local p
-  unpin_pids
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+perf_workspace proxy
 
 port=$(free_port)
 gport=$(free_port)
-menv=(MANDATE_SERVER__LISTEN="127.0.0.1:$port" MANDATE_EXT_AUTHZ__GRPC_LISTEN="127.0.0.1:$gport"
-      MANDATE_STORE__URL="$work/m.db" MANDATE_AUDIT__PATH="$work/audit.jsonl" MANDATE_LOG__LEVEL=warn)
-if [ -n "${BUNDLE:-}" ]; then menv+=(MANDATE_POLICY__BUNDLE="$(readlink -f "$BUNDLE")"); fi
-env "${menv[@]}" "$bin" serve --config "$config" >"$work/serve.log" 2>&1 &
-mpid=$!; pids+=("$mpid")
+start_mandate "$bin" "$config" "$port" "127.0.0.1:$gport"
 "$floor_bin" 0 >"$work/floor.log" 2>&1 &
 fpid=$!; pids+=("$fpid")
 "$gfloor_bin" 0 >"$work/gfloor.log" 2>&1 &
 gfpid=$!; pids+=("$gfpid")
-for _ in $(seq 100); do curl -sf "127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-curl -sf "127.0.0.1:$port/readyz" >/dev/null || { echo "mandate not ready:" >&2; cat "$work/serve.log" >&2; exit 1; }
 fport=$(wait_listening "$work/floor.log" "$fpid")
 gfport=$(wait_listening "$work/gfloor.log" "$gfpid")
 TOKEN=$("$bin" dev token --config "$config" --sub agent-1 --claim owner=bob)
