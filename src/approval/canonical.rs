@@ -34,22 +34,32 @@ pub fn binding_hash(
     context: &Map<String, Value>,
 ) -> String {
     let mut doc = json!({
-        "principal": {
-            "type": principal.kind,
-            "id": principal.id,
-            "issuer": principal.issuer,
-            "owner": principal.owner,
-            "actors": principal.actors,
-            "attributes": principal.attributes,
-        },
+        "principal": principal_doc(principal),
         "action": action,
-        "resource": {"type": resource.kind, "id": resource.id, "properties": resource.properties},
+        "resource": resource_doc(resource),
         "context": context,
     });
     if let (Some(props), Value::Object(map)) = (action_properties, &mut doc) {
         map.insert("action_properties".into(), Value::Object(props.clone()));
     }
     hex::encode(Sha256::digest(canonical_json(&doc).as_bytes()))
+}
+
+/// The whole requesting identity, as every binding hash holds it.
+fn principal_doc(principal: &PrincipalSnapshot) -> Value {
+    json!({
+        "type": principal.kind,
+        "id": principal.id,
+        "issuer": principal.issuer,
+        "owner": principal.owner,
+        "actors": principal.actors,
+        "attributes": principal.attributes,
+    })
+}
+
+/// The resource, as every binding hash holds it.
+fn resource_doc(resource: &ResourceSnapshot) -> Value {
+    json!({"type": resource.kind, "id": resource.id, "properties": resource.properties})
 }
 
 /// The binding hash for a grant of `scope` (`@grant_scope`): for [`GrantScope::Call`],
@@ -76,15 +86,8 @@ pub fn scoped_binding_hash(
     let mut doc = json!({
         "scope": scope.as_str(),
         "policies": policies,
-        "principal": {
-            "type": principal.kind,
-            "id": principal.id,
-            "issuer": principal.issuer,
-            "owner": principal.owner,
-            "actors": principal.actors,
-            "attributes": principal.attributes,
-        },
-        "resource": {"type": resource.kind, "id": resource.id, "properties": resource.properties},
+        "principal": principal_doc(principal),
+        "resource": resource_doc(resource),
     });
     if let (GrantScope::Tool, Value::Object(map)) = (scope, &mut doc) {
         map.insert("action".into(), Value::String(action.to_owned()));
