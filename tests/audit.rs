@@ -420,9 +420,8 @@ async fn au02_a_low_audit_disk_is_announced_before_it_fills() {
             min_free,
         )]))
         .await;
-        let r = s.client.get(s.url("/readyz")).send().await.unwrap();
-        assert_eq!(r.status().as_u16(), 200, "{min_free}");
-        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        let (status, v) = s.get("/readyz", None).await;
+        assert_eq!(status, 200, "{min_free}");
         let disk = &v["audit"]["disk"];
         assert_eq!(disk["low"], low, "{v}");
         assert!(disk["total_bytes"].as_u64().unwrap() > 0, "{v}");

@@ -499,18 +499,7 @@ when { context.arguments.amount > 1000 && context.arguments.amount <= 10000 };"#
         json!({"groups": ["finance-approvers"]}),
         Duration::from_secs(300),
     );
-    let shown: Value = serde_json::from_str(
-        &s.client
-            .get(s.url(&format!("/v1/approvals/{id}")))
-            .bearer_auth(&alice)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let (_, shown) = s.get(&format!("/v1/approvals/{id}"), Some(&alice)).await;
     assert_eq!(shown["grant_scope"], "tool", "{shown}");
     let (st, v) = finance_approve(&s, &id, "FIN-14").await;
     assert_eq!(st, 200, "{v}");

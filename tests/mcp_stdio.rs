@@ -800,14 +800,7 @@ async fn j35_a_local_principal_needs_no_token_on_the_unix_socket() {
         json!({"groups": ["finance-approvers"]}),
         Duration::from_secs(300),
     );
-    let resp =
-        l.s.client
-            .get(l.s.url(&format!("/v1/approvals/{id}")))
-            .bearer_auth(&alice)
-            .send()
-            .await
-            .unwrap();
-    let shown: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let (_, shown) = l.s.get(&format!("/v1/approvals/{id}"), Some(&alice)).await;
     assert_eq!(
         (
             &shown["principal"]["id"],

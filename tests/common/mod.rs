@@ -136,20 +136,17 @@ impl TestServer {
 
     /// POST JSON with an optional bearer token; returns (status, body as JSON).
     pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
-        let mut req = self
+        let req = self
             .client
             .post(self.url(path))
-            .header("content-type", "application/json");
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.body(body.to_string()).send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        answer(req, token).await
+    }
+
+    /// GET with an optional bearer token; returns (status, body as JSON).
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        answer(self.client.get(self.url(path)), token).await
     }
 
     pub async fn shutdown(mut self) {
@@ -231,19 +228,27 @@ pub async fn first_pending(s: &TestServer) -> String {
             std::time::Instant::now() < deadline,
             "no request to approve"
         );
-        let r = s
-            .client
-            .get(s.url("/v1/approvals?status=pending"))
-            .bearer_auth(&alice)
-            .send()
-            .await
-            .expect("approvals answer");
-        let v: Value = serde_json::from_str(&r.text().await.expect("body")).expect("JSON");
+        let (_, v) = s.get("/v1/approvals?status=pending", Some(&alice)).await;
         if let Some(id) = v["requests"][0]["id"].as_str() {
             return id.to_owned();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Send `req` with `token` as its bearer token, if any: (status, body as JSON, or as a string
+/// when it is not JSON).
+async fn answer(mut req: reqwest::RequestBuilder, token: Option<&str>) -> (u16, Value) {
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// A child process killed when the test ends, however it ends.
