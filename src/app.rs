@@ -68,6 +68,7 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
         &config.audit.path,
         AuditSettings {
             group_commit: config.audit.group_commit,
+            segments: config.audit.segments,
         },
     )?;
     tracing::info!(path = %config.audit.path.display(), seq = audit.last_seq(), "audit log open");

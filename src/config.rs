@@ -299,6 +299,8 @@ pub struct AuditConfig {
     pub checkpoints: Option<CheckpointConfig>,
     /// Below this much free space on the log's filesystem, `/readyz` and the log warn.
     pub min_free_disk: crate::audit::MinFree,
+    /// Rotation, compression and retention of the log's segments.
+    pub segments: crate::audit::SegmentSettings,
 }
 
 /// Where the checkpoint signing key comes from.
@@ -1721,6 +1723,12 @@ impl Reader {
                 "checkpoint_interval",
                 "checkpoint_file",
                 "min_free_disk",
+                "rotate_size",
+                "rotate_age",
+                "compress",
+                "keep_segments",
+                "keep_age",
+                "keep_size",
             ],
         );
         let path = match self.string(t, p, "path") {
@@ -1769,11 +1777,92 @@ impl Reader {
                 }),
             },
         };
+        let segments = self.audit_segments(t, p);
         AuditConfig {
             path,
             group_commit,
             checkpoints,
             min_free_disk,
+            segments,
+        }
+    }
+
+    /// A size: a string with its unit (`"64MiB"`) or a number of bytes; `None` when absent.
+    fn size(&mut self, t: &Table, prefix: &str, key: &str) -> Option<u64> {
+        match t.get(key)? {
+            Value::Integer(i) => u64::try_from(*i).ok().or_else(|| {
+                self.bad(join(prefix, key), format!("`{i}` is negative"));
+                None
+            }),
+            Value::String(s) => crate::audit::disk::parse_size(s)
+                .map_err(|e| self.bad(join(prefix, key), e))
+                .ok(),
+            other => {
+                self.bad(
+                    join(prefix, key),
+                    format!(
+                        "expected a size like `64MiB` or a number of bytes, found {}",
+                        other.type_str()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// `audit.rotate_*`, `audit.compress` and `audit.keep_*`.
+    fn audit_segments(&mut self, t: &Table, p: &str) -> crate::audit::SegmentSettings {
+        use crate::audit::{Retention, SegmentSettings as S};
+        let rotate_size = match self.size(t, p, "rotate_size") {
+            Some(b) if b < S::MIN_ROTATE_SIZE => {
+                self.bad(
+                    join(p, "rotate_size"),
+                    format!("`{b}` bytes is smaller than the minimum 4KiB"),
+                );
+                S::DEFAULT_ROTATE_SIZE
+            }
+            Some(b) => b,
+            None => S::DEFAULT_ROTATE_SIZE,
+        };
+        const YEAR: Duration = Duration::from_secs(366 * 24 * 3600);
+        let rotate_age = self.duration(t, p, "rotate_age", S::DEFAULT_ROTATE_AGE, YEAR);
+        if rotate_age < S::MIN_ROTATE_AGE {
+            self.bad(join(p, "rotate_age"), "must be at least 1s");
+        }
+        let compress = self.boolean(t, p, "compress", true);
+        let keep_segments = t
+            .contains_key("keep_segments")
+            .then(|| self.integer(t, p, "keep_segments", 0, (0, 10_000_000)));
+        let keep_age = t.contains_key("keep_age").then(|| {
+            self.duration(
+                t,
+                p,
+                "keep_age",
+                YEAR,
+                Duration::from_secs(100 * 366 * 24 * 3600),
+            )
+        });
+        let keep_size = self.size(t, p, "keep_size");
+        if let Some(k) = keep_size
+            && k < rotate_size
+        {
+            self.bad(
+                join(p, "keep_size"),
+                format!(
+                    "`{k}` bytes is less than one segment (`rotate_size` = {rotate_size} bytes): \
+                     every closed segment would be deleted at once"
+                ),
+            );
+        }
+        S {
+            rotate_size,
+            rotate_age,
+            compress,
+            retention: Retention {
+                keep_segments,
+                keep_age,
+                keep_size,
+            },
         }
     }
 
@@ -2806,6 +2895,60 @@ format = "xml"
         for bad in ["\"lots\"", "-1", "true"] {
             let err = parse(&format!("[audit]\nmin_free_disk = {bad}\n"), &[]).unwrap_err();
             assert_eq!(err.problems[0].key, "audit.min_free_disk", "{bad}");
+        }
+    }
+
+    #[test]
+    fn audit_segments_default_parse_and_bad_values_name_their_key() {
+        use crate::audit::{Retention, SegmentSettings};
+        assert_eq!(
+            parse("", &[]).unwrap().audit.segments,
+            SegmentSettings::default()
+        );
+        let c = parse(
+            "[audit]\nrotate_size = \"1MiB\"\nrotate_age = \"1h\"\ncompress = false\n\
+             keep_segments = 10\nkeep_age = \"30days\"\nkeep_size = 10485760\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.audit.segments,
+            SegmentSettings {
+                rotate_size: 1 << 20,
+                rotate_age: Duration::from_secs(3600),
+                compress: false,
+                retention: Retention {
+                    keep_segments: Some(10),
+                    keep_age: Some(Duration::from_secs(30 * 86_400)),
+                    keep_size: Some(10 << 20),
+                },
+            }
+        );
+        for (bad, key, says) in [
+            (
+                "rotate_size = \"1KiB\"",
+                "audit.rotate_size",
+                "minimum 4KiB",
+            ),
+            (
+                "rotate_size = \"big\"",
+                "audit.rotate_size",
+                "expected a size",
+            ),
+            ("rotate_size = true", "audit.rotate_size", "found boolean"),
+            ("rotate_age = \"0s\"", "audit.rotate_age", "at least 1s"),
+            ("keep_segments = -1", "audit.keep_segments", "out of range"),
+            ("keep_age = \"soon\"", "audit.keep_age", "not a duration"),
+            (
+                "keep_size = \"1MiB\"",
+                "audit.keep_size",
+                "less than one segment",
+            ),
+            ("compress = \"zstd\"", "audit.compress", ""),
+        ] {
+            let err = parse(&format!("[audit]\n{bad}\n"), &[]).unwrap_err();
+            assert_eq!(err.problems[0].key, key, "{bad}");
+            assert!(err.problems[0].message.contains(says), "{bad}: {err}");
         }
     }
 

@@ -196,8 +196,9 @@ enum ApprovalsCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check a log's hash chain; prints the first broken or missing record and exits 1.
-    /// With `--checkpoints` and `--key`, also checks the log against its signed checkpoints
+    /// Check a log's hash chain across all its segments (FILE: the active file, `audit.path`;
+    /// or the directory holding it; or one segment, checked on its own); prints the first
+    /// broken or missing record and exits 1. With `--checkpoints` and `--key`, also checks the log against its signed checkpoints
     /// (a rewritten or cut-off log fails) and reports the last position they vouch for.
     Verify {
         file: PathBuf,

@@ -146,7 +146,10 @@ async fn au01_every_decision_has_exactly_one_record_and_the_log_verifies() {
     std::fs::write(&log, edited).unwrap();
     let (code, out) = verify_cli(&log);
     assert_eq!(code, 1, "{out}");
-    assert!(out.starts_with(&format!("line {line}: ")), "{out}");
+    assert!(
+        out.contains(&format!("audit.jsonl: line {line}: ")),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -444,4 +447,86 @@ async fn au02_a_low_audit_disk_is_announced_before_it_fills() {
         assert_eq!((st, d["decision"].clone()), (200, json!("allow")), "{d}");
         s.shutdown().await;
     }
+}
+
+/// Issue 14 item 4: a served log rotates by size, compresses and keeps its retention, and the
+/// chain still verifies across its segments, with its checkpoints, from the file or the
+/// directory (AU-04 for the segment another hand deletes).
+#[tokio::test]
+async fn au04_a_rotated_compressed_and_retained_log_verifies_across_segments() {
+    let log = std::path::PathBuf::from(common::fresh_audit_path());
+    let dir = log.parent().unwrap().to_path_buf();
+    let log_s = log.display().to_string();
+    let key = common::repo().join("config/dev/audit-checkpoint-key.pem.pub");
+    let db = log.with_file_name("mandate.db").display().to_string();
+    let s = TestServer::start(&example_config(&[
+        ("MANDATE_AUDIT__PATH", &log_s),
+        ("MANDATE_AUDIT__ROTATE_SIZE", "8KiB"),
+        ("MANDATE_AUDIT__KEEP_SEGMENTS", "3"),
+        ("MANDATE_AUDIT__CHECKPOINT_EVERY", "25"),
+        ("MANDATE_STORE__URL", &db),
+    ]))
+    .await;
+    let t = token();
+    let mut last_id = String::new();
+    for amount in 1..=150 {
+        let (_, v) = s
+            .post("/v1/check", Some(&t), &transfer(amount % 100 + 1))
+            .await;
+        assert_eq!(v["decision"], "allow", "{v}");
+        last_id = v["decision_id"].as_str().unwrap().to_owned();
+        if amount == 30 {
+            // A checkpoint of records that retention will delete (at most one a second).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+    }
+    // The segment thread compresses and applies retention after each rotation.
+    let segments = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("audit-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(segments().len() == 3 && segments().iter().all(|n| n.ends_with(".jsonl.zst"))) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", segments());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.shutdown().await;
+    assert!(
+        std::fs::read_to_string(&log).unwrap().contains(&last_id),
+        "the newest decision is in the active file"
+    );
+
+    let (code, out) = verify_cli(&log);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("segments: 4 file(s), seq "), "{out}");
+    assert!(
+        out.contains(": deleted by retention, as the log records"),
+        "{out}"
+    );
+    assert_eq!(
+        verify_cli(&dir),
+        (code, out.clone()),
+        "the directory is the same log"
+    );
+    let (code, out) = verify_checkpoints_cli(&log, &key);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("0 record(s) after it not yet checkpointed"),
+        "{out}"
+    );
+    assert!(out.contains("cover records deleted by retention"), "{out}");
+
+    // Someone deletes the oldest kept segment: the log no longer accounts for its start.
+    std::fs::remove_file(dir.join(&segments()[0])).unwrap();
+    let (code, out) = verify_cli(&log);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("records were cut from the front of the log"),
+        "{out}"
+    );
 }

@@ -246,14 +246,14 @@ impl Checkpointer {
         // The sync and the read are blocking I/O: off the runtime's threads, so a checkpoint
         // never stalls the checks being answered.
         let log = self.log.clone();
-        let log_id = tokio::task::spawn_blocking(move || {
-            log.sync().map_err(|e| e.to_string())?;
-            super::verify::first_hash(log.path())
-                .map_err(|e| format!("cannot read the log's first record: {e}"))?
-                .ok_or_else(|| "the log has no first record".to_owned())
-        })
-        .await
-        .map_err(|e| format!("checkpoint task failed: {e}"))??;
+        tokio::task::spawn_blocking(move || log.sync().map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| format!("checkpoint task failed: {e}"))??;
+        let log_id = self
+            .log
+            .log_id()
+            .map(hex::encode)
+            .ok_or_else(|| "the log has no first record".to_owned())?;
         let mut hex = [0u8; 64];
         let cp = self
             .key
@@ -342,6 +342,9 @@ pub struct CheckpointReport {
     pub last_verified_seq: u64,
     /// Records after it: in the chain, but not yet covered by a signed checkpoint.
     pub uncovered: u64,
+    /// Checkpoints of records that retention has since deleted: their signatures verify, but
+    /// there is no record left to compare them with.
+    pub before_first: usize,
 }
 
 /// Why a log does not match its checkpoints.
@@ -375,10 +378,11 @@ pub fn parse_public_key(text: &str) -> Option<Vec<u8>> {
 }
 
 /// Check `checkpoints` against the hashes of the log (`hash_at(seq)`, `None` past its end;
-/// `last` is its last `seq`) with `public_key`.
+/// `first` and `last` are the `seq` of its first and last records) with `public_key`.
 pub fn verify_checkpoints(
     checkpoints: &[Checkpoint],
     public_key: &[u8],
+    first: u64,
     last: u64,
     hash_at: impl Fn(u64) -> Option<String>,
 ) -> Result<CheckpointReport, CheckpointMismatch> {
@@ -388,6 +392,7 @@ pub fn verify_checkpoints(
     let key = UnparsedPublicKey::new(&signature::ED25519, public_key);
     let mut verified = 0;
     let mut last_verified_seq = 0;
+    let mut before_first = 0;
     for cp in checkpoints {
         let sig = B64.decode(&cp.signature).unwrap_or_default();
         if key.verify(&message(cp.seq, &cp.hash, cp.at), &sig).is_err() {
@@ -395,6 +400,10 @@ pub fn verify_checkpoints(
                 seq: cp.seq,
                 key_id: cp.key_id.clone(),
             });
+        }
+        if cp.seq < first {
+            before_first += 1;
+            continue;
         }
         match hash_at(cp.seq) {
             None => {
@@ -415,6 +424,7 @@ pub fn verify_checkpoints(
     Ok(CheckpointReport {
         verified,
         last_verified_seq,
-        uncovered: last.saturating_sub(last_verified_seq),
+        uncovered: last.saturating_sub(last_verified_seq.max(first.saturating_sub(1))),
+        before_first,
     })
 }

@@ -32,31 +32,9 @@ impl MinFree {
                 )),
             };
         }
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        let number: u64 = number
-            .parse()
-            .map_err(|_| format!("`{s}`: expected a size like `1GiB`, `500MB` or `5%`"))?;
-        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            "tb" => 1_000_000_000_000,
-            "kib" => 1 << 10,
-            "mib" => 1 << 20,
-            "gib" => 1 << 30,
-            "tib" => 1 << 40,
-            other => {
-                return Err(format!(
-                    "`{s}`: unknown unit `{other}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB or %)"
-                ));
-            }
-        };
-        number
-            .checked_mul(scale)
+        parse_size(s)
             .map(MinFree::Bytes)
-            .ok_or_else(|| format!("`{s}` is too large"))
+            .map_err(|e| format!("{e}, or a share like `5%`"))
     }
 
     /// The threshold in bytes on a filesystem of `total` bytes.
@@ -162,8 +140,38 @@ impl DiskWatch {
     }
 }
 
+/// A size: `"1GiB"`, `"500 MB"`, `"1048576"` (bytes). Units: B, KB/MB/GB/TB (powers of
+/// 1000), KiB/MiB/GiB/TiB (powers of 1024), case-insensitive.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a size like `1GiB` or `500MB`"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 /// Bytes for people: `1.5 GiB`.
-fn human(b: u64) -> String {
+pub fn human(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut unit = 0;

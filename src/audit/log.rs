@@ -1,5 +1,6 @@
 //! The writer: appends records to the chain under one lock, hands each line to the operating
-//! system before returning, and syncs the file to disk in group commits.
+//! system before returning, syncs the file to disk in group commits, and closes the active
+//! segment when it is full or old ([`super::segments`]).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -7,12 +8,14 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
+use std::time::{Duration, SystemTime};
 
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::record::{Record, Sealed, hex32};
+use super::record::{EventRecord, Record, Sealed, hex32};
+use super::segments::{self, Family, SegmentSettings};
 use super::verify;
 
 /// How the log reaches the disk.
@@ -20,6 +23,8 @@ use super::verify;
 pub struct AuditSettings {
     /// Records written within this interval share one `fdatasync` (group commit).
     pub group_commit: Duration,
+    /// Rotation, compression and retention of segments.
+    pub segments: SegmentSettings,
 }
 
 impl AuditSettings {
@@ -32,6 +37,7 @@ impl Default for AuditSettings {
     fn default() -> Self {
         Self {
             group_commit: Self::DEFAULT_GROUP_COMMIT,
+            segments: SegmentSettings::default(),
         }
     }
 }
@@ -64,13 +70,33 @@ struct Head {
     needs_truncate: bool,
     /// Reused for every line: the hot path allocates nothing once it has grown.
     buf: Vec<u8>,
+    /// The active segment. Shared, so the sync thread `fdatasync`s it outside the lock while
+    /// appends continue.
+    file: Arc<File>,
+    /// `seq` of the active segment's first record (the next record's, while it is empty).
+    segment_first: u64,
+    /// When the active segment's first record was written.
+    segment_started: SystemTime,
+    /// The active segment holds a record besides its header: only then does age close it.
+    segment_used: bool,
+    /// The segment was just opened by a rotation and its header is not written yet.
+    needs_header: bool,
+    /// The log's name: the `hash` of its record 1, carried in every segment's header.
+    log_id: Option<[u8; 32]>,
 }
 
 struct Inner {
     path: PathBuf,
-    /// Outside the lock: the sync thread `fdatasync`s while appends continue.
-    file: File,
+    family: Family,
+    /// `None` for a path that is not a regular file (`/dev/full` in tests): never rotated.
+    segments: Option<SegmentSettings>,
     head: Mutex<Head>,
+    /// Closed segments whose last records may not be on disk yet: the next sync takes them.
+    closing: Mutex<Vec<Arc<File>>>,
+    /// Wakes the segment thread after a rotation (compression, retention).
+    wake: Mutex<Option<mpsc::Sender<()>>>,
+    /// One maintenance at a time (the segment thread, or a caller of `maintain`).
+    maintaining: Mutex<()>,
     /// Lines were written since the last sync.
     dirty: AtomicBool,
     /// The last sync failed: the disk may not hold what the OS acknowledged, so decisions
@@ -100,8 +126,10 @@ const MAX_KEPT_BUFFER: usize = 64 * 1024;
 impl AuditLog {
     /// Open (or create) the log at `path` and continue its chain. A torn last line (a crash
     /// in the middle of a write) was never acknowledged and is truncated away; a last line
-    /// that is complete but broken stops start-up, since no chain can continue from it.
-    /// A path that is not a regular file (e.g. `/dev/full` in tests) starts a new chain.
+    /// that is complete but broken stops start-up, since no chain can continue from it. An
+    /// empty active file continues the chain of the newest closed segment beside it.
+    /// A path that is not a regular file (e.g. `/dev/full` in tests) starts a new chain and
+    /// is never rotated.
     pub fn open(path: &Path, settings: AuditSettings) -> Result<Self, AuditError> {
         let open_err = |source| AuditError::Open {
             path: path.to_path_buf(),
@@ -110,28 +138,53 @@ impl AuditLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(path)
-            .map_err(open_err)?;
+        let family = Family::of(path);
+        let file = open_active(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
-        let (seq, hash, len) = if meta.is_file() {
-            recover(&file, path, meta.len())?
-        } else {
-            (0, [0u8; 32], 0)
+        let regular = meta.is_file();
+        let now = SystemTime::now();
+        let mut head = Head {
+            seq: 0,
+            hash: [0u8; 32],
+            len: 0,
+            needs_truncate: false,
+            buf: Vec::with_capacity(1024),
+            file: Arc::new(file),
+            segment_first: 1,
+            segment_started: now,
+            segment_used: false,
+            needs_header: false,
+            log_id: None,
         };
+        if regular {
+            family.tidy().map_err(open_err)?;
+            let (seq, hash, len) = recover(&head.file, path, meta.len())?;
+            (head.seq, head.hash, head.len) = (seq, hash, len);
+            if len > 0 {
+                let first = first_link(path)?;
+                head.segment_first = first.seq;
+                head.segment_started = first.time.unwrap_or(now);
+                head.segment_used = !first.is_header || seq > first.seq;
+                head.log_id = first.log_id;
+            } else if let Some(newest) = family.closed().map_err(open_err)?.pop() {
+                // Rotated, then stopped before the new segment's header was written.
+                let (first, last) = segment_ends(&newest.path, newest.compressed)?;
+                head.seq = last.seq;
+                head.hash = last.hash;
+                head.segment_first = last.seq + 1;
+                head.log_id = first.log_id;
+                head.needs_header = true;
+            }
+        }
+        let (wake, woken) = mpsc::channel();
         let inner = Arc::new(Inner {
             path: path.to_path_buf(),
-            file,
-            head: Mutex::new(Head {
-                seq,
-                hash,
-                len,
-                needs_truncate: false,
-                buf: Vec::with_capacity(1024),
-            }),
+            family,
+            segments: regular.then_some(settings.segments),
+            head: Mutex::new(head),
+            closing: Mutex::new(Vec::new()),
+            wake: Mutex::new(Some(wake)),
+            maintaining: Mutex::new(()),
             dirty: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
             last_failed: AtomicBool::new(false),
@@ -142,6 +195,9 @@ impl AuditLog {
             settings.group_commit.max(AuditSettings::MIN_GROUP_COMMIT),
         )
         .map_err(open_err)?;
+        if regular {
+            spawn_segment_keeper(Arc::downgrade(&inner), woken).map_err(open_err)?;
+        }
         Ok(Self(inner))
     }
 
@@ -183,29 +239,17 @@ impl AuditLog {
         self.0.head.lock().map_or(0, |h| h.seq)
     }
 
+    /// The log's name: the `hash` of its record 1 (`None` before it is written), the same in
+    /// every segment's header however many segments retention has removed since.
+    pub fn log_id(&self) -> Option<[u8; 32]> {
+        self.0.head.lock().ok().and_then(|h| h.log_id)
+    }
+
     /// Append one record and return its `seq`. When this returns `Ok`, the line is with the
     /// operating system (it survives a crash of Mandate); it reaches the disk at the next
     /// group commit. On `Err` nothing of the record stays in the file.
     pub fn append(&self, record: &Record<'_>) -> Result<u64, AuditError> {
-        let inner = &*self.0;
-        if inner.sync_failed.load(Ordering::Acquire) {
-            inner.write_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(AuditError::NotDurable {
-                path: inner.path.clone(),
-            });
-        }
-        let mut head = inner.head.lock().map_err(|_| {
-            inner.write_failures.fetch_add(1, Ordering::Relaxed);
-            AuditError::Poisoned {
-                path: inner.path.clone(),
-            }
-        })?;
-        let result = inner.append_locked(&mut head, record);
-        if result.is_err() {
-            inner.write_failures.fetch_add(1, Ordering::Relaxed);
-        }
-        inner.last_failed.store(result.is_err(), Ordering::Release);
-        result
+        self.0.append(record)
     }
 
     /// Append, then sync to disk before returning: for events that must be on disk before
@@ -216,19 +260,203 @@ impl AuditLog {
         Ok(seq)
     }
 
-    /// Sync everything written so far to disk now. Blocking.
+    /// Sync everything written so far to disk now (a segment closed meanwhile included).
+    /// Blocking.
     pub fn sync(&self) -> Result<(), AuditError> {
         self.0.dirty.store(false, Ordering::Release);
         self.0.sync()
     }
+
+    /// Close the active segment now if it holds records (as `audit.rotate_size` or
+    /// `rotate_age` would), then let the segment thread compress and apply retention. For
+    /// tests and operators' tools; the log rotates by itself.
+    pub fn rotate(&self) -> Result<(), AuditError> {
+        let inner = &*self.0;
+        let mut head = inner.lock_head()?;
+        if inner.segments.is_some() && head.segment_used {
+            inner.rotate_locked(&mut head)?;
+        }
+        Ok(())
+    }
+
+    /// Compress closed segments and apply retention now, in this thread (the segment thread
+    /// does it after every rotation and once a minute).
+    pub fn maintain(&self) -> Result<(), AuditError> {
+        self.0.maintain()
+    }
+}
+
+/// The first line of an existing log file, read for what a writer continues with.
+struct FirstLink {
+    seq: u64,
+    time: Option<SystemTime>,
+    is_header: bool,
+    log_id: Option<[u8; 32]>,
+}
+
+/// A segment header is the event that opens every segment after the first.
+pub(crate) const SEGMENT_EVENT: &str = "audit.segment";
+/// Written before retention deletes segments: what it deletes, up to which `seq`.
+pub(crate) const RETENTION_EVENT: &str = "audit.retention";
+
+fn corrupt(path: &Path, reason: String) -> AuditError {
+    AuditError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// The first line of the active file at `path`.
+fn first_link(path: &Path) -> Result<FirstLink, AuditError> {
+    let line = segments::first_line(path, false, 16 << 20)
+        .map_err(|source| AuditError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| corrupt(path, "its first line is incomplete".into()))?;
+    first_link_of(path, &line)
+}
+
+fn first_link_of(path: &Path, line: &[u8]) -> Result<FirstLink, AuditError> {
+    let link = verify::check_line(line)
+        .map_err(|broken| corrupt(path, format!("its first record is broken: {broken}")))?;
+    let value: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+    let time = value["time"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok());
+    Ok(FirstLink {
+        seq: link.seq,
+        time,
+        is_header: value["event"] == SEGMENT_EVENT,
+        log_id: verify::log_id_of(&value),
+    })
+}
+
+/// The first and last records of a closed segment: what an empty active file continues.
+fn segment_ends(path: &Path, compressed: bool) -> Result<(FirstLink, verify::Link), AuditError> {
+    let (first, last) = segments::first_and_last_line(path, compressed)
+        .map_err(|source| AuditError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| corrupt(path, "it holds no complete record".into()))?;
+    let last = verify::check_line(&last)
+        .map_err(|broken| corrupt(path, format!("its last record is broken: {broken}")))?;
+    Ok((first_link_of(path, &first)?, last))
+}
+
+fn open_active(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
 }
 
 impl Inner {
+    fn lock_head(&self) -> Result<MutexGuard<'_, Head>, AuditError> {
+        self.head.lock().map_err(|_| {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+            AuditError::Poisoned {
+                path: self.path.clone(),
+            }
+        })
+    }
+
+    fn append(&self, record: &Record<'_>) -> Result<u64, AuditError> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(AuditError::NotDurable {
+                path: self.path.clone(),
+            });
+        }
+        let mut head = self.lock_head()?;
+        let result = self.append_locked(&mut head, record);
+        if result.is_err() {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_failed.store(result.is_err(), Ordering::Release);
+        result
+    }
+
     fn append_locked(&self, head: &mut Head, record: &Record<'_>) -> Result<u64, AuditError> {
         if head.needs_truncate {
-            self.file.set_len(head.len).map_err(|e| self.write_err(e))?;
+            head.file.set_len(head.len).map_err(|e| self.write_err(e))?;
             head.needs_truncate = false;
         }
+        if let Some(settings) = &self.segments
+            && head.len >= settings.rotate_size
+            && head.segment_used
+        {
+            self.rotate_locked(head)?;
+        }
+        if head.needs_header {
+            self.write_header(head)?;
+        }
+        let seq = self.write_locked(head, record)?;
+        head.segment_used = true;
+        Ok(seq)
+    }
+
+    /// The record that opens a segment: the log's id, so the segment names its log alone.
+    fn write_header(&self, head: &mut Head) -> Result<(), AuditError> {
+        let mut hex = [0u8; 64];
+        let detail = json!({
+            "log_id": head.log_id.map(|id| hex32(&id, &mut hex).to_owned()),
+        });
+        self.write_locked(head, &EventRecord::new(SEGMENT_EVENT, &detail).into())?;
+        head.needs_header = false;
+        Ok(())
+    }
+
+    /// Close the active segment: rename it to its segment name, open a new active file and
+    /// hand the old one to the next sync. The new segment's header is written by the next
+    /// append (or right here), so a crash in between leaves an empty active file, which
+    /// [`AuditLog::open`] continues from the segment before.
+    fn rotate_locked(&self, head: &mut Head) -> Result<(), AuditError> {
+        if head.needs_truncate {
+            head.file.set_len(head.len).map_err(|e| self.write_err(e))?;
+            head.needs_truncate = false;
+        }
+        let closed = self.family.segment_path(head.segment_first, false);
+        if closed.exists() || self.family.segment_path(head.segment_first, true).exists() {
+            return Err(AuditError::Corrupt {
+                path: self.path.clone(),
+                reason: format!(
+                    "cannot close the active segment: `{}` already exists",
+                    closed.display()
+                ),
+            });
+        }
+        std::fs::rename(&self.path, &closed).map_err(|e| self.write_err(e))?;
+        let file = match open_active(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                // Put it back: appends go on in the active file as if nothing happened.
+                let _ = std::fs::rename(&closed, &self.path);
+                return Err(self.write_err(e));
+            }
+        };
+        let old = std::mem::replace(&mut head.file, Arc::new(file));
+        if let Ok(mut closing) = self.closing.lock() {
+            closing.push(old);
+        }
+        self.dirty.store(true, Ordering::Release);
+        head.len = 0;
+        head.segment_first = head.seq + 1;
+        head.segment_started = SystemTime::now();
+        head.segment_used = false;
+        head.needs_header = true;
+        tracing::info!(segment = %closed.display(), last_seq = head.seq, "audit segment closed");
+        // A failed header is written by the next append.
+        let _ = self.write_header(head);
+        if let Ok(Some(wake)) = self.wake.lock().as_deref() {
+            let _ = wake.send(());
+        }
+        Ok(())
+    }
+
+    fn write_locked(&self, head: &mut Head, record: &Record<'_>) -> Result<u64, AuditError> {
         let seq = head.seq + 1;
         let mut prev = [0u8; 64];
         let prev = hex32(&head.hash, &mut prev);
@@ -258,16 +486,23 @@ impl Inner {
             .extend_from_slice(hex32(&hash, &mut hex).as_bytes());
         head.buf.extend_from_slice(b"\"}\n");
 
-        let written = write_line(&self.file, &head.buf);
+        let written = write_line(&head.file, &head.buf);
         let line_len = head.buf.len() as u64;
         if head.buf.capacity() > MAX_KEPT_BUFFER {
             head.buf = Vec::with_capacity(1024);
         }
         match written {
             Ok(()) => {
+                if head.len == 0 {
+                    head.segment_first = seq;
+                    head.segment_started = SystemTime::now();
+                }
                 head.seq = seq;
                 head.hash = hash;
                 head.len += line_len;
+                if seq == 1 {
+                    head.log_id = Some(hash);
+                }
                 self.dirty.store(true, Ordering::Release);
                 Ok(seq)
             }
@@ -275,7 +510,7 @@ impl Inner {
             Err((_, e)) => {
                 // Part of the line is in the file: cut it off, so the chain on disk stays
                 // whole. If even that fails, the next append tries again before writing.
-                if self.file.set_len(head.len).is_err() {
+                if head.file.set_len(head.len).is_err() {
                     head.needs_truncate = true;
                 }
                 Err(self.write_err(e))
@@ -290,13 +525,30 @@ impl Inner {
         }
     }
 
+    /// Sync the segments closed since the last sync, then the active one.
     fn sync(&self) -> Result<(), AuditError> {
-        match self.file.sync_data() {
+        let closing = self
+            .closing
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        let active = self.head.lock().map(|h| Arc::clone(&h.file));
+        let result = closing
+            .iter()
+            .try_for_each(|f| f.sync_data())
+            .and_then(|()| match &active {
+                Ok(f) => f.sync_data(),
+                Err(_) => Err(io::Error::other("a writer panicked while appending")),
+            });
+        match result {
             Ok(()) => {
                 self.sync_failed.store(false, Ordering::Release);
                 Ok(())
             }
             Err(e) => {
+                if let Ok(mut c) = self.closing.lock() {
+                    c.extend(closing);
+                }
                 self.dirty.store(true, Ordering::Release);
                 self.write_failures.fetch_add(1, Ordering::Relaxed);
                 if !self.sync_failed.swap(true, Ordering::AcqRel) {
@@ -307,12 +559,90 @@ impl Inner {
             }
         }
     }
+
+    /// Close the active segment once its first record is `rotate_age` old.
+    fn rotate_if_old(&self) {
+        let Some(settings) = &self.segments else {
+            return;
+        };
+        let Ok(mut head) = self.head.lock() else {
+            return;
+        };
+        let age = SystemTime::now()
+            .duration_since(head.segment_started)
+            .unwrap_or_default();
+        if head.segment_used
+            && age >= settings.rotate_age
+            && let Err(e) = self.rotate_locked(&mut head)
+        {
+            tracing::error!(error = %e, "audit segment could not be closed at its age limit");
+        }
+    }
+
+    /// Compress the closed segments and delete those past retention, recording each
+    /// deletion in the log (synced) before it is made.
+    fn maintain(&self) -> Result<(), AuditError> {
+        let Some(settings) = &self.segments else {
+            return Ok(());
+        };
+        let io_err = |e| self.write_err(e);
+        let _one = self.maintaining.lock().map_err(|_| AuditError::Poisoned {
+            path: self.path.clone(),
+        })?;
+        self.sync()?;
+        let mut closed = self.family.closed().map_err(io_err)?;
+        if settings.compress {
+            for seg in closed.iter_mut().filter(|s| !s.compressed) {
+                *seg = segments::compress(&self.family, seg).map_err(io_err)?;
+            }
+        }
+        if !settings.retention.is_set() {
+            return Ok(());
+        }
+        let (active_size, active_first) = {
+            let head = self.lock_head()?;
+            (head.len, head.segment_first)
+        };
+        let (n, rule) = settings
+            .retention
+            .plan(&closed, active_size, SystemTime::now());
+        if n == 0 {
+            return Ok(());
+        }
+        let doomed = &closed[..n];
+        let through = closed
+            .get(n)
+            .map_or(active_first, |next| next.first_seq)
+            .saturating_sub(1);
+        let detail = json!({
+            "rule": rule,
+            "through": through,
+            "deleted": doomed.iter().map(|s| json!({
+                "file": s.file_name(),
+                "first_seq": s.first_seq,
+                "bytes": s.size,
+            })).collect::<Vec<_>>(),
+        });
+        self.append(&EventRecord::new(RETENTION_EVENT, &detail).into())?;
+        self.sync()?;
+        for seg in doomed {
+            std::fs::remove_file(&seg.path).map_err(io_err)?;
+        }
+        segments::sync_dir(self.family.dir()).map_err(io_err)?;
+        tracing::info!(
+            segments = n,
+            through,
+            rule = rule.unwrap_or_default(),
+            "audit segments deleted by retention"
+        );
+        Ok(())
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         if self.dirty.load(Ordering::Acquire) {
-            let _ = self.file.sync_data();
+            let _ = self.sync();
         }
     }
 }
@@ -333,16 +663,56 @@ fn write_line(mut file: &File, line: &[u8]) -> Result<(), (usize, io::Error)> {
 }
 
 /// The group commit: a thread, not a tokio task, because `fdatasync` blocks for milliseconds
-/// and would stall a runtime worker on a 2-core machine. It ends once the log is dropped.
+/// and would stall a runtime worker on a 2-core machine. Once a second it also closes the
+/// active segment if it is past `rotate_age`. It ends once the log is dropped.
 fn spawn_group_commit(log: Weak<Inner>, every: Duration) -> io::Result<()> {
     std::thread::Builder::new()
         .name("mandate-audit-sync".into())
         .spawn(move || {
+            let mut last_age_check = std::time::Instant::now();
             loop {
                 std::thread::sleep(every);
                 let Some(inner) = log.upgrade() else { break };
                 if inner.dirty.swap(false, Ordering::AcqRel) {
                     let _ = inner.sync();
+                }
+                if last_age_check.elapsed() >= Duration::from_secs(1) {
+                    last_age_check = std::time::Instant::now();
+                    inner.rotate_if_old();
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// The segment keeper: compresses closed segments and applies retention after every
+/// rotation and once a minute (so `keep_age` is applied on an idle log too). Its own thread:
+/// compressing a segment takes a fraction of a second that must not delay a group commit.
+fn spawn_segment_keeper(log: Weak<Inner>, woken: mpsc::Receiver<()>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("mandate-audit-segments".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                if let Err(mpsc::RecvTimeoutError::Disconnected) =
+                    woken.recv_timeout(Duration::from_secs(60))
+                {
+                    break;
+                }
+                let Some(inner) = log.upgrade() else { break };
+                match inner.maintain() {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("audit segments are compressed and kept again");
+                    }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::error!(error = %e,
+                            "audit segments could not be compressed or retention applied; \
+                             retrying every minute");
+                    }
+                    Err(_) => {}
                 }
             }
         })

@@ -14,6 +14,10 @@
 //! `group_commit` interval (the record survives a power loss within that window). Approval
 //! events that must be on disk before they are acknowledged use [`AuditLog::append_durable`].
 //!
+//! The log is a series of segments ([`segments`]): the active file is closed by size or age,
+//! compressed, and deleted by retention rules only after the log has recorded the deletion;
+//! the chain runs on from segment to segment, and [`verify()`] reads them all in order.
+//!
 //! A chain alone proves order, not origin: [`checkpoint`] signs its head on a schedule and
 //! keeps the signatures outside the log, so rewriting or cutting the log is detected too.
 //!
@@ -25,10 +29,13 @@ pub mod checkpoint;
 pub mod disk;
 mod log;
 mod record;
+pub mod segments;
 pub mod verify;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_segments;
 
 pub use canonical::{
     context_digest, write_canonical, write_str, write_value as write_canonical_value,
@@ -37,6 +44,7 @@ pub use checkpoint::{Checkpoint, CheckpointKey, Checkpointer};
 pub use disk::{DiskSpace, DiskWatch, MinFree};
 pub use log::{AuditError, AuditLog, AuditSettings};
 pub use record::{Approver, DecisionRecord, EntityName, EventRecord, Record, Timestamp};
+pub use segments::{Retention, SegmentSettings};
 pub use verify::{Broken, VerifyError, VerifyReport, verify, verify_visiting};
 
 /// `prev_hash` of the first record of a file.

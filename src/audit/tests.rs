@@ -44,7 +44,7 @@ fn decision() -> Decision {
     }
 }
 
-fn append_decisions(log: &AuditLog, n: usize) {
+pub(super) fn append_decisions(log: &AuditLog, n: usize) {
     let req = request(50);
     for _ in 0..n {
         let d = decision();
@@ -60,7 +60,7 @@ fn new_log(dir: &Path, n: usize) -> std::path::PathBuf {
     path
 }
 
-fn lines(path: &Path) -> Vec<String> {
+pub(super) fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .expect("read")
         .lines()
@@ -76,7 +76,7 @@ fn write_lines(path: &Path, lines: &[String]) {
 
 fn broken_at(path: &Path) -> (u64, Broken) {
     match verify(path) {
-        Err(VerifyError::Line { line, broken }) => (line, broken),
+        Err(VerifyError::Line { line, broken, .. }) => (line, broken),
         other => panic!("expected a broken line, got {other:?}"),
     }
 }
@@ -216,7 +216,12 @@ fn empty_log_verifies_with_the_genesis_hash() {
         verify(&path).unwrap(),
         VerifyReport {
             records: 0,
-            last_hash: GENESIS_HASH.into()
+            first_seq: 0,
+            last_seq: 0,
+            last_hash: GENESIS_HASH.into(),
+            files: vec![path.clone()],
+            removed_through: None,
+            standalone: false,
         }
     );
 }
@@ -424,6 +429,7 @@ fn durable_append_and_group_commit_sync_the_file() {
         &path,
         AuditSettings {
             group_commit: Duration::from_millis(1),
+            ..AuditSettings::default()
         },
     )
     .unwrap();

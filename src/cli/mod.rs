@@ -317,7 +317,9 @@ pub fn audit_verify(
         }
     }) {
         Ok(report) => report,
-        Err(e @ crate::audit::VerifyError::Line { .. }) => {
+        Err(
+            e @ (crate::audit::VerifyError::Line { .. } | crate::audit::VerifyError::Front { .. }),
+        ) => {
             println!("{e}");
             return Ok(1);
         }
@@ -327,10 +329,26 @@ pub fn audit_verify(
         "ok: {} records, last hash {}",
         report.records, report.last_hash
     );
+    if report.files.len() > 1 || report.first_seq > 1 {
+        println!(
+            "segments: {} file(s), seq {} to {}",
+            report.files.len(),
+            report.first_seq,
+            report.last_seq
+        );
+    }
+    if report.standalone && report.first_seq > 1 {
+        println!(
+            "one segment on its own: its link to the records before seq {} is not checked; verify the log's directory for the whole chain",
+            report.first_seq
+        );
+    } else if let Some(t) = report.removed_through.filter(|_| report.first_seq > 1) {
+        println!("seq 1 to {t}: deleted by retention, as the log records");
+    }
     let Some((cps, public)) = wanted else {
         return Ok(0);
     };
-    match verify_checkpoints(&cps, &public, report.records, |seq| {
+    match verify_checkpoints(&cps, &public, report.first_seq, report.last_seq, |seq| {
         hashes.get(&seq).cloned()
     }) {
         Ok(c) => {
@@ -338,6 +356,12 @@ pub fn audit_verify(
                 "checkpoints: {} verified; the log is vouched for up to seq {}, {} record(s) after it not yet checkpointed",
                 c.verified, c.last_verified_seq, c.uncovered
             );
+            if c.before_first > 0 {
+                println!(
+                    "checkpoints: {} cover records deleted by retention (signatures valid, nothing left to compare)",
+                    c.before_first
+                );
+            }
             Ok(0)
         }
         Err(e) => {
@@ -361,9 +385,7 @@ impl Checkpoints {
         match self {
             Checkpoints::File(path) => Ok(crate::audit::checkpoint::read_checkpoints(&path)?),
             Checkpoints::Store(url) => {
-                let Some(log_id) = crate::audit::verify::first_hash(log)
-                    .with_context(|| format!("cannot read `{}`", log.display()))?
-                else {
+                let Some(log_id) = crate::audit::verify::log_id(log)? else {
                     return Ok(Vec::new());
                 };
                 crate::app::install_crypto()?;
