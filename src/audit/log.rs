@@ -591,11 +591,32 @@ impl Inner {
         })?;
         self.sync()?;
         let mut closed = self.family.closed().map_err(io_err)?;
+        // A segment that cannot be compressed (a full disk, say) stays plain; retention
+        // still runs, since it may be what frees the disk.
+        let mut compress_failed = None;
         if settings.compress {
             for seg in closed.iter_mut().filter(|s| !s.compressed) {
-                *seg = segments::compress(&self.family, seg).map_err(io_err)?;
+                match segments::compress(&self.family, seg) {
+                    Ok(done) => *seg = done,
+                    Err(e) => {
+                        compress_failed = Some(io_err(e));
+                        break;
+                    }
+                }
             }
         }
+        self.apply_retention(settings, &closed)?;
+        compress_failed.map_or(Ok(()), Err)
+    }
+
+    /// Delete the closed segments (oldest first) that `settings.retention` no longer keeps,
+    /// after recording the deletion in the log and syncing it.
+    fn apply_retention(
+        &self,
+        settings: &SegmentSettings,
+        closed: &[segments::Segment],
+    ) -> Result<(), AuditError> {
+        let io_err = |e| self.write_err(e);
         if !settings.retention.is_set() {
             return Ok(());
         }
@@ -605,7 +626,7 @@ impl Inner {
         };
         let (n, rule) = settings
             .retention
-            .plan(&closed, active_size, SystemTime::now());
+            .plan(closed, active_size, SystemTime::now());
         if n == 0 {
             return Ok(());
         }
