@@ -9,6 +9,8 @@
 #      PERF_TARGET (floor build dir, default /tmp/perf-target).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR/.. source=lib/common.sh
+. "$here/lib/common.sh"
 bin=${1:?usage: run.sh MANDATE_BIN BUNDLE_DIR [SECONDS]}
 bundle=$(readlink -f "${2:?bundle}")
 secs=${3:-5}
@@ -42,4 +44,4 @@ echo "== load c32 repeated: mandate"; "$here/load.sh" "$u" 32 "$secs"
 echo "== load c32 distinct: mandate"; DISTINCT=1 "$here/load.sh" "$u" 32 "$secs"
 echo "== load c32: floor"; "$here/load.sh" "$f" 32 "$secs"
 echo "rss_kib_after=$(awk '/VmRSS/{print $2}' /proc/$mpid/status)"
-echo "audit_bytes=$(stat -c %s "$work/audit.jsonl") audit_lines=$(wc -l < "$work/audit.jsonl")"
+echo "audit_bytes_on_disk=$(du -cb "$work"/audit*.jsonl* | tail -1 | cut -f1) audit_lines=$(audit_records | wc -l)"

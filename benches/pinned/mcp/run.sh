@@ -162,9 +162,9 @@ echo "rss_kib_after=$(awk '/VmRSS/{print $2}' "/proc/$mpid/status")"
 # The audit log: every MCP decision was an allow of the transfer, at least one per counted
 # request (warm-ups are decided too, and not counted).
 sleep 0.1
-mcp_allow=$(grep -c '"action":"mcp:tools/transfer"' "$work/audit.jsonl" || true)
-mcp_other=$(grep '"action":"mcp:' "$work/audit.jsonl" | grep -vc '"decision":"allow"' || true)
-echo "audit_lines=$(wc -l <"$work/audit.jsonl") mcp_transfer_decisions=$mcp_allow mcp_not_allow=$mcp_other counted_mcp_requests=${requests[mcp]}"
+mcp_allow=$(audit_records | grep -c '"action":"mcp:tools/transfer"' || true)
+mcp_other=$(audit_records | grep '"action":"mcp:' | grep -vc '"decision":"allow"' || true)
+echo "audit_lines=$(audit_records | wc -l) mcp_transfer_decisions=$mcp_allow mcp_not_allow=$mcp_other counted_mcp_requests=${requests[mcp]}"
 [ "$mcp_other" = 0 ] || fail "$mcp_other MCP decisions were not allow"
 [ "$mcp_allow" -ge "${requests[mcp]}" ] || fail "fewer MCP decisions ($mcp_allow) than requests answered (${requests[mcp]})"
 

@@ -11,9 +11,17 @@
 # connections (HTTP) or 32 streams on one HTTP/2 connection (gRPC) for Mandate and the floor,
 # the single-stream p50 of each proxy mode divided by native /v1/check's (target <= 2), whether
 # p99 at 32 is under 1 ms, and Mandate's RSS after.
+# Then the open loop at 32: the closed loop above runs each server at capacity, where latency
+# is queueing (32 / rps on average) and any p99 target is a throughput target in disguise. So
+# each mode is driven once more by 32 connections (HTTP: http-load) or 32 streams (gRPC:
+# grpc-load --rate) that send at a fixed rate, OPEN_SHARE (default 0.5) of what Mandate
+# sustained in that mode's closed loop, whether or not answers are back, as 32 agents each
+# calling on their own schedule do; the floor gets the same rate. Its p99 is the latency an
+# agent sees on a busy sidecar; `late=` counts calls that had to wait for their stream.
 # Env: CONFIG (default: config/mandate.toml of this checkout), BUNDLE (policy bundle dir,
 #      default: the config's own), PERF_TARGET (floor builds, default /tmp/perf-target),
-#      ROUNDS (pinned rounds per mode, default 3), PIN_CPU (default 0), WARMUP_S (default 1).
+#      ROUNDS (pinned rounds per mode, default 3), PIN_CPU (default 0), WARMUP_S (default 1),
+#      OPEN_SHARE (default 0.5).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source-path=SCRIPTDIR/.. source=lib/common.sh
@@ -36,6 +44,8 @@ done
 floor_bin=$perf/release/floor
 gfloor_bin=$perf/release/grpc-floor
 gload=$perf/release/grpc-load
+hload=$perf/release/http-load
+share=${OPEN_SHARE:-0.5}
 
 perf_workspace proxy
 
@@ -141,8 +151,32 @@ load32 nginx_floor "$f/authz/nginx" "${nginx[@]}"
 warn_if_busy
 c32[grpc]=$(grpc_measure "127.0.0.1:$gport" 32); echo "  grpc: ${c32[grpc]}"
 c32[grpc_floor]=$(grpc_measure "127.0.0.1:$gfport" 32); echo "  grpc_floor: ${c32[grpc_floor]}"
+
+echo "== open loop at 32, unpinned, ${secs}s: each mode at $share x Mandate's closed-loop rps in it, the floor at the same rate"
+declare -A open32
+open_http() { # open_http NAME URL RATE ENV...
+  local name=$1 url=$2 rate=$3 out; shift 3
+  out=$(env "$@" timeout $((secs + warmup + 30)) "$hload" "$url" 32 "$rate" "$secs" "$warmup")
+  open32[$name]=$out; echo "  $name: $out"
+}
+rate_of() { awk -v r="$(kv rps "${c32[$1]}")" -v s="$share" 'BEGIN { printf "%d", r * s }'; }
+for m in native envoy nginx; do
+  case $m in native) path=/v1/check; env_=("${native[@]}");; envoy) path=$envoy_path; env_=("${envoy[@]}");;
+              nginx) path=/authz/nginx; env_=("${nginx[@]}");; esac
+  rate=$(rate_of "$m")
+  warn_if_busy
+  open_http "$m" "$u$path" "$rate" "${env_[@]}"
+  open_http "${m}_floor" "$f$path" "$rate" "${env_[@]}"
+done
+rate=$(rate_of grpc)
+warn_if_busy
+open32[grpc]=$(timeout $((secs + warmup + 30)) "$gload" --addr "127.0.0.1:$gport" --streams 32 \
+  --rate "$rate" --seconds "$secs" --warmup "$warmup"); echo "  grpc: ${open32[grpc]}"
+open32[grpc_floor]=$(timeout $((secs + warmup + 30)) "$gload" --addr "127.0.0.1:$gfport" --streams 32 \
+  --rate "$rate" --seconds "$secs" --warmup "$warmup"); echo "  grpc_floor: ${open32[grpc_floor]}"
+
 echo "rss_kib_after=$(awk '/VmRSS/{print $2}' "/proc/$mpid/status")"
-echo "audit_lines=$(wc -l < "$work/audit.jsonl")"
+echo "audit_lines=$(audit_records | wc -l)"
 
 echo "== summary (targets: single-stream p50 <= 2x native /v1/check; p99 at 32 < 1000 us)"
 echo "native /v1/check c1 p50=${c1p50[native]} us p99=${c1p99[native]} us"
@@ -157,4 +191,11 @@ for m in native envoy nginx grpc; do
   fl=${c32[${m}_floor]}
   echo "$m c32 p50=$(kv latency_us_p50 "${c32[$m]}") us p99=$p99 us rps=$(kv rps "${c32[$m]}"): p99 < 1 ms $ok" \
     "(floor p50=$(kv latency_us_p50 "$fl") p99=$(kv latency_us_p99 "$fl") rps=$(kv rps "$fl"))"
+done
+for m in native envoy nginx grpc; do
+  o=${open32[$m]} fl=${open32[${m}_floor]}
+  p99=$(kv latency_us_p99 "$o")
+  ok=$(awk -v p="$p99" 'BEGIN { print (p < 1000 ? "PASS" : "MISS") }')
+  echo "$m open32 at $(kv rate "$o")/s: p50=$(kv latency_us_p50 "$o") us p99=$p99 us late=$(kv late "$o"): p99 < 1 ms $ok" \
+    "(floor at the same rate: p50=$(kv latency_us_p50 "$fl") p99=$(kv latency_us_p99 "$fl") late=$(kv late "$fl"))"
 done

@@ -17,9 +17,19 @@
 //! decision cache answers twice.
 //!
 //! Usage: `grpc-load --addr HOST:PORT --streams N --seconds S [--warmup S] [--request FILE]
-//! [--expect-code C] [--distinct] [--once]`. The target must be loopback.
+//! [--expect-code C] [--distinct] [--rate R] [--once]`. The target must be loopback.
 //! Output, one line: `streams= rps= latency_us_p50= latency_us_p99= latency_us_mean= calls=
-//! errors=`. `--once` makes one call and prints `grpc_status= check_code= ok_headers=`.
+//! errors=` (and `rate= late=` with `--rate`).
+//!
+//! Without `--rate` the load is a closed loop: every stream sends its next call as soon as the
+//! last one is answered, so the server runs at capacity and latency is queueing (N ÷ rps on
+//! average). `--rate R` makes it open: R calls a second in all, each stream sending its own
+//! share on a fixed schedule (stream i at `i/R`, then every `N/R` seconds) whether or not the
+//! server keeps up, as agents do; a call due while its stream is still waiting goes as soon as
+//! the stream is free and is counted in `late=` (a late call means the rate is past what the
+//! server sustains, and the latencies understate the queue). Latency runs from the moment a
+//! call is sent. The schedule runs on tokio's millisecond timer, so calls due within the same
+//! millisecond leave together: bursts, which weigh on the tail, never lighten it. `--once` makes one call and prints `grpc_status= check_code= ok_headers=`.
 //! Latency is per call, from sending the request to reading the trailers; calls started
 //! during the warm-up (default 1 s) are not counted.
 
@@ -52,12 +62,13 @@ struct Args {
     expect_code: i32,
     distinct: bool,
     once: bool,
+    rate: Option<f64>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: grpc-load --addr HOST:PORT --streams N --seconds S [--warmup S] \
-         [--request FILE] [--expect-code C] [--distinct] [--once]"
+         [--request FILE] [--expect-code C] [--distinct] [--rate R] [--once]"
     );
     std::process::exit(2)
 }
@@ -71,6 +82,7 @@ fn parse_args() -> Result<Args, Error> {
     let mut expect_code = 0;
     let mut distinct = false;
     let mut once = false;
+    let mut rate = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -83,6 +95,7 @@ fn parse_args() -> Result<Args, Error> {
             "--expect-code" => expect_code = value()?.parse()?,
             "--distinct" => distinct = true,
             "--once" => once = true,
+            "--rate" => rate = Some(value()?.parse::<f64>()?),
             "-h" | "--help" => usage(),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -103,6 +116,9 @@ fn parse_args() -> Result<Args, Error> {
     if streams == 0 || !(seconds >= 0.0 && warmup >= 0.0) {
         return Err("--streams must be >= 1, --seconds and --warmup >= 0".into());
     }
+    if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err("--rate must be a positive number of calls a second".into());
+    }
     if distinct && request.is_some() {
         return Err("--distinct patches the built-in request; it cannot vary --request".into());
     }
@@ -115,6 +131,7 @@ fn parse_args() -> Result<Args, Error> {
         expect_code,
         distinct,
         once,
+        rate,
     })
 }
 
@@ -448,6 +465,8 @@ struct Totals {
     latencies_ns: Vec<u64>,
     first_error: Option<String>,
     errors: u64,
+    /// Open loop: calls sent after their due time because their stream was still waiting.
+    late: u64,
 }
 
 async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
@@ -464,10 +483,17 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
         let mut c = c.clone();
         let (prepared, stop, totals) = (prepared.clone(), stop.clone(), totals.clone());
         let (distinct, expect) = (args.distinct, args.expect_code);
+        // Open loop: this stream's calls are due at `due`, then every `every`.
+        let schedule = args.rate.map(|r| {
+            let every = Duration::from_secs_f64(streams as f64 / r);
+            (start + Duration::from_secs_f64(i as f64 / r), every)
+        });
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(1 << 16);
             let mut n = i + 1;
             let mut err = None;
+            let mut late = 0u64;
+            let mut due = schedule.map(|(first, _)| first);
             while !stop.load(Ordering::Relaxed) {
                 let frame = if distinct {
                     n += streams;
@@ -475,6 +501,15 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
                 } else {
                     prepared.frame.clone()
                 };
+                if let (Some(at), Some((_, every))) = (due.as_mut(), schedule) {
+                    let now = Instant::now();
+                    if now < *at {
+                        tokio::time::sleep_until((*at).into()).await;
+                    } else if now >= *at + every && *at >= measure_from {
+                        late += 1;
+                    }
+                    *at += every;
+                }
                 let t0 = Instant::now();
                 if t0 >= end {
                     break;
@@ -493,6 +528,7 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
             }
             let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
             t.latencies_ns.extend_from_slice(&lat);
+            t.late += late;
             if let Some(e) = err {
                 t.errors += 1;
                 t.first_error.get_or_insert(e);
@@ -526,9 +562,13 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
     } else {
         0.0
     };
+    let open = args
+        .rate
+        .map(|r| format!(" rate={r:.0} late={}", t.late))
+        .unwrap_or_default();
     println!(
         "streams={} rps={:.0} latency_us_p50={:.1} latency_us_p99={:.1} latency_us_mean={:.1} \
-         calls={} errors={}",
+         calls={} errors={}{open}",
         args.streams,
         rps,
         pct(50.0),
@@ -604,6 +644,7 @@ mod tests {
             expect_code: 0,
             distinct: true,
             once: false,
+            rate: None,
         };
         std::env::set_var("TOKEN", "t");
         let p = prepare(&args).unwrap();
