@@ -624,9 +624,13 @@ impl Inner {
             let head = self.lock_head()?;
             (head.len, head.segment_first)
         };
-        let (n, rule) = settings
-            .retention
-            .plan(closed, active_size, SystemTime::now());
+        // Room for the retention record itself, which lands in the active segment after the
+        // plan is made: a line of ~250 bytes plus ~100 per deleted file, at most all of them.
+        let record_room = 256 + 128 * closed.len() as u64;
+        let (n, rule) =
+            settings
+                .retention
+                .plan(closed, active_size + record_room, SystemTime::now());
         if n == 0 {
             return Ok(());
         }

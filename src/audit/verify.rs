@@ -270,7 +270,15 @@ pub fn verify_visiting(
             path: file.clone(),
             source,
         };
-        let mut reader = segments::open_lines(&file, compressed).map_err(io_err)?;
+        let mut reader = match segments::open_lines(&file, compressed) {
+            // A live log: the segment thread compressed this segment since it was listed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !compressed && !standalone => {
+                let mut zst = file.clone().into_os_string();
+                zst.push(".zst");
+                segments::open_lines(Path::new(&zst), true).map_err(|_| io_err(e))?
+            }
+            other => other.map_err(io_err)?,
+        };
         let mut number = 0u64;
         loop {
             line.clear();
