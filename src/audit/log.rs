@@ -83,7 +83,12 @@ struct Head {
     needs_header: bool,
     /// The log's name: the `hash` of its record 1, carried in every segment's header.
     log_id: Option<[u8; 32]>,
+    /// A rotation failed: not tried again before this.
+    rotate_retry: Option<std::time::Instant>,
 }
+
+/// How long after a failed rotation the next is tried.
+const ROTATE_RETRY: Duration = Duration::from_secs(10);
 
 struct Inner {
     path: PathBuf,
@@ -155,6 +160,7 @@ impl AuditLog {
             segment_used: false,
             needs_header: false,
             log_id: None,
+            rotate_retry: None,
         };
         if regular {
             family.tidy().map_err(open_err)?;
@@ -387,8 +393,21 @@ impl Inner {
         if let Some(settings) = &self.segments
             && head.len >= settings.rotate_size
             && head.segment_used
+            && head
+                .rotate_retry
+                .is_none_or(|at| std::time::Instant::now() >= at)
         {
-            self.rotate_locked(head)?;
+            // A segment that cannot be closed (a name in the way, a permission) is no reason
+            // to refuse the record, which the active file still takes: the log says why,
+            // and rotation is tried again in a while.
+            match self.rotate_locked(head) {
+                Ok(()) => head.rotate_retry = None,
+                Err(e) => {
+                    head.rotate_retry = Some(std::time::Instant::now() + ROTATE_RETRY);
+                    tracing::error!(error = %e,
+                        "audit segment could not be closed; records go on in the active file");
+                }
+            }
         }
         if head.needs_header {
             self.write_header(head)?;

@@ -302,3 +302,21 @@ fn a_directory_with_two_logs_asks_which() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn au_seg07_a_segment_that_cannot_be_closed_does_not_refuse_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_in(dir.path());
+    let log = AuditLog::open(&path, settings(4096, false, Retention::default())).unwrap();
+    // Something else holds the name the first segment would get.
+    std::fs::write(dir.path().join("audit-000000000001.jsonl"), b"not ours\n").unwrap();
+    append_decisions(&log, 20);
+    assert_eq!(log.write_failures(), 0);
+    assert!(log.failing().is_none());
+    assert_eq!(log.last_seq(), 20);
+    assert!(log.rotate().is_err(), "the name is still in the way");
+    std::fs::remove_file(dir.path().join("audit-000000000001.jsonl")).unwrap();
+    log.rotate().unwrap();
+    append_decisions(&log, 1);
+    assert_eq!(verify(&path).unwrap().records, 22);
+}
