@@ -9,9 +9,9 @@
 //! request is the same prepared bytes (built once, as `lib/check.lua` builds wrk's: `TOKEN`,
 //! `BODY`, `METHOD`, `NO_BODY=1`, `HEADERS="Name: value|…"`); each answer must be `200`
 //! (checked, with its whole body read by `Content-Length`). Latency runs from the moment a
-//! request is written to the last byte of its answer. The schedule runs on tokio's
-//! millisecond timer, so requests due within the same millisecond leave together: bursts,
-//! which weigh on the tail, never lighten it.
+//! request is written to the last byte of its answer. The schedule is kept by a pacer thread
+//! that sleeps until each request is due (`nanosleep`, tens of µs of slack), not by tokio's
+//! millisecond timer, which would send the requests of each millisecond in one burst.
 //!
 //! Usage: `http-load URL CONNS RATE SECONDS [WARMUP_S]` (loopback `http://` only). Prints one
 //! line: `conns= rate= rps= latency_us_p50= latency_us_p99= latency_us_mean= requests= late=
@@ -129,10 +129,13 @@ async fn run(t: Target, conns: usize, rate: f64, secs: f64, warmup: f64) -> Resu
     let every = Duration::from_secs_f64(conns as f64 / rate);
     let request = std::sync::Arc::new(t.request);
     let mut tasks = Vec::with_capacity(conns);
-    for i in 0..conns {
+    let mut senders = Vec::with_capacity(conns);
+    for _ in 0..conns {
         let mut conn = TcpStream::connect(t.addr).await?;
         conn.set_nodelay(true)?;
         let request = request.clone();
+        let (tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        senders.push(tx);
         tasks.push(tokio::spawn(async move {
             let mut out = Outcome {
                 latencies_ns: Vec::with_capacity(1 << 16),
@@ -140,16 +143,11 @@ async fn run(t: Target, conns: usize, rate: f64, secs: f64, warmup: f64) -> Resu
                 error: None,
             };
             let mut buf = Vec::with_capacity(4096);
-            let mut due = start + Duration::from_secs_f64(i as f64 / rate);
-            loop {
-                let now = Instant::now();
-                if now < due {
-                    tokio::time::sleep_until(due.into()).await;
-                } else if now >= due + every && due >= measure_from {
+            while let Some(due) = due_rx.recv().await {
+                let t0 = Instant::now();
+                if t0 >= due + every && due >= measure_from {
                     out.late += 1;
                 }
-                due += every;
-                let t0 = Instant::now();
                 if t0 >= end {
                     break;
                 }
@@ -174,6 +172,7 @@ async fn run(t: Target, conns: usize, rate: f64, secs: f64, warmup: f64) -> Resu
             out
         }));
     }
+    pace(senders, start, rate, end);
     let mut lat = Vec::new();
     let (mut late, mut errors, mut first_error) = (0, 0, None);
     for task in tasks {
@@ -211,6 +210,33 @@ async fn run(t: Target, conns: usize, rate: f64, secs: f64, warmup: f64) -> Resu
         return Ok(false);
     }
     Ok(!lat.is_empty())
+}
+
+/// The pacer: a thread that sleeps until each call is due (`nanosleep`: tens of µs late at
+/// most, where tokio's timer wheel rounds to the millisecond and would send bursts) and hands
+/// the due time to the call's stream (call k goes to stream k mod N). Dropping the senders at
+/// `end` ends the streams.
+fn pace(
+    streams: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
+    start: Instant,
+    rate: f64,
+    end: Instant,
+) {
+    std::thread::spawn(move || {
+        let n = streams.len() as u64;
+        for k in 0u64.. {
+            let due = start + Duration::from_secs_f64(k as f64 / rate);
+            if due >= end {
+                break;
+            }
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if streams[(k % n) as usize].send(due).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 fn main() -> ExitCode {

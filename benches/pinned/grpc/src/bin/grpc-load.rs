@@ -28,8 +28,9 @@
 //! server keeps up, as agents do; a call due while its stream is still waiting goes as soon as
 //! the stream is free and is counted in `late=` (a late call means the rate is past what the
 //! server sustains, and the latencies understate the queue). Latency runs from the moment a
-//! call is sent. The schedule runs on tokio's millisecond timer, so calls due within the same
-//! millisecond leave together: bursts, which weigh on the tail, never lighten it. `--once` makes one call and prints `grpc_status= check_code= ok_headers=`.
+//! call is sent. The schedule is kept by a pacer thread that sleeps until each call is due
+//! (`nanosleep`, tens of µs of slack), not by tokio's millisecond timer, which would send the
+//! calls of each millisecond in one burst. `--once` makes one call and prints `grpc_status= check_code= ok_headers=`.
 //! Latency is per call, from sending the request to reading the trailers; calls started
 //! during the warm-up (default 1 s) are not counted.
 
@@ -479,21 +480,25 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
     let totals = Arc::new(Mutex::new(Totals::default()));
     let streams = args.streams as u64;
     let mut tasks = Vec::with_capacity(args.streams);
+    let mut senders = Vec::new();
     for i in 0..streams {
         let mut c = c.clone();
         let (prepared, stop, totals) = (prepared.clone(), stop.clone(), totals.clone());
         let (distinct, expect) = (args.distinct, args.expect_code);
-        // Open loop: this stream's calls are due at `due`, then every `every`.
-        let schedule = args.rate.map(|r| {
-            let every = Duration::from_secs_f64(streams as f64 / r);
-            (start + Duration::from_secs_f64(i as f64 / r), every)
+        // Open loop: the pacer hands this stream the due time of each of its calls.
+        let every = args
+            .rate
+            .map(|r| Duration::from_secs_f64(streams as f64 / r));
+        let mut paced = every.map(|_| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+            senders.push(tx);
+            rx
         });
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(1 << 16);
             let mut n = i + 1;
             let mut err = None;
             let mut late = 0u64;
-            let mut due = schedule.map(|(first, _)| first);
             while !stop.load(Ordering::Relaxed) {
                 let frame = if distinct {
                     n += streams;
@@ -501,14 +506,11 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
                 } else {
                     prepared.frame.clone()
                 };
-                if let (Some(at), Some((_, every))) = (due.as_mut(), schedule) {
-                    let now = Instant::now();
-                    if now < *at {
-                        tokio::time::sleep_until((*at).into()).await;
-                    } else if now >= *at + every && *at >= measure_from {
+                if let (Some(rx), Some(every)) = (paced.as_mut(), every) {
+                    let Some(due) = rx.recv().await else { break };
+                    if Instant::now() >= due + every && due >= measure_from {
                         late += 1;
                     }
-                    *at += every;
                 }
                 let t0 = Instant::now();
                 if t0 >= end {
@@ -534,6 +536,9 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
                 t.first_error.get_or_insert(e);
             }
         }));
+    }
+    if let Some(rate) = args.rate {
+        pace(senders, start, rate, end);
     }
     for t in tasks {
         t.await?;
@@ -586,6 +591,33 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
         return Ok(false);
     }
     Ok(true)
+}
+
+/// The pacer: a thread that sleeps until each call is due (`nanosleep`: tens of µs late at
+/// most, where tokio's timer wheel rounds to the millisecond and would send bursts) and hands
+/// the due time to the call's stream (call k goes to stream k mod N). Dropping the senders at
+/// `end` ends the streams.
+fn pace(
+    streams: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
+    start: Instant,
+    rate: f64,
+    end: Instant,
+) {
+    std::thread::spawn(move || {
+        let n = streams.len() as u64;
+        for k in 0u64.. {
+            let due = start + Duration::from_secs_f64(k as f64 / rate);
+            if due >= end {
+                break;
+            }
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if streams[(k % n) as usize].send(due).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 fn main() -> ExitCode {
