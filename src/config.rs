@@ -1762,20 +1762,13 @@ impl Reader {
         let checkpoints = self.checkpoints(t, p, &path);
         // A size with its unit or a share (`"1GiB"`, `"5%"`), or a number of bytes.
         let min_free_disk = match t.get("min_free_disk") {
-            Some(Value::Integer(i)) => match u64::try_from(*i) {
-                Ok(b) => crate::audit::MinFree::Bytes(b),
-                Err(_) => {
-                    self.bad(join(p, "min_free_disk"), format!("`{i}` is negative"));
-                    crate::audit::MinFree::DEFAULT
-                }
-            },
-            _ => match self.string(t, p, "min_free_disk") {
-                None => crate::audit::MinFree::DEFAULT,
-                Some(s) => crate::audit::MinFree::parse(&s).unwrap_or_else(|e| {
-                    self.bad(join(p, "min_free_disk"), e);
-                    crate::audit::MinFree::DEFAULT
-                }),
-            },
+            Some(Value::String(s)) => crate::audit::MinFree::parse(s).unwrap_or_else(|e| {
+                self.bad(join(p, "min_free_disk"), e);
+                crate::audit::MinFree::DEFAULT
+            }),
+            _ => self
+                .size(t, p, "min_free_disk")
+                .map_or(crate::audit::MinFree::DEFAULT, crate::audit::MinFree::Bytes),
         };
         let segments = self.audit_segments(t, p);
         AuditConfig {

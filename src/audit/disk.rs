@@ -171,7 +171,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Bytes for people: `1.5 GiB`.
-pub fn human(b: u64) -> String {
+fn human(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut unit = 0;

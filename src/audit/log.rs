@@ -99,7 +99,7 @@ struct Inner {
     /// Closed segments whose last records may not be on disk yet: the next sync takes them.
     closing: Mutex<Vec<Arc<File>>>,
     /// Wakes the segment thread after a rotation (compression, retention).
-    wake: Mutex<Option<mpsc::Sender<()>>>,
+    wake: mpsc::Sender<()>,
     /// One maintenance at a time (the segment thread, or a caller of `maintain`).
     maintaining: Mutex<()>,
     /// Lines were written since the last sync.
@@ -189,7 +189,7 @@ impl AuditLog {
             segments: regular.then_some(settings.segments),
             head: Mutex::new(head),
             closing: Mutex::new(Vec::new()),
-            wake: Mutex::new(Some(wake)),
+            wake,
             maintaining: Mutex::new(()),
             dirty: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
@@ -333,7 +333,7 @@ fn first_link_of(path: &Path, line: &[u8]) -> Result<FirstLink, AuditError> {
     Ok(FirstLink {
         seq: link.seq,
         time,
-        is_header: value["event"] == SEGMENT_EVENT,
+        is_header: link.opens_segment,
         log_id: verify::log_id_of(&value),
     })
 }
@@ -385,11 +385,17 @@ impl Inner {
         result
     }
 
-    fn append_locked(&self, head: &mut Head, record: &Record<'_>) -> Result<u64, AuditError> {
+    /// Cut off what a failed write left of a line, if that could not be done at the time.
+    fn truncate_torn(&self, head: &mut Head) -> Result<(), AuditError> {
         if head.needs_truncate {
             head.file.set_len(head.len).map_err(|e| self.write_err(e))?;
             head.needs_truncate = false;
         }
+        Ok(())
+    }
+
+    fn append_locked(&self, head: &mut Head, record: &Record<'_>) -> Result<u64, AuditError> {
+        self.truncate_torn(head)?;
         if let Some(settings) = &self.segments
             && head.len >= settings.rotate_size
             && head.segment_used
@@ -433,10 +439,7 @@ impl Inner {
     /// append (or right here), so a crash in between leaves an empty active file, which
     /// [`AuditLog::open`] continues from the segment before.
     fn rotate_locked(&self, head: &mut Head) -> Result<(), AuditError> {
-        if head.needs_truncate {
-            head.file.set_len(head.len).map_err(|e| self.write_err(e))?;
-            head.needs_truncate = false;
-        }
+        self.truncate_torn(head)?;
         let closed = self.family.segment_path(head.segment_first, false);
         if closed.exists() || self.family.segment_path(head.segment_first, true).exists() {
             return Err(AuditError::Corrupt {
@@ -469,9 +472,8 @@ impl Inner {
         tracing::info!(segment = %closed.display(), last_seq = head.seq, "audit segment closed");
         // A failed header is written by the next append.
         let _ = self.write_header(head);
-        if let Ok(Some(wake)) = self.wake.lock().as_deref() {
-            let _ = wake.send(());
-        }
+        // No keeper listens for a log that never rotates: then the send fails, harmlessly.
+        let _ = self.wake.send(());
         Ok(())
     }
 

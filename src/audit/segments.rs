@@ -116,11 +116,6 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Its lines, decompressed when it is compressed.
-    pub fn reader(&self) -> io::Result<Box<dyn BufRead>> {
-        open_lines(&self.path, self.compressed)
-    }
-
     pub fn file_name(&self) -> String {
         self.path
             .file_name()
@@ -137,6 +132,20 @@ pub fn open_lines(path: &Path, compressed: bool) -> io::Result<Box<dyn BufRead>>
     } else {
         Box::new(BufReader::with_capacity(64 << 10, file))
     })
+}
+
+/// [`open_lines`] for a file of a live log listed a moment ago: a plain closed segment that
+/// the segment thread has compressed since is read from its `.zst` (the plain file goes only
+/// once the compressed one is complete).
+pub fn open_listed(path: &Path, compressed: bool) -> io::Result<Box<dyn BufRead>> {
+    match open_lines(path, compressed) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !compressed => {
+            let mut zst = path.as_os_str().to_owned();
+            zst.push(".zst");
+            open_lines(Path::new(&zst), true).map_err(|_| e)
+        }
+        other => other,
+    }
 }
 
 /// The files of one log: its active file and the closed segments named after it.
@@ -504,7 +513,10 @@ mod tests {
         assert!(z.compressed && z.size < text.len() as u64 && !plain.exists());
         assert_eq!(z.modified, segs[0].modified);
         let mut back = String::new();
-        z.reader().unwrap().read_to_string(&mut back).unwrap();
+        open_lines(&z.path, true)
+            .unwrap()
+            .read_to_string(&mut back)
+            .unwrap();
         assert_eq!(back, text);
         let (first, last) = first_and_last_line(&z.path, true).unwrap().unwrap();
         assert_eq!(

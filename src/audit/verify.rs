@@ -270,15 +270,12 @@ pub fn verify_visiting(
             path: file.clone(),
             source,
         };
-        let mut reader = match segments::open_lines(&file, compressed) {
-            // A live log: the segment thread compressed this segment since it was listed.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !compressed && !standalone => {
-                let mut zst = file.clone().into_os_string();
-                zst.push(".zst");
-                segments::open_lines(Path::new(&zst), true).map_err(|_| io_err(e))?
-            }
-            other => other.map_err(io_err)?,
+        let open = if standalone {
+            segments::open_lines
+        } else {
+            segments::open_listed
         };
+        let mut reader = open(&file, compressed).map_err(io_err)?;
         let mut number = 0u64;
         loop {
             line.clear();
