@@ -19,18 +19,12 @@ config=${CONFIG:-$repo/config/mandate.toml}
 floor_bin=${PERF_TARGET:-/tmp/perf-target}/release/floor
 [ -x "$floor_bin" ] || CARGO_TARGET_DIR=${PERF_TARGET:-/tmp/perf-target} cargo build --release --quiet \
   --manifest-path "$here/floor/Cargo.toml"
-command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)"; exit 2; }
-work=$(mktemp -d /tmp/perf-mandate.XXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-MANDATE_SERVER__LISTEN=127.0.0.1:$port MANDATE_EXT_AUTHZ__GRPC_LISTEN=127.0.0.1:0 MANDATE_POLICY__BUNDLE=$bundle \
-MANDATE_STORE__URL=$work/m.db MANDATE_AUDIT__PATH=$work/audit.jsonl MANDATE_LOG__LEVEL=warn \
-  "$bin" serve --config "$config" >"$work/serve.log" 2>&1 &
-mpid=$!
+perf_workspace mandate
+port=$(free_port)
+BUNDLE=$bundle start_mandate "$bin" "$config" "$port" 127.0.0.1:0
 "$floor_bin" 0 >"$work/floor.log" 2>&1 &
-fpid=$!
-trap 'kill $mpid $fpid 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do curl -sf "127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-fport=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$work/floor.log")
+fpid=$!; pids+=("$fpid")
+fport=$(wait_listening "$work/floor.log" "$fpid")
 export TOKEN=$("$bin" dev token --config "$config" --sub agent-1 --claim owner=bob)
 ans=$(curl -s "127.0.0.1:$port/v1/check" -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
   -d '{"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":50}}')

@@ -104,13 +104,15 @@ pinned_http() {
   c1p50[$name]=$(printf '%s\n' "$out" | sed -n 's/^rtt ratio .*candidate p50 \([0-9.]*\) us.*/\1/p')
 }
 
-# grpc_measure ADDR STREAMS [PIN]: one grpc-load run, with steal_pct as wrk_measure adds it.
+# grpc_measure ADDR STREAMS [pin|-] [GRPC_LOAD_ARGS...]: one grpc-load run (`pin`: on
+# PIN_CPU), with steal_pct as wrk_measure adds it.
 grpc_measure() {
   local addr=$1 streams=$2 pin=() s0 s1 out
   if [ "${3:-}" = pin ]; then pin=(taskset -c "$PIN_CPU"); fi
+  shift $(($# < 3 ? $# : 3))
   s0=$(cpu_snapshot)
   out=$("${pin[@]}" timeout $((secs + warmup + 30)) "$gload" --addr "$addr" --streams "$streams" \
-          --seconds "$secs" --warmup "$warmup")
+          --seconds "$secs" --warmup "$warmup" "$@")
   s1=$(cpu_snapshot)
   printf '%s steal_pct=%s\n' "$out" "$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ");
       printf "%.1f", (y[2] > x[2]) ? 100 * (y[1] - x[1]) / (y[2] - x[2]) : 0 }')"
@@ -170,10 +172,8 @@ for m in native envoy nginx; do
 done
 rate=$(rate_of grpc)
 warn_if_busy
-open32[grpc]=$(timeout $((secs + warmup + 30)) "$gload" --addr "127.0.0.1:$gport" --streams 32 \
-  --rate "$rate" --seconds "$secs" --warmup "$warmup"); echo "  grpc: ${open32[grpc]}"
-open32[grpc_floor]=$(timeout $((secs + warmup + 30)) "$gload" --addr "127.0.0.1:$gfport" --streams 32 \
-  --rate "$rate" --seconds "$secs" --warmup "$warmup"); echo "  grpc_floor: ${open32[grpc_floor]}"
+open32[grpc]=$(grpc_measure "127.0.0.1:$gport" 32 - --rate "$rate"); echo "  grpc: ${open32[grpc]}"
+open32[grpc_floor]=$(grpc_measure "127.0.0.1:$gfport" 32 - --rate "$rate"); echo "  grpc_floor: ${open32[grpc_floor]}"
 
 echo "rss_kib_after=$(awk '/VmRSS/{print $2}' "/proc/$mpid/status")"
 echo "audit_lines=$(audit_records | wc -l)"

@@ -538,7 +538,7 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
         }));
     }
     if let Some(rate) = args.rate {
-        pace(senders, start, rate, end);
+        grpc_bench::pace(senders, start, rate, end);
     }
     for t in tasks {
         t.await?;
@@ -548,19 +548,7 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
         .saturating_duration_since(measure_from);
     let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
     let mut lat = std::mem::take(&mut t.latencies_ns);
-    lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
-        lat[rank.clamp(1, lat.len()) - 1] as f64 / 1000.0
-    };
-    let mean = if lat.is_empty() {
-        0.0
-    } else {
-        lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0
-    };
+    let summary = grpc_bench::Summary::of(&mut lat);
     let secs = measured.as_secs_f64();
     let rps = if secs > 0.0 {
         lat.len() as f64 / secs
@@ -576,9 +564,9 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
          calls={} errors={}{open}",
         args.streams,
         rps,
-        pct(50.0),
-        pct(99.0),
-        mean,
+        summary.p50_us,
+        summary.p99_us,
+        summary.mean_us,
         lat.len(),
         t.errors
     );
@@ -591,33 +579,6 @@ async fn run(args: &Args, prepared: Prepared) -> Result<bool, Error> {
         return Ok(false);
     }
     Ok(true)
-}
-
-/// The pacer: a thread that sleeps until each call is due (`nanosleep`: tens of µs late at
-/// most, where tokio's timer wheel rounds to the millisecond and would send bursts) and hands
-/// the due time to the call's stream (call k goes to stream k mod N). Dropping the senders at
-/// `end` ends the streams.
-fn pace(
-    streams: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
-    start: Instant,
-    rate: f64,
-    end: Instant,
-) {
-    std::thread::spawn(move || {
-        let n = streams.len() as u64;
-        for k in 0u64.. {
-            let due = start + Duration::from_secs_f64(k as f64 / rate);
-            if due >= end {
-                break;
-            }
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            if streams[(k % n) as usize].send(due).is_err() {
-                break;
-            }
-        }
-    });
 }
 
 fn main() -> ExitCode {

@@ -1,5 +1,5 @@
 //! `http-load`: an open-loop HTTP/1.1 load client for the pinned benches, the HTTP twin of
-//! `grpc-load --rate` (benches/pinned/grpc).
+//! `grpc-load --rate`, with which it shares its pacer and summary (this crate's `lib.rs`).
 //!
 //! N keep-alive connections; R requests a second in all, each connection sending its own share
 //! on a fixed schedule (connection i at `i/R`, then every `N/R` seconds) whether or not the
@@ -172,7 +172,7 @@ async fn run(t: Target, conns: usize, rate: f64, secs: f64, warmup: f64) -> Resu
             out
         }));
     }
-    pace(senders, start, rate, end);
+    grpc_bench::pace(senders, start, rate, end);
     let mut lat = Vec::new();
     let (mut late, mut errors, mut first_error) = (0, 0, None);
     for task in tasks {
@@ -184,25 +184,14 @@ async fn run(t: Target, conns: usize, rate: f64, secs: f64, warmup: f64) -> Resu
             first_error.get_or_insert(e);
         }
     }
-    lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
-        lat[rank.clamp(1, lat.len()) - 1] as f64 / 1000.0
-    };
-    let mean = if lat.is_empty() {
-        0.0
-    } else {
-        lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0
-    };
+    let summary = grpc_bench::Summary::of(&mut lat);
     println!(
         "conns={conns} rate={rate:.0} rps={:.0} latency_us_p50={:.1} latency_us_p99={:.1} \
-         latency_us_mean={mean:.1} requests={} late={late} errors={errors}",
+         latency_us_mean={:.1} requests={} late={late} errors={errors}",
         lat.len() as f64 / secs,
-        pct(50.0),
-        pct(99.0),
+        summary.p50_us,
+        summary.p99_us,
+        summary.mean_us,
         lat.len()
     );
     if let Some(e) = first_error {
@@ -210,33 +199,6 @@ async fn run(t: Target, conns: usize, rate: f64, secs: f64, warmup: f64) -> Resu
         return Ok(false);
     }
     Ok(!lat.is_empty())
-}
-
-/// The pacer: a thread that sleeps until each call is due (`nanosleep`: tens of µs late at
-/// most, where tokio's timer wheel rounds to the millisecond and would send bursts) and hands
-/// the due time to the call's stream (call k goes to stream k mod N). Dropping the senders at
-/// `end` ends the streams.
-fn pace(
-    streams: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
-    start: Instant,
-    rate: f64,
-    end: Instant,
-) {
-    std::thread::spawn(move || {
-        let n = streams.len() as u64;
-        for k in 0u64.. {
-            let due = start + Duration::from_secs_f64(k as f64 / rate);
-            if due >= end {
-                break;
-            }
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            if streams[(k % n) as usize].send(due).is_err() {
-                break;
-            }
-        }
-    });
 }
 
 fn main() -> ExitCode {
