@@ -20,9 +20,11 @@ use crate::config::{Config, KeySource};
 use crate::decision::{DecisionCache, Engine};
 use crate::identity::{CacheSettings, Verifier};
 use crate::lockfile::DataLock;
+use crate::metrics::Metrics;
 use crate::policy::{Bundle, BundleError, Problem};
 use crate::routes::Routes;
 use crate::service::{DECISION_CACHE_ENTRIES, Service};
+use crate::telemetry::Telemetry;
 
 /// Install aws-lc-rs as the process's rustls provider, and check jsonwebtoken found its
 /// backend. A second TLS backend in the build (ring, OpenSSL) would make rustls panic at run
@@ -41,8 +43,12 @@ pub fn install_crypto() -> anyhow::Result<()> {
 }
 
 /// Load the bundle and the issuers' keys, open the audit log and the store, and build the
-/// service every adapter shares. Every expiry reads `clock`.
-pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Service> {
+/// service every adapter shares, recording into `metrics`. Every expiry reads `clock`.
+pub async fn build_service(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+) -> anyhow::Result<Service> {
     install_crypto()?;
     let bundle = Bundle::load(&config.policy.bundle).map_err(|e| {
         anyhow::anyhow!(
@@ -62,6 +68,7 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
         clock,
     )
     .context("trusted issuers")?;
+    verifier.record_into(metrics.clone());
     verifier.start().await;
     // Opening names the path on failure; there is no running without an audit log.
     let audit = AuditLog::open(
@@ -71,6 +78,7 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
             segments: config.audit.segments,
         },
     )?;
+    audit.record_syncs(metrics.clone());
     tracing::info!(path = %config.audit.path.display(), seq = audit.last_seq(), "audit log open");
     // The store is where escalations become approval requests: without it, no escalation
     // could ever be approved, so start-up fails (the URL is logged without credentials).
@@ -102,6 +110,8 @@ pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Re
         notifier: crate::notify::Notifier::start(config.notifications.clone()),
         enforcement_points: config.enforcement_points.clone(),
         stats: Default::default(),
+        metrics,
+        gauges: Default::default(),
     })
 }
 
@@ -119,6 +129,8 @@ pub struct Running {
     routes: Arc<Routes>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Metrics export; flushed to the collector at shutdown.
+    pub telemetry: Arc<Telemetry>,
     /// One writer per data file, for as long as this server runs ([`lock_data_files`]).
     _locks: Vec<DataLock>,
 }
@@ -127,7 +139,14 @@ impl Running {
     /// Load the configured bundle again and make it active. A bundle that fails to load or
     /// validate is refused and the active one stays (last known good); in-flight checks
     /// finish on the bundle they started with.
+    /// Counted in `mandate.policy.reloads` by result.
     pub fn reload(&self) -> Result<Arc<str>, BundleError> {
+        let result = self.load_bundle();
+        self.service.metrics.policy_reloaded(result.is_ok());
+        result
+    }
+
+    fn load_bundle(&self) -> Result<Arc<str>, BundleError> {
         let bundle = Bundle::load(&self.bundle_dir)?;
         // A bundle that drops an action or type a route names is refused like a bad one.
         let problems: Vec<Problem> = self
@@ -158,6 +177,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.telemetry.shutdown().await;
     }
 }
 
@@ -170,7 +190,9 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
     let bound = bind_listeners(config).await?;
     let locks = lock_data_files(config)?;
     warn_published_dev_issuers(config);
-    let service = Arc::new(build_service(config, clock).await?);
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
+    let service = Arc::new(build_service(config, clock, telemetry.metrics()).await?);
+    telemetry.observe(&service);
     let checkpoint_key = match &config.audit.checkpoints {
         Some(cp) => Some(Arc::new(load_checkpoint_key(&cp.key)?)),
         None => None,
@@ -197,6 +219,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         .map_err(|e| anyhow::anyhow!("forward_auth: {e}"))?,
         ext_authz: config.ext_authz.clone(),
         mcp: crate::api::mcp::Gateway::new(&config.mcp).map_err(|e| anyhow::anyhow!(e))?,
+        telemetry: telemetry.clone(),
     });
     let tls = match &config.server.tls {
         Some(t) => Some(server::tls_acceptor(t).context("server.tls")?),
@@ -308,6 +331,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
         routes,
         stop,
         tasks,
+        telemetry,
         _locks: locks,
     })
 }

@@ -45,6 +45,8 @@ pub struct Config {
     pub routes: Routes,
     /// `[mcp]`: the MCP gateway's upstream servers (`/mcp/{name}`).
     pub mcp: McpConfig,
+    /// `[telemetry]`: `/metrics`, and OTLP export when an endpoint is set.
+    pub telemetry: TelemetryConfig,
     /// Where each key came from, for problems found after parsing ([`Config::check_routes`]).
     origins: Origins,
 }
@@ -348,6 +350,29 @@ pub struct LogConfig {
     /// How often a running server logs a summary line (decisions by outcome, approval
     /// requests, token rejections in the interval); zero turns it off.
     pub summary_interval: Duration,
+}
+
+/// `[telemetry]`: metrics as Prometheus text on `GET /metrics`, and over OTLP to a collector
+/// when `otlp_endpoint` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// Serve `GET /metrics` on the HTTP listener (default on).
+    pub metrics: bool,
+    /// The OTLP collector, e.g. `http://127.0.0.1:4317` (gRPC) or `http://127.0.0.1:4318`
+    /// (HTTP); none: no export.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    /// How often metrics are pushed to the collector.
+    pub otlp_interval: Duration,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+}
+
+/// How OTLP reaches the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
 }
 
 /// One bad value, with where it is.
@@ -926,6 +951,7 @@ impl Reader {
                 "ext_authz",
                 "routes",
                 "mcp",
+                "telemetry",
             ],
         );
         let empty = Table::new();
@@ -1017,6 +1043,8 @@ impl Reader {
         let ext_authz = self.ext_authz(ext_t, &issuers, &enforcement_points);
         let mcp_t = self.table(root, "", "mcp").unwrap_or(&empty);
         let mcp = self.mcp(mcp_t);
+        let telemetry_t = self.table(root, "", "telemetry").unwrap_or(&empty);
+        let telemetry = self.telemetry(telemetry_t);
         if !mcp.local_principals.is_empty() && server.unix_socket.is_none() {
             self.bad(
                 "mcp.local_principals",
@@ -1043,7 +1071,70 @@ impl Reader {
             ext_authz,
             routes,
             mcp,
+            telemetry,
             origins: Origins::default(),
+        }
+    }
+
+    fn telemetry(&mut self, t: &Table) -> TelemetryConfig {
+        const P: &str = "telemetry";
+        self.known(
+            t,
+            P,
+            &[
+                "metrics",
+                "otlp_endpoint",
+                "otlp_protocol",
+                "otlp_interval",
+                "service_name",
+            ],
+        );
+        let otlp_endpoint = self.string(t, P, "otlp_endpoint").filter(|e| !e.is_empty());
+        if let Some(e) = &otlp_endpoint {
+            let ok = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+            if !ok {
+                self.bad(
+                    "telemetry.otlp_endpoint",
+                    format!("`{e}` is not an http(s) URL like `http://127.0.0.1:4317`"),
+                );
+            }
+        }
+        let otlp_protocol = match self.string(t, P, "otlp_protocol").as_deref() {
+            None | Some("grpc") => OtlpProtocol::Grpc,
+            Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+            Some(other) => {
+                self.bad(
+                    "telemetry.otlp_protocol",
+                    format!("`{other}` is not `grpc` or `http/protobuf`"),
+                );
+                OtlpProtocol::Grpc
+            }
+        };
+        let otlp_interval = self.duration(
+            t,
+            P,
+            "otlp_interval",
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        );
+        if otlp_interval < Duration::from_millis(100) {
+            self.bad("telemetry.otlp_interval", "must be at least 100ms");
+        }
+        let service_name = self
+            .string(t, P, "service_name")
+            .unwrap_or_else(|| "mandate".into());
+        if service_name.is_empty() {
+            self.bad("telemetry.service_name", "must not be empty");
+        }
+        TelemetryConfig {
+            metrics: self.boolean(t, P, "metrics", true),
+            otlp_endpoint,
+            otlp_protocol,
+            otlp_interval,
+            service_name,
         }
     }
 

@@ -12,6 +12,8 @@
 //! - [`vocabulary`]: the leaf every module speaks: [`vocabulary::Principal`],
 //!   [`vocabulary::CheckRequest`], [`vocabulary::Decision`] with its outcome, reasons and
 //!   approval requirement, and the reserved context key. Imports no other module.
+//! - [`metrics`]: the instruments every module records into (decisions, latency, tokens,
+//!   caches, approval events, audit syncs), on the OpenTelemetry metrics API; a leaf.
 //! - [`clock`]: injectable time; every expiry reads it, so tests move it instead of sleeping.
 //! - [`config`]: the TOML file plus `MANDATE_SECTION__KEY` overrides, parsed whole; every bad
 //!   value is reported with its key path before start-up fails.
@@ -43,7 +45,8 @@
 //!   shutdown, with the clock it is given.
 //! - [`cli`]: the subcommands (`check`, `policy validate|test`, `dev token`, `audit verify`,
 //!   and the approvals client).
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging set-up, and the OpenTelemetry SDK behind [`metrics`]: the
+//!   Prometheus text of `/metrics`, OTLP export, and the values observed at collection time.
 //! - `fuzzing` (hidden): thin entry points for the fuzz targets of `fuzz/` and `tests/fuzz.rs`
 //!   into the private parsers (tokens, key sets, request bodies, bundles).
 
@@ -59,6 +62,7 @@ pub mod decision;
 pub mod fuzzing;
 pub mod identity;
 pub mod lockfile;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod routes;

@@ -13,14 +13,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, dev_token, dev_token_at, example_config};
+use common::{TestServer, dev_token, dev_token_at, example_config, transfer};
 use mandate::approval::ApprovalStore;
 use mandate::clock::{Clock, ManualClock};
 use serde_json::{Value, json};
-
-fn transfer(amount: i64) -> Value {
-    json!({"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":amount}})
-}
 
 /// The id of the approval request an escalation answer created.
 fn request_id(answer: &Value) -> String {

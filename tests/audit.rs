@@ -16,19 +16,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{TestServer, dev_token, example_config};
+use common::{TestServer, example_config, payments_agent_token, transfer};
 use serde_json::{Value, json};
 
 fn token() -> String {
-    dev_token(
-        "agent-1",
-        json!({"owner":"bob","groups":["payments-agents"]}),
-        Duration::from_secs(300),
-    )
-}
-
-fn transfer(amount: i64) -> Value {
-    json!({"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":amount}})
+    payments_agent_token("agent-1")
 }
 
 fn authzen(amount: i64) -> Value {

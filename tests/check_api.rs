@@ -12,19 +12,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, dev_token, example_config};
+use common::{TestServer, dev_token, example_config, payments_agent_token, transfer};
 use serde_json::{Value, json};
 
-fn transfer(amount: i64) -> Value {
-    json!({"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":amount}})
-}
-
 fn token() -> String {
-    dev_token(
-        "agent-1",
-        json!({"owner":"bob","groups":["payments-agents"]}),
-        Duration::from_secs(300),
-    )
+    payments_agent_token("agent-1")
 }
 
 #[tokio::test]

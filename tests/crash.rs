@@ -22,6 +22,8 @@
 
 mod common;
 
+use common::transfer;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,11 +74,6 @@ struct Acked {
     queue: VecDeque<Escalated>,
     /// Approved escalations, for the agents to use their grant.
     granted: Vec<Escalated>,
-}
-
-fn transfer(amount: i64) -> Value {
-    json!({"action": "payments:transfer", "resource": {"type": "Account", "id": "acct-1"},
-           "context": {"amount": amount}})
 }
 
 /// POST `body` as JSON; `None` when no answer came (the server is gone).

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use mandate::approval::{
     ApprovalRequest, ApprovalStore, EscalationLimits, ListFilter, NewRequest, PrincipalSnapshot,
-    RateLimit, ResourceSnapshot, Review, Status, StoreError, Verdict,
+    RateLimit, ResourceSnapshot, Review, Status, StoreCounts, StoreError, Verdict,
 };
 use mandate::vocabulary::{Fallback, GrantScope};
 use serde_json::{Map, Value, json};
@@ -153,6 +153,7 @@ store_suite!(
     a16_concurrent_creates_respect_the_pending_limit,
     au04_checkpoints_are_kept_per_log_once_each,
     a08_a_tool_scoped_request_keeps_its_scope_and_covers_other_arguments,
+    counts_pending_by_group_and_active_grants,
 );
 
 /// Limits no test of the other cases reaches: they create many requests for one principal.
@@ -619,6 +620,54 @@ mod cases {
         assert_eq!(
             approvers.iter().map(|r| r.id).collect::<Vec<_>>(),
             [plain.id]
+        );
+    }
+
+    /// The gauges of `/metrics` (issue 15): unexpired pending requests by the group they
+    /// wait on now (a fallen-back request counts for its fallback group), and active grants.
+    pub async fn counts_pending_by_group_and_active_grants(h: &mut Harness) {
+        let s = h.store.as_ref();
+        assert_eq!(s.counts(T0).await.unwrap(), StoreCounts::default());
+        let fallback = Fallback {
+            group: "finance-leads".into(),
+            after: Duration::from_secs(1800),
+        };
+        create(s, request(250, 1, Some(fallback))).await;
+        create(s, request(251, 1, None)).await;
+        let approved = create(s, request(252, 1, None)).await;
+        let denied = create(s, request(253, 1, None)).await;
+        s.review(
+            review(&approved, "alice", Verdict::Approve, T0 + 10),
+            T0 + 10,
+        )
+        .await
+        .unwrap();
+        s.review(review(&denied, "alice", Verdict::Deny, T0 + 10), T0 + 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.counts(T0 + 20).await.unwrap(),
+            StoreCounts {
+                pending_by_group: vec![("finance-approvers".into(), 2)],
+                active_grants: 1,
+            }
+        );
+        s.fallback_due(T0 + 1800).await.unwrap();
+        assert_eq!(
+            s.counts(T0 + 1800).await.unwrap(),
+            StoreCounts {
+                pending_by_group: vec![
+                    ("finance-approvers".into(), 1),
+                    ("finance-leads".into(), 1)
+                ],
+                // The grant (600 s) has run out.
+                active_grants: 0,
+            }
+        );
+        // Past their expiry, pending requests count no more, swept or not.
+        assert_eq!(
+            s.counts(T0 + PENDING_TTL).await.unwrap(),
+            StoreCounts::default()
         );
     }
 

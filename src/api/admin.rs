@@ -1,9 +1,38 @@
-//! Admin endpoints: liveness and readiness.
+//! Admin endpoints: liveness, readiness and metrics.
 
+use bytes::Bytes;
 use hyper::{Response, StatusCode};
 use serde_json::json;
 
-use super::{AppState, Body, json_response};
+use super::{ApiError, AppState, Body, json_response};
+
+/// The Prometheus text format's content type (version 0.0.4).
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Every instrument, as Prometheus text. Not authenticated, like any scrape target: no
+/// value carries a principal, a resource, a token or evidence (`crate::metrics`). A `404`
+/// naming the key when `telemetry.metrics` is off.
+pub fn metrics(state: &AppState) -> Response<Body> {
+    match state.telemetry.prometheus_text() {
+        Some(Ok(text)) => Response::builder()
+            .status(StatusCode::OK)
+            .header(hyper::header::CONTENT_TYPE, PROMETHEUS_TEXT)
+            .body(Body::new(Bytes::from(text)))
+            .unwrap_or_else(|_| Response::new(Body::default())),
+        Some(Err(e)) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics_unavailable",
+            format!("the metrics could not be encoded: {e}"),
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "metrics are off (`telemetry.metrics = false`)",
+        )
+        .into_response(),
+    }
+}
 
 /// Liveness: the process answers.
 pub fn healthz() -> Response<Body> {

@@ -9,7 +9,8 @@
 //! denial (`decision: false`) with `context.reason = "approval_required"` and
 //! `context.access_request`, as the Access Request and Approval profile describes.
 
-use std::time::Instant;
+use crate::metrics::Api;
+use crate::service::Call;
 
 use hyper::body::Incoming;
 use hyper::header::HOST;
@@ -32,12 +33,12 @@ pub async fn evaluation(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let started = Instant::now();
+    let call = Call::new(Api::Authzen);
     let (caller, map) = match authenticate_and_read(state, conn, req).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    match evaluate_one(state, &caller, &map, "", started).await {
+    match evaluate_one(state, &caller, &map, "", call).await {
         Ok(d) => json_response(StatusCode::OK, &decision_json(&d)),
         Err(e) => e.into_response(),
     }
@@ -48,12 +49,12 @@ pub async fn evaluations(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let started = Instant::now();
+    let call = Call::new(Api::Authzen);
     let (caller, map) = match authenticate_and_read(state, conn, req).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    match evaluations_inner(state, &caller, &map, started).await {
+    match evaluations_inner(state, &caller, &map, call).await {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(e) => e.into_response(),
     }
@@ -80,11 +81,11 @@ async fn evaluations_inner(
     state: &AppState,
     caller: &Caller,
     map: &Map<String, Value>,
-    started: Instant,
+    call: Call,
 ) -> Result<Value, ApiError> {
     // Without an `evaluations` array the endpoint answers like the single evaluation API.
     let Some((items, semantic)) = batch(map)? else {
-        return evaluate_one(state, caller, map, "", started)
+        return evaluate_one(state, caller, map, "", call)
             .await
             .map(|d| decision_json(&d));
     };
@@ -92,7 +93,7 @@ async fn evaluations_inner(
     for (i, item) in items.iter().enumerate() {
         let prefix = format!("evaluations[{i}]");
         let outcome = match batch_item(map, item, &prefix) {
-            Ok(merged) => evaluate_one(state, caller, &merged, &prefix, started).await,
+            Ok(merged) => evaluate_one(state, caller, &merged, &prefix, call).await,
             Err(e) => Err(e),
         };
         // Per-item failures are denials carrying the error (fail closed), not a failed batch.
@@ -226,10 +227,10 @@ async fn evaluate_one(
     caller: &Caller,
     map: &Map<String, Value>,
     prefix: &str,
-    started: Instant,
+    call: Call,
 ) -> Result<Settled, ApiError> {
     let request = evaluation_request(caller, map, prefix)?;
-    Ok(state.service.check(&request, started).await)
+    Ok(state.service.check(&request, call).await)
 }
 
 /// One evaluation's members as a check request; every error names its field under `prefix`.

@@ -24,7 +24,10 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::metrics::Api;
+use crate::service::Call;
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -228,7 +231,7 @@ async fn decide(
     call: &HeaderMap,
     req: EnvoyCheck,
 ) -> Result<Response<Body>, ApiError> {
-    let started = Instant::now();
+    let origin = Call::new(Api::ExtAuthzGrpc);
     let attributes = req.attributes.unwrap_or_default();
     let http = attributes
         .request
@@ -260,15 +263,7 @@ async fn decide(
         extensions: Some(extensions),
     };
     let routed = found.resolve(&inputs).map_err(route_error)?;
-    let settled = settle(
-        state,
-        &principal,
-        &found.matched,
-        routed,
-        &original,
-        started,
-    )
-    .await;
+    let settled = settle(state, &principal, &found.matched, routed, &original, origin).await;
     Ok(answer(&state.forward_auth, &settled, &principal))
 }
 

@@ -19,8 +19,9 @@
 //! Fail closed: nothing but an allow is a 2xx, and a proxy treats any other status as a
 //! refusal.
 
+use crate::metrics::Api;
+use crate::service::Call;
 use std::sync::Arc;
-use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, WWW_AUTHENTICATE};
@@ -124,7 +125,7 @@ async fn decide(
     req: Request<Incoming>,
     proxy: Proxy,
 ) -> Result<(Settled, Arc<Principal>), ApiError> {
-    let started = Instant::now();
+    let call = Call::new(Api::ExtAuthzHttp);
     let principal = agent(authenticate(state, conn, req.headers()).await?)?;
     let original = original(proxy, &req)?;
     let found = state
@@ -132,15 +133,7 @@ async fn decide(
         .find(&original.method, original.host.as_deref(), &original.path)
         .map_err(route_error)?;
     let routed = resolve(state, proxy, &found, &original, req).await?;
-    let settled = settle(
-        state,
-        &principal,
-        &found.matched,
-        routed,
-        &original,
-        started,
-    )
-    .await;
+    let settled = settle(state, &principal, &found.matched, routed, &original, call).await;
     Ok((settled, principal))
 }
 
@@ -154,7 +147,7 @@ pub(super) async fn settle(
     matched: &Matched<'_>,
     routed: Routed,
     original: &Original,
-    started: Instant,
+    call: Call,
 ) -> Settled {
     let req = CheckRequest {
         principal: principal.clone(),
@@ -164,13 +157,8 @@ pub(super) async fn settle(
         context: routed.context,
     };
     match matched {
-        Matched::None => {
-            state
-                .service
-                .refuse(&req, no_route(original), started)
-                .await
-        }
-        Matched::Rule { .. } | Matched::Default(_) => state.service.check(&req, started).await,
+        Matched::None => state.service.refuse(&req, no_route(original), call).await,
+        Matched::Rule { .. } | Matched::Default(_) => state.service.check(&req, call).await,
     }
 }
 

@@ -5,7 +5,8 @@
 //! silently drop input a policy depends on). Answer: `200` with
 //! `{decision, decision_id, policy_version, policy_ids, reasons, approval?}`.
 
-use std::time::Instant;
+use crate::metrics::Api;
+use crate::service::Call;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -51,7 +52,7 @@ async fn check_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Settled, ApiError> {
-    let started = Instant::now();
+    let call = Call::new(Api::Native);
     // Authenticate before reading the body: an unauthenticated caller costs no body parsing.
     let caller = authenticate(state, conn, req.headers()).await?;
     // The credential as sent (a cheap reference-counted copy), for a caller whose
@@ -66,7 +67,7 @@ async fn check_inner(
             bearer.as_ref().map_or(&[][..], |v| v.as_bytes()),
             &bytes,
             |b| parse_check(&caller, b),
-            started,
+            call,
         )
         .await
 }

@@ -28,6 +28,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use crate::metrics::Api;
+use crate::service::Call;
+
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -587,7 +590,7 @@ async fn call(
     id: Value,
     bytes: Bytes,
 ) -> Result<Response<McpBody>, ApiError> {
-    let started = Instant::now();
+    let call = Call::new(Api::Mcp);
     let (tool, arguments) = match call_params(message) {
         Ok(p) => p,
         Err(why) => return Ok(rpc_answer(StatusCode::OK, id, -32602, &why)),
@@ -605,7 +608,7 @@ async fn call(
         attributes,
         arguments,
     );
-    let settled = state.service.check(&req, started).await;
+    let settled = state.service.check(&req, call).await;
     if let Some(approval) = held_approval(state, &settled)
         && let Some(token) = progress_token(message)
         && accepts_sse(headers)
@@ -711,7 +714,7 @@ pub(super) async fn decide_other(
         Ok(req) => req,
         Err(why) => return Verdict::Answer(rpc_error(id, -32602, &why)),
     };
-    let settled = state.service.check(&req, Instant::now()).await;
+    let settled = state.service.check(&req, Call::new(Api::Mcp)).await;
     if settled.decision.outcome == Outcome::Allow {
         return Verdict::Forward;
     }
@@ -773,7 +776,11 @@ impl Held {
         if !approved {
             return Err(self.escalated);
         }
-        let again = self.state.service.check(&self.req, Instant::now()).await;
+        let again = self
+            .state
+            .service
+            .check(&self.req, Call::new(Api::Mcp))
+            .await;
         match again.decision.outcome {
             Outcome::Allow => Ok(()),
             _ => Err(again),

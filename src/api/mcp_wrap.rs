@@ -24,8 +24,9 @@
 //! `[[mcp.servers]]` upstream is refused, so a decision recorded for one of its tools is
 //! always about that upstream.
 
+use crate::metrics::Api;
+use crate::service::Call;
 use std::sync::Arc;
-use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::header::AUTHORIZATION;
@@ -74,7 +75,7 @@ async fn decide_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Verdict, ApiError> {
-    let started = Instant::now();
+    let origin = Call::new(Api::Mcp);
     let (principal, body) = read_body(state, conn, req).await?;
     body::only_known(&body, "", &["server", "message", "tools"])?;
     let server = server_name(state, &body)?;
@@ -112,7 +113,7 @@ async fn decide_inner(
     let method = message.get("method").and_then(Value::as_str);
     Ok(match (method, id) {
         (Some("tools/call"), Some(id)) => {
-            call(state, server, &principal, &message, id, tools, started).await
+            call(state, server, &principal, &message, id, tools, origin).await
         }
         (Some(m @ ("resources/read" | "prompts/get")), Some(id)) => {
             mcp::decide_other(state, server, &principal, m, &message, id).await
@@ -130,7 +131,7 @@ async fn call(
     message: &Map<String, Value>,
     id: Value,
     tools: &[Value],
-    started: Instant,
+    origin: Call,
 ) -> Verdict {
     let (tool, arguments) = match mcp::call_params(message) {
         Ok(p) => p,
@@ -148,7 +149,7 @@ async fn call(
         return Verdict::Answer(mcp::rpc_error(id, -32602, &mcp::not_listed(server, tool)));
     };
     let req = mcp::tool_check(state, server, principal, tool, attributes, arguments);
-    let settled = state.service.check(&req, started).await;
+    let settled = state.service.check(&req, origin).await;
     mcp::settle_call(state, req, settled, id).await
 }
 

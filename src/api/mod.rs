@@ -51,6 +51,8 @@ pub struct AppState {
     pub ext_authz: crate::config::ExtAuthzConfig,
     /// `[mcp]`: the MCP gateway's upstreams.
     pub mcp: mcp::Gateway,
+    /// The metrics behind `GET /metrics`.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// What the transport knows about the peer, for caller authentication.
@@ -236,6 +238,7 @@ pub async fn route(
     let mut resp = match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => admin::healthz(),
         (&Method::GET, "/readyz") => admin::readyz(&state),
+        (&Method::GET, "/metrics") => admin::metrics(&state),
         (&Method::POST, "/v1/check") => http::check(&state, &conn, req).await,
         // Any method: Envoy's is the original request's.
         (_, p) if let Some(proxy) = forward_auth::Proxy::of(p) => {
@@ -269,6 +272,7 @@ pub async fn route(
             _,
             "/healthz"
             | "/readyz"
+            | "/metrics"
             | "/v1/check"
             | "/access/v1/evaluation"
             | "/access/v1/evaluations"

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::{
     ApprovalRequest, ApprovalStore, Grant, ListFilter, NewRequest, Review, ReviewOutcome,
-    StoreError,
+    StoreCounts, StoreError,
 };
 use crate::audit::Checkpoint;
 
@@ -202,6 +202,9 @@ impl ApprovalStore for GuardedStore {
     async fn checkpoints(&self, log_id: &str) -> Result<Vec<Checkpoint>, StoreError> {
         self.guard(self.inner.checkpoints(log_id)).await
     }
+    async fn counts(&self, now: i64) -> Result<StoreCounts, StoreError> {
+        self.guard(self.inner.counts(now)).await
+    }
 }
 
 #[cfg(test)]
@@ -277,6 +280,9 @@ mod tests {
             self.answer().await
         }
         async fn checkpoints(&self, _: &str) -> Result<Vec<Checkpoint>, StoreError> {
+            self.answer().await
+        }
+        async fn counts(&self, _: i64) -> Result<StoreCounts, StoreError> {
             self.answer().await
         }
     }
@@ -390,6 +396,9 @@ mod tests {
             }
             async fn checkpoints(&self, _: &str) -> Result<Vec<Checkpoint>, StoreError> {
                 Ok(Vec::new())
+            }
+            async fn counts(&self, _: i64) -> Result<StoreCounts, StoreError> {
+                Ok(StoreCounts::default())
             }
         }
         let g = GuardedStore::new(Arc::new(Refusing), GuardSettings::default());

@@ -646,6 +646,18 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
 
     /// The checkpoints kept for the log `log_id`, in order.
     async fn checkpoints(&self, log_id: &str) -> Result<Vec<crate::audit::Checkpoint>, StoreError>;
+
+    /// Unexpired pending requests by the approver group they wait on, and active grants, at
+    /// `now` (the gauges of `/metrics`).
+    async fn counts(&self, now: i64) -> Result<StoreCounts, StoreError>;
+}
+
+/// What [`ApprovalStore::counts`] reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    /// (group, pending requests it may approve now), by group name.
+    pub pending_by_group: Vec<(String, u64)>,
+    pub active_grants: u64,
 }
 
 #[cfg(test)]

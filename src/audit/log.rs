@@ -110,6 +110,11 @@ struct Inner {
     /// The last append failed (and none has succeeded since): readiness says so.
     last_failed: AtomicBool,
     write_failures: AtomicU64,
+    /// Records appended by this process (for `/metrics`).
+    written: AtomicU64,
+    /// Where each sync's duration is recorded, once telemetry is wired
+    /// ([`AuditLog::record_syncs`]).
+    sync_metrics: std::sync::OnceLock<crate::metrics::Metrics>,
 }
 
 /// The hash-chained audit log. Cheap to clone; every clone appends to the same chain.
@@ -195,6 +200,8 @@ impl AuditLog {
             sync_failed: AtomicBool::new(false),
             last_failed: AtomicBool::new(false),
             write_failures: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            sync_metrics: std::sync::OnceLock::new(),
         });
         spawn_group_commit(
             Arc::downgrade(&inner),
@@ -215,6 +222,16 @@ impl AuditLog {
     /// deny or failed an event. Exported as a metric.
     pub fn write_failures(&self) -> u64 {
         self.0.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// Records this process appended (decisions and events).
+    pub fn records_written(&self) -> u64 {
+        self.0.written.load(Ordering::Relaxed)
+    }
+
+    /// Record the duration of every sync from now on in `metrics` (the first call wins).
+    pub fn record_syncs(&self, metrics: crate::metrics::Metrics) {
+        let _ = self.0.sync_metrics.set(metrics);
     }
 
     /// `None` while records are being written and synced; else why the log is failing (the
@@ -380,6 +397,8 @@ impl Inner {
         let result = self.append_locked(&mut head, record);
         if result.is_err() {
             self.write_failures.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.written.fetch_add(1, Ordering::Relaxed);
         }
         self.last_failed.store(result.is_err(), Ordering::Release);
         result
@@ -554,6 +573,7 @@ impl Inner {
             .map(|mut c| std::mem::take(&mut *c))
             .unwrap_or_default();
         let active = self.head.lock().map(|h| Arc::clone(&h.file));
+        let started = std::time::Instant::now();
         let result = closing
             .iter()
             .try_for_each(|f| f.sync_data())
@@ -561,6 +581,9 @@ impl Inner {
                 Ok(f) => f.sync_data(),
                 Err(_) => Err(io::Error::other("a writer panicked while appending")),
             });
+        if let Some(m) = self.sync_metrics.get() {
+            m.audit_synced(started.elapsed());
+        }
         match result {
             Ok(()) => {
                 self.sync_failed.store(false, Ordering::Release);

@@ -124,6 +124,8 @@ struct Refreshed {
     flight: Mutex<Flight>,
     done: watch::Sender<Outcome>,
     fetches: AtomicU64,
+    /// Fetches that failed (timed out, refused, a bad document).
+    failures: AtomicU64,
     /// Why the latest fetch failed (naming the source); `None` after a success.
     last_error: Mutex<Option<String>>,
 }
@@ -263,6 +265,7 @@ impl IssuerKeys {
                 flight: Mutex::new(Flight::default()),
                 done: watch::Sender::new(Outcome::default()),
                 fetches: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             })
         });
@@ -329,6 +332,13 @@ impl IssuerKeys {
         self.refreshed
             .as_ref()
             .map_or(0, |r| r.fetches.load(Ordering::Relaxed))
+    }
+
+    /// JWKS fetches that failed so far.
+    pub fn fetch_failures(&self) -> u64 {
+        self.refreshed
+            .as_ref()
+            .map_or(0, |r| r.failures.load(Ordering::Relaxed))
     }
 
     /// A request missed a `kid` (or found no keys): join the fetch in flight, or start one
@@ -407,6 +417,7 @@ impl IssuerKeys {
                 (true, max_age)
             }
             Err(e) => {
+                r.failures.fetch_add(1, Ordering::Relaxed);
                 let message = e.to_string();
                 // Keep the last good keys: an outage or a bad document must not revoke
                 // every key at once (K-04, K-06).

@@ -18,6 +18,7 @@ use super::keys::KeySource;
 use super::keys::{IssuerKeys, OnKeysRemoved};
 use super::{IssuerSettings, Profile};
 use crate::clock::Clock;
+use crate::metrics::{CacheName, Metrics};
 use crate::vocabulary::Principal;
 
 /// Longest `sub` accepted, in bytes (SPIFFE IDs are capped at 2048 as well).
@@ -64,6 +65,8 @@ struct Inner {
     by_iss: HashMap<String, usize>,
     cache: TokenCache,
     clock: Arc<dyn Clock>,
+    /// Where verifications and cache lookups are counted, once telemetry is wired.
+    metrics: std::sync::OnceLock<Metrics>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -207,6 +210,7 @@ impl Verifier {
                 by_iss,
                 cache: token_cache,
                 clock,
+                metrics: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -244,6 +248,26 @@ impl Verifier {
             .collect()
     }
 
+    /// Count verifications and token cache lookups in `metrics` from now on (the first call
+    /// wins).
+    pub fn record_into(&self, metrics: Metrics) {
+        let _ = self.inner.metrics.set(metrics);
+    }
+
+    fn metrics(&self) -> &Metrics {
+        self.inner.metrics.get().unwrap_or(Metrics::off())
+    }
+
+    /// JWKS fetches attempted and failed, by issuer name, for the issuers that fetch.
+    pub fn fetch_counts(&self) -> Vec<(String, u64, u64)> {
+        self.inner
+            .issuers
+            .iter()
+            .filter(|i| i.is_refreshed())
+            .map(|i| (i.settings.name.clone(), i.fetch_count(), i.fetch_failures()))
+            .collect()
+    }
+
     /// JWKS fetches attempted for `issuer` (by name) so far.
     pub fn fetch_count(&self, issuer: &str) -> u64 {
         self.inner
@@ -261,10 +285,12 @@ impl Verifier {
             if let Some(p) = self.inner.cache.get(&key) {
                 // The cache's own expiry runs on its timer; this check makes `exp` exact.
                 if p.expires_at > self.inner.clock.now_unix() {
+                    self.metrics().cache_lookup(CacheName::Token, true);
                     return Ok(p);
                 }
                 self.inner.cache.invalidate(&key);
             }
+            self.metrics().cache_lookup(CacheName::Token, false);
             let mut p = self.verify_uncached(token).await?;
             p.credential_digest = Some(key);
             let p = Arc::new(p);
@@ -274,8 +300,30 @@ impl Verifier {
         self.verify_uncached(token).await.map(Arc::new)
     }
 
-    /// The full pipeline, without the cache.
+    /// The full pipeline, without the cache; counted by issuer and result.
     pub async fn verify_uncached(&self, token: &str) -> Result<Principal, IdentityError> {
+        let mut issuer = None;
+        let result = self.pipeline(token, &mut issuer).await;
+        self.counted(issuer, result)
+    }
+
+    /// Count a verification that reached `issuer` (`None`: refused before one was found).
+    fn counted(
+        &self,
+        issuer: Option<&str>,
+        result: Result<Principal, IdentityError>,
+    ) -> Result<Principal, IdentityError> {
+        let code = result.as_ref().err().map_or("ok", IdentityError::code);
+        self.metrics()
+            .token_verified(issuer.unwrap_or("none"), code);
+        result
+    }
+
+    async fn pipeline<'a>(
+        &'a self,
+        token: &str,
+        seen: &mut Option<&'a str>,
+    ) -> Result<Principal, IdentityError> {
         // Steps 1–5: structure, before anything is looked up.
         let parsed = jws::parse(token)?;
         let Header {
@@ -289,6 +337,7 @@ impl Verifier {
         // Step 6: route by the unverified `iss`; an unknown issuer costs no I/O.
         let issuer = self.issuer_of(&claims)?;
         let s = &issuer.settings;
+        *seen = Some(&s.name);
 
         // Step 4, profile half: header parameters and `typ`.
         check_header_profile(s, other_param.as_deref(), typ.as_deref())?;
@@ -330,9 +379,19 @@ impl Verifier {
         &self,
         payload: Map<String, Value>,
     ) -> Result<Principal, IdentityError> {
-        let claims = jws::claims_from_map(payload)?;
-        let issuer = self.issuer_of(&claims)?;
-        admit(&issuer.settings, &claims, self.inner.clock.now_unix())
+        let claims = match jws::claims_from_map(payload) {
+            Ok(c) => c,
+            Err(e) => return self.counted(None, Err(e)),
+        };
+        let issuer = match self.issuer_of(&claims) {
+            Ok(i) => i,
+            Err(e) => return self.counted(None, Err(e)),
+        };
+        let s = &issuer.settings;
+        self.counted(
+            Some(&s.name),
+            admit(s, &claims, self.inner.clock.now_unix()),
+        )
     }
 
     /// The configured issuer whose exact `iss` the claims name.
@@ -356,27 +415,34 @@ impl Verifier {
         issuer: &str,
         spiffe_id: &str,
     ) -> Result<Principal, IdentityError> {
-        let s = self
+        let found = self
             .inner
             .issuers
             .iter()
             .map(|i| &i.settings)
-            .find(|s| s.name == issuer && s.profile == Profile::Spiffe)
-            .ok_or_else(|| IdentityError::IssuerUnknown(shown(issuer)))?;
-        let sub = check_sub(Some(spiffe_id))?;
-        let claims = Claims {
-            iss: Some(s.issuer.clone()),
-            sub: Some(sub.to_owned()),
-            aud: Vec::new(),
-            exp: None,
-            nbf: None,
-            iat: None,
-            jti: None,
-            all: Map::new(),
+            .find(|s| s.name == issuer && s.profile == Profile::Spiffe);
+        let Some(s) = found else {
+            return self.counted(None, Err(IdentityError::IssuerUnknown(shown(issuer))));
         };
-        let attrs = check_profile(s, sub, &claims)?;
-        build_principal(s, sub, &claims, attrs)
+        self.counted(Some(&s.name), peer_admit(s, spiffe_id))
     }
+}
+
+/// The principal of SPIFFE ID `spiffe_id` under `s`, with no claims but its `sub`.
+fn peer_admit(s: &IssuerSettings, spiffe_id: &str) -> Result<Principal, IdentityError> {
+    let sub = check_sub(Some(spiffe_id))?;
+    let claims = Claims {
+        iss: Some(s.issuer.clone()),
+        sub: Some(sub.to_owned()),
+        aud: Vec::new(),
+        exp: None,
+        nbf: None,
+        iat: None,
+        jti: None,
+        all: Map::new(),
+    };
+    let attrs = check_profile(s, sub, &claims)?;
+    build_principal(s, sub, &claims, attrs)
 }
 
 /// Steps 10–12, for a claim set whose signature is verified: times, `iss`, audience, `sub`,

@@ -222,7 +222,7 @@ impl Service {
         };
         let status = outcome.request.status;
         if matches!(status, Status::Approved | Status::Denied) {
-            self.notifier.send(status.as_str(), &outcome.request);
+            self.approval_event(status.as_str(), &outcome.request);
         }
         let detail = json!({
             "request_id": id.to_string(),
@@ -373,6 +373,8 @@ impl Service {
                 what: "the cancellation was stored but could not be audited".into(),
                 error,
             })?;
+        let group = cancelled.groups.first().map_or("", String::as_str);
+        self.metrics.approval_event("cancelled", group);
         Ok(cancelled)
     }
 

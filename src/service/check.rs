@@ -9,6 +9,7 @@ use super::caller::Caller;
 use crate::approval::{ApprovalRequest, ApprovalStore, Grant, NewRequest, StoreError};
 use crate::audit::{Approver, DecisionRecord};
 use crate::decision::CacheKey;
+use crate::metrics::{Api, CacheName};
 use crate::vocabulary::{CheckRequest, Decision, Outcome, Reason};
 
 /// Reason code of a deny caused by an approval store that cannot take the request.
@@ -17,6 +18,25 @@ pub const ESCALATION_UNAVAILABLE: &str = "escalation_unavailable";
 pub const ESCALATION_RATE_LIMITED: &str = "escalation_rate_limited";
 /// Reason code of a deny caused by an audit log that cannot be written.
 pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+
+/// Which adapter a check came through, and when it began handling the request: the audit
+/// record's latency and the decision duration metric run from `started`.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    pub api: Api,
+    pub started: Instant,
+}
+
+impl Call {
+    /// A call through `api` that starts now.
+    pub fn new(api: Api) -> Self {
+        Self::at(api, Instant::now())
+    }
+
+    pub fn at(api: Api, started: Instant) -> Self {
+        Self { api, started }
+    }
+}
 
 /// A decision as answered, with the approval request an escalation created or repeated, or
 /// the grant that allowed it.
@@ -44,10 +64,9 @@ impl Settled {
 
 impl Service {
     /// Decide `req`, settle an escalation against the approval store, and record the decision
-    /// in the audit log before anyone sees it. `started` is when the adapter began handling
-    /// the request: the record's latency runs from there to the decision.
-    pub async fn check(&self, req: &CheckRequest, started: Instant) -> Settled {
-        self.settle(req, self.engine.decide(req), started).await
+    /// in the audit log before anyone sees it.
+    pub async fn check(&self, req: &CheckRequest, call: Call) -> Settled {
+        self.settle(req, self.engine.decide(req), call).await
     }
 
     /// A check whose whole input is `caller` and the request bytes `body`: a repeat of the
@@ -62,7 +81,7 @@ impl Service {
         bearer: &[u8],
         body: &[u8],
         parse: impl FnOnce(&[u8]) -> Result<CheckRequest, E>,
-        started: Instant,
+        call: Call,
     ) -> Result<Settled, E> {
         // The credential fixes the principal and every attribute it carries; tagged by kind,
         // so no credential of one kind can stand for one of another.
@@ -81,11 +100,13 @@ impl Service {
             .part(&now.to_le_bytes())
             .finish();
         if let Some(hit) = self.decisions.get(&key, now) {
-            return Ok(self.settle(&hit.request, hit.fresh(), started).await);
+            self.metrics.cache_lookup(CacheName::Decision, true);
+            return Ok(self.settle(&hit.request, hit.fresh(), call).await);
         }
+        self.metrics.cache_lookup(CacheName::Decision, false);
         let request = parse(body)?;
         let verdict = self.engine.decide_at(&request, now);
-        let settled = self.settle(&request, verdict.clone(), started).await;
+        let settled = self.settle(&request, verdict.clone(), call).await;
         // Cache the policy's verdict, not an outage: a deny caused by the audit log or the
         // store must not outlive the outage.
         if settled.decision.outcome == verdict.outcome {
@@ -97,7 +118,7 @@ impl Service {
     /// A request the adapter could not put to the policy (an HTTP request no route maps to
     /// an action): a deny with `reason`, recorded like every decision (SECURITY §0: a deny is
     /// a decision with an audit record, never only a transport error).
-    pub async fn refuse(&self, req: &CheckRequest, reason: Reason, started: Instant) -> Settled {
+    pub async fn refuse(&self, req: &CheckRequest, reason: Reason, call: Call) -> Settled {
         let decision = Decision {
             id: uuid::Uuid::now_v7(),
             outcome: Outcome::Deny,
@@ -106,18 +127,13 @@ impl Service {
             reasons: vec![reason],
             approval: None,
         };
-        self.settle(req, decision, started).await
+        self.settle(req, decision, call).await
     }
 
     /// Settle (if an escalation) and record `decision` about `req`; the answer to give.
-    pub async fn settle(
-        &self,
-        req: &CheckRequest,
-        decision: Decision,
-        started: Instant,
-    ) -> Settled {
+    pub async fn settle(&self, req: &CheckRequest, decision: Decision, call: Call) -> Settled {
         let mut settled = self.settle_escalation(req, decision).await;
-        if let Some(deny) = self.record(req, &settled, started) {
+        if let Some(deny) = self.record(req, &settled, call.started) {
             settled.decision = deny;
         }
         if settled.decision.outcome != Outcome::Escalate {
@@ -127,7 +143,11 @@ impl Service {
             settled.grant = None;
             settled.approvers.clear();
         }
-        self.stats.decided(settled.decision.outcome);
+        let d = &settled.decision;
+        self.stats.decided(d.outcome);
+        let reason = d.reasons.first().map_or("none", |r| r.code);
+        self.metrics
+            .decided(call.api, d.outcome, reason, call.started.elapsed());
         settled
     }
 
@@ -187,7 +207,7 @@ impl Service {
                 };
             }
             Ok(_) => {}
-            Err(e) => return store_failure(decision, &e),
+            Err(e) => return self.store_failure(decision, &e),
         }
         // The approver is shown the policies that asked, as they were in this decision's
         // bundle.
@@ -208,7 +228,7 @@ impl Service {
             Ok((request, created)) => {
                 if created {
                     self.stats.approval_request_created();
-                    self.notifier.send("created", &request);
+                    self.approval_event("created", &request);
                 }
                 Settled {
                     decision,
@@ -217,7 +237,7 @@ impl Service {
                     grant: None,
                 }
             }
-            Err(e) => store_failure(decision, &e),
+            Err(e) => self.store_failure(decision, &e),
         }
     }
 
@@ -258,22 +278,23 @@ impl Service {
             }
         }
     }
-}
 
-/// Fail closed (SECURITY R-04a): an escalation the store cannot settle is a deny, never an
-/// allow and never a silent dead end. A principal at its escalation limits (SECURITY A-16) is
-/// told which limit.
-fn store_failure(decision: Decision, e: &StoreError) -> Settled {
-    if let StoreError::RateLimited { .. } = e {
-        tracing::warn!(error = %e, decision_id = %decision.id, "escalation rate limited; denying");
-        return escalation_denied(decision, ESCALATION_RATE_LIMITED, e.to_string());
+    /// Fail closed (SECURITY R-04a): an escalation the store cannot settle is a deny, never an
+    /// allow and never a silent dead end. A principal at its escalation limits (SECURITY
+    /// A-16) is told which limit.
+    fn store_failure(&self, decision: Decision, e: &StoreError) -> Settled {
+        if let StoreError::RateLimited { .. } = e {
+            self.metrics.escalation_rate_limited();
+            tracing::warn!(error = %e, decision_id = %decision.id, "escalation rate limited; denying");
+            return escalation_denied(decision, ESCALATION_RATE_LIMITED, e.to_string());
+        }
+        tracing::error!(error = %e, decision_id = %decision.id, "approval store unavailable; denying");
+        escalation_denied(
+            decision,
+            ESCALATION_UNAVAILABLE,
+            format!("the approval store is unavailable: {}", e.code()),
+        )
     }
-    tracing::error!(error = %e, decision_id = %decision.id, "approval store unavailable; denying");
-    escalation_denied(
-        decision,
-        ESCALATION_UNAVAILABLE,
-        format!("the approval store is unavailable: {}", e.code()),
-    )
 }
 
 /// An escalation that could not become an approval request, as a deny with `code`.

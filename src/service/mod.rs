@@ -25,16 +25,19 @@ pub mod sweep;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::approval::{EscalationLimits, GrantCache, GuardedStore};
+use crate::approval::{EscalationLimits, GrantCache, GuardedStore, StoreCounts};
 use crate::audit::{AuditError, AuditLog, EventRecord};
 use crate::config::EnforcementPoint;
 use crate::decision::{DecisionCache, Engine};
 use crate::identity::Verifier;
+use crate::metrics::Metrics;
 use crate::notify::Notifier;
 
 pub use approvals::{ListQuery, ReviewInput};
 pub use caller::{Caller, Subject, SubjectError};
-pub use check::{AUDIT_UNAVAILABLE, ESCALATION_RATE_LIMITED, ESCALATION_UNAVAILABLE, Settled};
+pub use check::{
+    AUDIT_UNAVAILABLE, Call, ESCALATION_RATE_LIMITED, ESCALATION_UNAVAILABLE, Settled,
+};
 pub use error::ApprovalError;
 
 /// Distinct checks whose verdict is kept for a repeat within the same second: bounded small,
@@ -70,12 +73,30 @@ pub struct Service {
     pub enforcement_points: Vec<EnforcementPoint>,
     /// Decisions by outcome, approval requests created, credentials refused.
     pub stats: stats::Stats,
+    /// The instruments of `/metrics` and OTLP (a clone of `Metrics::off()` when none are
+    /// wired).
+    pub metrics: Metrics,
+    /// Pending requests by group and active grants, as of the last sweep (gauges).
+    pub gauges: std::sync::Mutex<StoreCounts>,
 }
 
 impl Service {
     /// The service's time (unix seconds), from the injected clock.
     pub fn now(&self) -> i64 {
         self.engine.now()
+    }
+
+    /// Pending requests by group and active grants, as of the last sweep.
+    pub fn store_counts(&self) -> StoreCounts {
+        self.gauges.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Tell the webhooks about an approval request event, and count it by the request's
+    /// first approver group.
+    fn approval_event(&self, event: &'static str, request: &crate::approval::ApprovalRequest) {
+        self.notifier.send(event, request);
+        let group = request.groups.first().map_or("", String::as_str);
+        self.metrics.approval_event(event, group);
     }
 
     /// Write an approval event and sync it to disk: the change it records is not

@@ -18,7 +18,7 @@ impl Service {
             }
         };
         for r in &fallback {
-            self.notifier.send("fallback", r);
+            self.approval_event("fallback", r);
             let detail =
                 serde_json::json!({"request_id": r.id.to_string(), "groups": r.current_groups});
             self.sweep_event("approval_fallback", &detail);
@@ -31,10 +31,26 @@ impl Service {
             }
         };
         for r in &expired {
-            self.notifier.send("expired", r);
+            self.approval_event("expired", r);
             let detail =
                 serde_json::json!({"request_id": r.id.to_string(), "expires_at": r.expires_at});
             self.sweep_event("approval_expired", &detail);
+        }
+        // The gauges of `/metrics`: stale by at most one sweep; an outage keeps the last.
+        match self.store.counts(now).await {
+            Ok(mut counts) => {
+                if let Ok(mut g) = self.gauges.lock() {
+                    // A group with nothing pending any more reads 0, not a vanished series.
+                    for (group, _) in &g.pending_by_group {
+                        if !counts.pending_by_group.iter().any(|(n, _)| n == group) {
+                            counts.pending_by_group.push((group.clone(), 0));
+                        }
+                    }
+                    counts.pending_by_group.sort();
+                    *g = counts;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "store counts not refreshed"),
         }
         (fallback.len(), expired.len())
     }

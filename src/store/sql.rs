@@ -27,7 +27,7 @@ use super::{
 };
 use crate::approval::{
     ApprovalRequest, ApprovalStore, EscalationLimits, Grant, ListFilter, NewRequest,
-    PrincipalSnapshot, Review, ReviewOutcome, Status, StoreError, apply_review,
+    PrincipalSnapshot, Review, ReviewOutcome, Status, StoreCounts, StoreError, apply_review,
 };
 use crate::audit::Checkpoint;
 
@@ -174,6 +174,10 @@ struct Statements {
     insert_checkpoint: SqlStr,
     /// `$1` log id: its checkpoints in order.
     checkpoints: SqlStr,
+    /// `$1` now: (group, count) of the unexpired pending requests each group may approve.
+    pending_by_group: SqlStr,
+    /// `$1` now: the number of active grants.
+    active_grant_count: SqlStr,
 }
 
 /// A statement rendered for a dialect. Its only inputs are this module's constants and the
@@ -277,6 +281,13 @@ impl Statements {
                 .into_sql_str(),
             checkpoints: "SELECT seq, hash, at, key_id, signature FROM audit_checkpoints \
                  WHERE log_id = $1 ORDER BY seq"
+                .into_sql_str(),
+            pending_by_group: sql(format!(
+                "SELECT value, COUNT(*) FROM approval_requests, {json_each}(current_groups) \
+                  WHERE status = 'pending' AND expires_at > $1 GROUP BY value ORDER BY value"
+            )),
+            active_grant_count: "SELECT COUNT(*) FROM grants \
+                 WHERE revoked_at IS NULL AND expires_at > $1"
                 .into_sql_str(),
         }
     }
@@ -466,6 +477,7 @@ pub(super) trait Run:
     + Fetch<LimitCounts>
     + Fetch<CheckpointRow>
     + Fetch<(i64,)>
+    + Fetch<(String, i64)>
 {
 }
 
@@ -476,6 +488,7 @@ impl<D> Run for D where
         + Fetch<LimitCounts>
         + Fetch<CheckpointRow>
         + Fetch<(i64,)>
+        + Fetch<(String, i64)>
 {
 }
 
@@ -852,5 +865,22 @@ impl<D: Run> ApprovalStore for SqlStore<D> {
         let stmt = Stmt::new(&self.sql.checkpoints).bind(log_id);
         let rows: Vec<CheckpointRow> = rows::<D, _>(&mut *self.conn().await?, stmt).await?;
         rows.into_iter().map(Checkpoint::try_from).collect()
+    }
+
+    async fn counts(&self, now: i64) -> Result<StoreCounts, StoreError> {
+        let mut conn = self.conn().await?;
+        let stmt = Stmt::new(&self.sql.pending_by_group).bind(now);
+        let pending: Vec<(String, i64)> = rows::<D, _>(&mut conn, stmt).await?;
+        let stmt = Stmt::new(&self.sql.active_grant_count).bind(now);
+        let grants: Vec<(i64,)> = rows::<D, _>(&mut conn, stmt).await?;
+        Ok(StoreCounts {
+            pending_by_group: pending
+                .into_iter()
+                .map(|(g, n)| (g, u64::try_from(n).unwrap_or(0)))
+                .collect(),
+            active_grants: grants
+                .first()
+                .map_or(0, |(n,)| u64::try_from(*n).unwrap_or(0)),
+        })
     }
 }

@@ -1,13 +1,9 @@
 //! The Python MCP SDK client peer (tests/peers/mcp_client.py) as tests/mcp.rs and
 //! tests/mcp_stdio.rs run it: its steps in, one JSON line per step out.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-
-use super::repo;
 
 /// What the SDK client printed: one JSON line for `initialize`, one for the session id, then
 /// one per step in order.
@@ -53,24 +49,13 @@ impl Run {
 /// Run the SDK client with `args` (`URL TOKEN`, or `--stdio COMMAND…`), `env` added to its
 /// environment, and `steps`: `[{"op":"list"}, {"op":"call","tool":..,"arguments":{..}}, …]`.
 pub async fn client(args: Vec<String>, env: Vec<(String, String)>, steps: Value) -> Run {
-    let script = repo().join("tests/peers/mcp_client.py");
     let run = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .args(&args)
-            .envs(env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(steps.to_string().as_bytes())
-            .expect("steps written");
-        child.wait_with_output().expect("client output")
+        super::python_script(
+            "tests/peers/mcp_client.py",
+            &args,
+            &env,
+            steps.to_string().as_bytes(),
+        )
     });
     let out = tokio::time::timeout(Duration::from_secs(120), run)
         .await

@@ -156,6 +156,49 @@ impl TestServer {
     }
 }
 
+/// The example bundle's payment check: allowed up to 100, escalated above, forbidden above
+/// 10,000.
+pub fn transfer(amount: i64) -> Value {
+    serde_json::json!({"action":"payments:transfer","resource":{"type":"Account","id":"acct-1"},"context":{"amount":amount}})
+}
+
+/// A payments agent's dev token (owner `bob`, group `payments-agents`), valid 5 minutes.
+pub fn payments_agent_token(sub: &str) -> String {
+    dev_token(
+        sub,
+        serde_json::json!({"owner":"bob","groups":["payments-agents"]}),
+        Duration::from_secs(300),
+    )
+}
+
+/// Run a Python script of the repository with `args` and `env`, writing `stdin` to it; its
+/// output.
+pub fn python_script(
+    script: &str,
+    args: &[String],
+    env: &[(String, String)],
+    stdin: &[u8],
+) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("python3")
+        .arg(repo().join(script))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("stdin written");
+    child.wait_with_output().expect("python output")
+}
+
 /// A token from the example config's dev key, as `mandate dev token` mints it.
 pub fn dev_token(sub: &str, claims: Value, ttl: Duration) -> String {
     let now = std::time::SystemTime::now()

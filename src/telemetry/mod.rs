@@ -1,6 +1,11 @@
-//! Logging: `tracing` to stderr, as text or JSON lines.
+//! Logging: `tracing` to stderr, as text or JSON lines; and the OpenTelemetry SDK behind
+//! [`crate::metrics`] ([`Telemetry`]).
+
+mod meters;
 
 use tracing_subscriber::EnvFilter;
+
+pub use meters::Telemetry;
 
 use crate::config::LogConfig;
 

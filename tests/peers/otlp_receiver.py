@@ -1,0 +1,89 @@
+"""An OTLP/gRPC receiver made of the OpenTelemetry protos (opentelemetry-proto) and grpcio:
+it listens on 127.0.0.1 (port 0), prints `listening PORT` on stdout, then appends what each
+export carries to the file named by argv[1], one JSON line per data point:
+
+  {"signal": "metrics", "resource": {...}, "name", "unit", "kind", "attributes", "value"}
+
+where value is a sum's or gauge's value, or a histogram's {"count", "sum", "bounds", "counts"}.
+It runs until it is killed."""
+import json
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
+
+LOCK = threading.Lock()
+
+
+def any_value(v):
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind else None
+
+
+def attrs(kvs):
+    return {kv.key: any_value(kv.value) for kv in kvs}
+
+
+def write(path, lines):
+    with LOCK, open(path, "a", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+
+
+class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, path):
+        self.path = path
+
+    def Export(self, request, context):
+        lines = []
+        for rm in request.resource_metrics:
+            resource = attrs(rm.resource.attributes)
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    kind = m.WhichOneof("data")
+                    data = getattr(m, kind)
+                    for p in data.data_points:
+                        if kind == "histogram":
+                            value = {
+                                "count": p.count,
+                                "sum": p.sum,
+                                "bounds": list(p.explicit_bounds),
+                                "counts": list(p.bucket_counts),
+                            }
+                        else:
+                            value = any_value_number(p)
+                        lines.append({
+                            "signal": "metrics",
+                            "resource": resource,
+                            "scope": sm.scope.name,
+                            "name": m.name,
+                            "unit": m.unit,
+                            "kind": kind,
+                            "attributes": attrs(p.attributes),
+                            "value": value,
+                        })
+        write(self.path, lines)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+def any_value_number(p):
+    return p.as_int if p.WhichOneof("value") == "as_int" else p.as_double
+
+
+def main():
+    path = sys.argv[1]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(path), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"listening {port}", flush=True)
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

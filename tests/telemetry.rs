@@ -1,0 +1,421 @@
+//! Telemetry with peers nobody here wrote (issue 15): `/metrics` read by Prometheus's own
+//! text parser (Python `prometheus_client`, tests/peers/prom_parse.py), and OTLP metrics
+//! received by a collector made of the OpenTelemetry protos and grpcio
+//! (tests/peers/otlp_receiver.py). Both installed by scripts/test from tests/requirements.txt.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step must stop the test loudly"
+)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    TestServer, example_config, finance_approve, first_pending, payments_agent_token,
+    python_script, repo, transfer,
+};
+use serde_json::{Value, json};
+
+/// One sample as prometheus_client parsed it.
+#[derive(Debug)]
+struct Sample {
+    family: String,
+    kind: String,
+    name: String,
+    labels: serde_json::Map<String, Value>,
+    value: f64,
+}
+
+/// Scrape `/metrics` and parse it with prometheus_client; panics on a parse error.
+async fn scrape(s: &TestServer) -> Vec<Sample> {
+    let r = s.client.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let text = r.text().await.unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        python_script("tests/peers/prom_parse.py", &[], &[], text.as_bytes())
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client refused the exposition (scripts/test installs tests/requirements.txt):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            Sample {
+                family: v["family"].as_str().unwrap().to_owned(),
+                kind: v["type"].as_str().unwrap().to_owned(),
+                name: v["name"].as_str().unwrap().to_owned(),
+                labels: v["labels"].as_object().unwrap().clone(),
+                value: v["value"].as_f64().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Scrape until `ok` holds (at most 10 s); the last scrape.
+async fn scrape_until(s: &TestServer, ok: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(s).await;
+        if ok(&m) {
+            return m;
+        }
+        assert!(Instant::now() < until, "the scrape never got there: {m:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The sum of the samples named `name` whose labels include every pair of `want`.
+fn total(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            want.iter()
+                .all(|(k, v)| s.labels.get(*k) == Some(&json!(v)))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+fn kind_of<'a>(samples: &'a [Sample], family: &str) -> &'a str {
+    samples
+        .iter()
+        .find(|s| s.family == family)
+        .map(|s| s.kind.as_str())
+        .unwrap_or_else(|| panic!("no family `{family}` in the scrape"))
+}
+
+#[tokio::test]
+async fn prometheus_parses_metrics_that_move_with_checks() {
+    let s = TestServer::start(&example_config(&[])).await;
+    let t = payments_agent_token("agent-1");
+    let before = scrape(&s).await;
+    // The families an operator's dashboard reads are there before any check.
+    assert_eq!(kind_of(&before, "mandate_policy_info"), "gauge");
+    assert_eq!(
+        total(&before, "mandate_policy_info", &[("name", "example")]),
+        1.0,
+        "{before:?}"
+    );
+    assert_eq!(kind_of(&before, "mandate_audit_records"), "counter");
+
+    let (_, a) = s.post("/v1/check", Some(&t), &transfer(50)).await;
+    assert_eq!(a["decision"], "allow");
+    let (_, a) = s.post("/v1/check", Some(&t), &transfer(51)).await;
+    assert_eq!(a["decision"], "allow");
+    let (_, d) = s.post("/v1/check", Some(&t), &transfer(10_001)).await;
+    assert_eq!(d["decision"], "deny");
+    let (_, e) = s.post("/v1/check", Some(&t), &transfer(250)).await;
+    assert_eq!(e["decision"], "escalate");
+    let (st, _) = s.post("/v1/check", Some("a.b"), &transfer(50)).await;
+    assert_eq!(st, 401);
+    // The same check again within the second: a decision cache hit.
+    s.post("/v1/check", Some(&t), &transfer(50)).await;
+    // The pending gauge follows the store (as of the last sweep, every second here).
+    let pending = [("group", "finance-approvers")];
+    scrape_until(&s, |m| {
+        total(m, "mandate_approval_pending", &pending) == 1.0
+    })
+    .await;
+    let id = first_pending(&s).await;
+    let (st, _) = finance_approve(&s, &id, "INC-1").await;
+    assert_eq!(st, 200);
+    let settled = scrape_until(&s, |m| total(m, "mandate_grants_active", &[]) == 1.0).await;
+    assert_eq!(total(&settled, "mandate_approval_pending", &pending), 0.0);
+
+    let after = scrape(&s).await;
+    let moved =
+        |name: &str, want: &[(&str, &str)]| total(&after, name, want) - total(&before, name, want);
+    assert_eq!(kind_of(&after, "mandate_decisions"), "counter");
+    let native_allow = [("api", "native"), ("outcome", "allow")];
+    assert_eq!(
+        moved("mandate_decisions_total", &native_allow),
+        3.0,
+        "{after:?}"
+    );
+    assert_eq!(
+        moved(
+            "mandate_decisions_total",
+            &[("outcome", "deny"), ("reason", "forbidden")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "mandate_decisions_total",
+            &[("outcome", "escalate"), ("reason", "approval_required")]
+        ),
+        1.0
+    );
+    // The latency histogram counts every decision, in buckets fine enough for microseconds.
+    assert_eq!(
+        kind_of(&after, "mandate_decision_duration_seconds"),
+        "histogram"
+    );
+    assert_eq!(
+        moved("mandate_decision_duration_seconds_count", &native_allow),
+        3.0
+    );
+    assert!(
+        total(
+            &after,
+            "mandate_decision_duration_seconds_sum",
+            &native_allow
+        ) > 0.0
+    );
+    let buckets: Vec<f64> = after
+        .iter()
+        .filter(|s| s.name == "mandate_decision_duration_seconds_bucket")
+        .filter_map(|s| s.labels["le"].as_str()?.parse().ok())
+        .collect();
+    assert!(buckets.contains(&0.00001), "{buckets:?}");
+    assert_eq!(
+        moved(
+            "mandate_decision_duration_seconds_bucket",
+            &[("api", "native"), ("outcome", "allow"), ("le", "+Inf")]
+        ),
+        3.0
+    );
+    // Full verifications of the agent's and the approver's tokens (the approver's may be
+    // minted twice, in two seconds), then the cache; one refusal before any issuer was found.
+    let verified = moved(
+        "mandate_token_verifications_total",
+        &[("issuer", "dev"), ("result", "ok")],
+    );
+    assert!((2.0..=3.0).contains(&verified), "{verified}: {after:?}");
+    assert_eq!(
+        moved(
+            "mandate_token_verifications_total",
+            &[("issuer", "none"), ("result", "token_malformed")]
+        ),
+        1.0
+    );
+    assert!(
+        moved(
+            "mandate_cache_lookups_total",
+            &[("cache", "token"), ("result", "hit")]
+        ) >= 4.0
+    );
+    assert_eq!(
+        moved(
+            "mandate_cache_lookups_total",
+            &[("cache", "decision"), ("result", "hit")]
+        ),
+        1.0
+    );
+    for event in ["created", "approved"] {
+        assert_eq!(
+            moved(
+                "mandate_approval_events_total",
+                &[("event", event), ("group", "finance-approvers")]
+            ),
+            1.0,
+            "{event}"
+        );
+    }
+    // Six decisions, the request's creation... every record counted, none failed.
+    assert!(moved("mandate_audit_records_total", &[]) >= 6.0);
+    assert_eq!(
+        total(&after, "mandate_audit_write_failures_total", &[]),
+        0.0
+    );
+
+    // Labels never carry a principal, a resource or a token.
+    for sample in &after {
+        for v in sample.labels.values() {
+            let v = v.as_str().unwrap_or_default();
+            assert!(
+                !v.contains("agent-1") && !v.contains("acct-1") && !v.contains(&t),
+                "{sample:?}"
+            );
+        }
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_can_be_turned_off_and_say_so() {
+    let s = TestServer::start(&example_config(&[("MANDATE_TELEMETRY__METRICS", "false")])).await;
+    let (st, v) = s.get("/metrics", None).await;
+    assert_eq!((st, v["error"].clone()), (404, json!("not_found")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("telemetry.metrics"));
+    let (st, _) = s.post("/metrics", None, &json!({})).await;
+    assert_eq!(st, 405);
+    s.shutdown().await;
+}
+
+/// The OTLP receiver, killed when dropped.
+struct Receiver {
+    child: std::process::Child,
+    port: u16,
+    file: tempfile::NamedTempFile,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut child = Command::new("python3")
+            .arg(repo().join("tests/peers/otlp_receiver.py"))
+            .arg(file.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the receiver did not start: {line:?}"));
+        Self { child, port, file }
+    }
+
+    fn points(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.file.path())
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Wait (at most `limit`) until `ok` holds for what was received.
+    async fn wait_for(&self, limit: Duration, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let until = Instant::now() + limit;
+        loop {
+            let points = self.points();
+            if ok(&points) || Instant::now() > until {
+                return points;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The newest value of `name` with `attrs` among what the receiver got.
+fn latest<'a>(points: &'a [Value], name: &str, attrs: &Value) -> Option<&'a Value> {
+    points
+        .iter()
+        .rev()
+        .find(|p| p["name"] == name && attrs_match(&p["attributes"], attrs))
+        .map(|p| &p["value"])
+}
+
+fn attrs_match(have: &Value, want: &Value) -> bool {
+    want.as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| have.get(k) == Some(v))
+}
+
+#[tokio::test]
+async fn otlp_metrics_reach_a_collector_over_grpc() {
+    let receiver = tokio::task::spawn_blocking(Receiver::start).await.unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let s = TestServer::start(&example_config(&[
+        ("MANDATE_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+        ("MANDATE_TELEMETRY__OTLP_INTERVAL", "200ms"),
+        ("MANDATE_TELEMETRY__SERVICE_NAME", "mandate-otlp-test"),
+    ]))
+    .await;
+    let t = payments_agent_token("agent-2");
+    for amount in [50, 60, 70] {
+        let (_, v) = s.post("/v1/check", Some(&t), &transfer(amount)).await;
+        assert_eq!(v["decision"], "allow");
+    }
+    let allow = json!({"api": "native", "outcome": "allow", "reason": "permitted"});
+    let points = receiver
+        .wait_for(Duration::from_secs(20), |p| {
+            latest(p, "mandate.decisions", &allow).and_then(Value::as_i64) == Some(3)
+        })
+        .await;
+    let got = latest(&points, "mandate.decisions", &allow);
+    assert_eq!(got.and_then(Value::as_i64), Some(3), "{points:?}");
+    let p = points
+        .iter()
+        .rev()
+        .find(|p| p["name"] == "mandate.decisions")
+        .unwrap();
+    assert_eq!(p["kind"], "sum");
+    assert_eq!(p["resource"]["service.name"], "mandate-otlp-test");
+    assert_eq!(p["scope"], "mandate");
+    // The histogram arrives with its unit and the microsecond buckets.
+    let h = latest(
+        &points,
+        "mandate.decision.duration",
+        &json!({"api": "native", "outcome": "allow"}),
+    )
+    .expect("the decision duration histogram");
+    assert_eq!(h["count"], 3);
+    assert!(
+        h["bounds"].as_array().unwrap().contains(&json!(0.00001)),
+        "{h}"
+    );
+    let unit = points
+        .iter()
+        .find(|p| p["name"] == "mandate.decision.duration")
+        .unwrap();
+    assert_eq!(unit["unit"], "s");
+    // Observed values travel too: the active bundle and the audit records written.
+    assert!(latest(&points, "mandate.policy.info", &json!({"name": "example"})).is_some());
+    assert!(
+        latest(&points, "mandate.audit.records", &json!({}))
+            .and_then(Value::as_i64)
+            .is_some_and(|n| n >= 3)
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_telemetry_section_is_refused_naming_the_key() {
+    let bad = [
+        (
+            "MANDATE_TELEMETRY__OTLP_ENDPOINT",
+            "127.0.0.1:4317",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "MANDATE_TELEMETRY__OTLP_PROTOCOL",
+            "thrift",
+            "telemetry.otlp_protocol",
+        ),
+        (
+            "MANDATE_TELEMETRY__OTLP_INTERVAL",
+            "1ms",
+            "telemetry.otlp_interval",
+        ),
+        ("MANDATE_TELEMETRY__COLOUR", "blue", "telemetry.colour"),
+    ];
+    for (var, value, key) in bad {
+        let path = repo().join("config/mandate.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let vars = [(var.to_owned(), value.to_owned())];
+        let err = mandate::config::Config::parse(&text, &path, &vars)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{var}={value}: {err}");
+    }
+}
