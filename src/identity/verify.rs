@@ -314,8 +314,13 @@ impl Verifier {
         result: Result<Principal, IdentityError>,
     ) -> Result<Principal, IdentityError> {
         let code = result.as_ref().err().map_or("ok", IdentityError::code);
-        self.metrics()
-            .token_verified(issuer.unwrap_or("none"), code);
+        let issuer = issuer.unwrap_or("none");
+        self.metrics().token_verified(issuer, code);
+        // One line per refusal, with the reason; never the credential (a reason quotes a
+        // claim only through `shown`, bounded and escaped).
+        if let Err(e) = &result {
+            tracing::info!(issuer, code, reason = %e, "credential refused");
+        }
         result
     }
 

@@ -354,6 +354,55 @@ pub fn spawn_serve_env(audit: &Path, env: &[(&str, &str)]) -> (std::process::Chi
     (child, addr.expect("listening address logged"))
 }
 
+/// `mandate serve` as [`spawn_serve_env`] starts it, its whole log (stderr) going to `log`;
+/// the child and its listening address.
+#[allow(
+    clippy::zombie_processes,
+    reason = "the child is returned: the caller kills and waits for it"
+)]
+pub fn spawn_serve_logged(
+    audit: &Path,
+    env: &[(&str, &str)],
+    log: &Path,
+) -> (std::process::Child, String) {
+    let file = std::fs::File::create(log).expect("log file");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .current_dir(repo())
+        .arg("serve")
+        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("MANDATE_EXT_AUTHZ__GRPC_LISTEN", "127.0.0.1:0")
+        .env("MANDATE_AUDIT__PATH", audit)
+        .env("MANDATE_STORE__URL", audit.with_file_name("mandate.db"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
+        .stderr(file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn mandate serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        // Text logs say `addr=127.0.0.1:N`, JSON logs `"addr":"127.0.0.1:N"`.
+        let addr = text
+            .lines()
+            .filter(|l| l.contains("listening") && !l.contains("gRPC"))
+            .find_map(|l| {
+                let rest = l.split("addr=").nth(1).or(l.split("\"addr\":\"").nth(1))?;
+                Some(rest.split(['"', ' ']).next()?.to_owned())
+            });
+        if let Some(addr) = addr {
+            return (child, addr);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no listening line:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Copy a directory tree (a policy bundle) so a test can change its copy.
 pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).expect("copy");
