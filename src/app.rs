@@ -20,7 +20,6 @@ use crate::config::{Config, KeySource};
 use crate::decision::{DecisionCache, Engine};
 use crate::identity::{CacheSettings, Verifier};
 use crate::lockfile::DataLock;
-use crate::metrics::Metrics;
 use crate::policy::{Bundle, BundleError, Problem};
 use crate::routes::Routes;
 use crate::service::{DECISION_CACHE_ENTRIES, Service};
@@ -43,12 +42,14 @@ pub fn install_crypto() -> anyhow::Result<()> {
 }
 
 /// Load the bundle and the issuers' keys, open the audit log and the store, and build the
-/// service every adapter shares, recording into `metrics`. Every expiry reads `clock`.
+/// service every adapter shares, recording into `telemetry`'s instruments and tracer. Every
+/// expiry reads `clock`.
 pub async fn build_service(
     config: &Config,
     clock: Arc<dyn Clock>,
-    metrics: Metrics,
+    telemetry: &Telemetry,
 ) -> anyhow::Result<Service> {
+    let metrics = telemetry.metrics();
     install_crypto()?;
     let bundle = Bundle::load(&config.policy.bundle).map_err(|e| {
         anyhow::anyhow!(
@@ -112,6 +113,7 @@ pub async fn build_service(
         stats: Default::default(),
         metrics,
         gauges: Default::default(),
+        traces: telemetry.traces(),
     })
 }
 
@@ -191,7 +193,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Run
     let locks = lock_data_files(config)?;
     warn_published_dev_issuers(config);
     let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
-    let service = Arc::new(build_service(config, clock, telemetry.metrics()).await?);
+    let service = Arc::new(build_service(config, clock, &telemetry).await?);
     telemetry.observe(&service);
     let checkpoint_key = match &config.audit.checkpoints {
         Some(cp) => Some(Arc::new(load_checkpoint_key(&cp.key)?)),

@@ -354,7 +354,7 @@ pub struct LogConfig {
 
 /// `[telemetry]`: metrics as Prometheus text on `GET /metrics`, and over OTLP to a collector
 /// when `otlp_endpoint` is set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TelemetryConfig {
     /// Serve `GET /metrics` on the HTTP listener (default on).
     pub metrics: bool,
@@ -366,6 +366,13 @@ pub struct TelemetryConfig {
     pub otlp_interval: Duration,
     /// `service.name` of the exported resource.
     pub service_name: String,
+    /// Export a span per check (with an OTLP endpoint).
+    pub traces: bool,
+    /// Share of checks without a sampled caller trace whose span is exported (0 to 1); a
+    /// check whose caller's trace is sampled is always exported.
+    pub trace_sample_ratio: f64,
+    /// Put the principal and the request context on exported spans.
+    pub trace_details: bool,
 }
 
 /// How OTLP reaches the collector.
@@ -1087,6 +1094,9 @@ impl Reader {
                 "otlp_protocol",
                 "otlp_interval",
                 "service_name",
+                "traces",
+                "trace_sample_ratio",
+                "trace_details",
             ],
         );
         let otlp_endpoint = self.string(t, P, "otlp_endpoint").filter(|e| !e.is_empty());
@@ -1129,7 +1139,22 @@ impl Reader {
         if service_name.is_empty() {
             self.bad("telemetry.service_name", "must not be empty");
         }
+        let trace_sample_ratio = match t.get("trace_sample_ratio") {
+            None => 0.01,
+            Some(Value::Float(f)) if (0.0..=1.0).contains(f) => *f,
+            Some(Value::Integer(i @ (0 | 1))) => *i as f64,
+            Some(other) => {
+                self.bad(
+                    "telemetry.trace_sample_ratio",
+                    format!("`{other}` is not a share from 0 to 1, like 0.01"),
+                );
+                0.01
+            }
+        };
         TelemetryConfig {
+            traces: self.boolean(t, P, "traces", true),
+            trace_sample_ratio,
+            trace_details: self.boolean(t, P, "trace_details", false),
             metrics: self.boolean(t, P, "metrics", true),
             otlp_endpoint,
             otlp_protocol,

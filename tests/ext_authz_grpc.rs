@@ -589,3 +589,51 @@ async fn h01_a_silent_grpc_connection_is_closed() {
     );
     s.shutdown().await;
 }
+
+/// Issue 15 item 2: over gRPC, the check joins the agent's trace as Envoy forwards it (the
+/// original request's `traceparent`), else Envoy's own call's; the audit record names it.
+#[tokio::test]
+async fn the_agents_traceparent_reaches_the_audit_record() {
+    // Spans go nowhere (nothing listens on port 9): joining a trace needs no collector.
+    let config = example_config(&[
+        ("MANDATE_TELEMETRY__OTLP_ENDPOINT", "http://127.0.0.1:9"),
+        ("MANDATE_TELEMETRY__TRACE_SAMPLE_RATIO", "0.0"),
+    ]);
+    let audit = config.audit.path.clone();
+    let s = TestServer::start(&config).await;
+    let ch = channel(&s).await;
+    let t = agent();
+    let from_request = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let from_envoy = "0af7651916cd43dd8448eb211c80319c";
+    let body = Some(json!({"amount": 50}));
+    let mut req = ask("POST", "/accounts/acct-1/transfers", Some(&t), body.clone());
+    let headers = &mut req.attributes.as_mut().unwrap().request.as_mut().unwrap();
+    headers.http.as_mut().unwrap().headers.insert(
+        "traceparent".into(),
+        format!("00-{from_request}-00f067aa0ba902b7-00"),
+    );
+    let r = check(&ch, req).await;
+    assert_eq!(code(&r), OK, "{r:?}");
+    let mut call = tonic::Request::new(ask("POST", "/accounts/acct-1/transfers", Some(&t), body));
+    call.metadata_mut().insert(
+        "traceparent",
+        format!("00-{from_envoy}-00f067aa0ba902b7-00")
+            .parse()
+            .unwrap(),
+    );
+    let r = AuthorizationClient::new(ch.clone())
+        .check(call)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&r), OK, "{r:?}");
+    let traces: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == "decision")
+        .map(|r| r.get("trace_id").cloned().unwrap_or(Value::Null))
+        .collect();
+    assert_eq!(traces, [json!(from_request), json!(from_envoy)]);
+    s.shutdown().await;
+}

@@ -419,3 +419,162 @@ async fn a_bad_telemetry_section_is_refused_naming_the_key() {
         assert!(err.contains(key), "{var}={value}: {err}");
     }
 }
+
+/// POST a check with a `traceparent` header (if any); the answer.
+async fn traced_check(
+    s: &TestServer,
+    path: &str,
+    token: &str,
+    body: &Value,
+    parent: Option<&str>,
+) -> Value {
+    let mut req = s
+        .client
+        .post(s.url(path))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(p) = parent {
+        req = req.header("traceparent", p);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    serde_json::from_str(&r.text().await.unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_checks_span_joins_the_callers_trace_and_its_audit_record_names_the_trace() {
+    let receiver = tokio::task::spawn_blocking(Receiver::start).await.unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let config = example_config(&[
+        ("MANDATE_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+        // Only the callers' sampled traces are exported.
+        ("MANDATE_TELEMETRY__TRACE_SAMPLE_RATIO", "0.0"),
+    ]);
+    let audit = config.audit.path.clone();
+    let s = TestServer::start(&config).await;
+    let t = payments_agent_token("agent-3");
+    let (sampled, unsampled, authzen) = (
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "0af7651916cd43dd8448eb211c80319c",
+        "5f2c0d3a9e8b47c1a6d2e4f8b0c1d2e3",
+    );
+    let caller_span = "00f067aa0ba902b7";
+    let allowed = traced_check(
+        &s,
+        "/v1/check",
+        &t,
+        &transfer(50),
+        Some(&format!("00-{sampled}-{caller_span}-01")),
+    )
+    .await;
+    assert_eq!(allowed["decision"], "allow");
+    let quiet = traced_check(
+        &s,
+        "/v1/check",
+        &t,
+        &transfer(51),
+        Some(&format!("00-{unsampled}-{caller_span}-00")),
+    )
+    .await;
+    let plain = traced_check(&s, "/v1/check", &t, &transfer(52), None).await;
+    let evaluation = json!({
+        "subject": {"type": "Agent", "id": "agent-3"},
+        "action": {"name": "payments:transfer"},
+        "resource": {"type": "Account", "id": "acct-1"},
+        "context": {"amount": 10_001}
+    });
+    let denied = traced_check(
+        &s,
+        "/access/v1/evaluation",
+        &t,
+        &evaluation,
+        Some(&format!("00-{authzen}-{caller_span}-01")),
+    )
+    .await;
+    assert_eq!(denied["decision"], false, "{denied}");
+
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |p| {
+            [sampled, authzen].iter().all(|t| {
+                p.iter()
+                    .any(|x| x["name"] == "mandate.check" && x["trace_id"] == *t)
+            })
+        })
+        .await;
+    let span = |trace: &str, name: &str| {
+        spans
+            .iter()
+            .find(|x| x["signal"] == "traces" && x["trace_id"] == trace && x["name"] == name)
+            .unwrap_or_else(|| panic!("no `{name}` span in trace {trace}: {spans:?}"))
+    };
+    let check = span(sampled, "mandate.check");
+    assert_eq!(
+        check["parent_span_id"], caller_span,
+        "a child of the caller's span"
+    );
+    assert_eq!(check["kind"], 2, "SPAN_KIND_SERVER");
+    let a = &check["attributes"];
+    assert_eq!(a["mandate.outcome"], "allow");
+    assert_eq!(a["mandate.api"], "native");
+    assert_eq!(a["mandate.action"], "payments:transfer");
+    assert_eq!(a["mandate.resource.type"], "Account");
+    assert_eq!(a["mandate.decision.id"], allowed["decision_id"]);
+    assert_eq!(a["mandate.policy.version"], allowed["policy_version"]);
+    assert!(
+        a.get("mandate.principal").is_none(),
+        "details are off by default"
+    );
+    assert!(check["end_ns"].as_u64() >= check["start_ns"].as_u64());
+    for stage in ["mandate.evaluate", "mandate.audit"] {
+        assert_eq!(
+            span(sampled, stage)["parent_span_id"],
+            check["span_id"],
+            "{stage}"
+        );
+    }
+    let other = span(authzen, "mandate.check");
+    assert_eq!(other["attributes"]["mandate.api"], "authzen");
+    assert_eq!(other["attributes"]["mandate.outcome"], "deny");
+    assert!(
+        !spans.iter().any(|x| x["trace_id"] == unsampled),
+        "an unsampled caller's check is not exported"
+    );
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|x| x["name"] == "mandate.check")
+            .count(),
+        2,
+        "ratio 0: a check without a sampled caller trace is not exported"
+    );
+
+    // The audit record names the trace when it was exported or the caller sent one.
+    let records: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let trace_of = |answer: &Value| {
+        let r = records
+            .iter()
+            .find(|r| r["decision_id"] == answer["decision_id"])
+            .unwrap_or_else(|| panic!("no record of {answer}"));
+        r.get("trace_id").cloned()
+    };
+    assert_eq!(trace_of(&allowed), Some(json!(sampled)));
+    assert_eq!(trace_of(&quiet), Some(json!(unsampled)));
+    assert_eq!(trace_of(&plain), None);
+    s.shutdown().await;
+    // The whole log still verifies with the new key in it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

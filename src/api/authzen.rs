@@ -33,7 +33,7 @@ pub async fn evaluation(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let call = Call::new(Api::Authzen);
+    let call = super::call_from(state, Api::Authzen, req.headers());
     let (caller, map) = match authenticate_and_read(state, conn, req).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -49,7 +49,7 @@ pub async fn evaluations(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let call = Call::new(Api::Authzen);
+    let call = super::call_from(state, Api::Authzen, req.headers());
     let (caller, map) = match authenticate_and_read(state, conn, req).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -93,7 +93,7 @@ async fn evaluations_inner(
     for (i, item) in items.iter().enumerate() {
         let prefix = format!("evaluations[{i}]");
         let outcome = match batch_item(map, item, &prefix) {
-            Ok(merged) => evaluate_one(state, caller, &merged, &prefix, call).await,
+            Ok(merged) => evaluate_one(state, caller, &merged, &prefix, call.clone()).await,
             Err(e) => Err(e),
         };
         // Per-item failures are denials carrying the error (fail closed), not a failed batch.

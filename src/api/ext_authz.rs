@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::metrics::Api;
-use crate::service::Call;
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -231,7 +230,6 @@ async fn decide(
     call: &HeaderMap,
     req: EnvoyCheck,
 ) -> Result<Response<Body>, ApiError> {
-    let origin = Call::new(Api::ExtAuthzGrpc);
     let attributes = req.attributes.unwrap_or_default();
     let http = attributes
         .request
@@ -244,6 +242,11 @@ async fn decide(
             )
         })?;
     let headers = header_map(&http)?;
+    // The agent's trace, from the original request (else from Envoy's own call).
+    let origin = match super::call_from(state, Api::ExtAuthzGrpc, &headers) {
+        c if c.parent.is_some() => c,
+        _ => super::call_from(state, Api::ExtAuthzGrpc, call),
+    };
     // The identity first, as over HTTP: a request from nobody is a 401 whatever it is.
     let principal = identify(state, call, &attributes, &headers).await?;
     let original = original(&http)?;

@@ -125,7 +125,7 @@ async fn decide(
     req: Request<Incoming>,
     proxy: Proxy,
 ) -> Result<(Settled, Arc<Principal>), ApiError> {
-    let call = Call::new(Api::ExtAuthzHttp);
+    let call = super::call_from(state, Api::ExtAuthzHttp, req.headers());
     let principal = agent(authenticate(state, conn, req.headers()).await?)?;
     let original = original(proxy, &req)?;
     let found = state

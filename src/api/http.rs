@@ -6,7 +6,6 @@
 //! `{decision, decision_id, policy_version, policy_ids, reasons, approval?}`.
 
 use crate::metrics::Api;
-use crate::service::Call;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -52,7 +51,7 @@ async fn check_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Settled, ApiError> {
-    let call = Call::new(Api::Native);
+    let call = super::call_from(state, Api::Native, req.headers());
     // Authenticate before reading the body: an unauthenticated caller costs no body parsing.
     let caller = authenticate(state, conn, req.headers()).await?;
     // The credential as sent (a cheap reference-counted copy), for a caller whose

@@ -590,7 +590,7 @@ async fn call(
     id: Value,
     bytes: Bytes,
 ) -> Result<Response<McpBody>, ApiError> {
-    let call = Call::new(Api::Mcp);
+    let call = super::call_from(state, Api::Mcp, headers);
     let (tool, arguments) = match call_params(message) {
         Ok(p) => p,
         Err(why) => return Ok(rpc_answer(StatusCode::OK, id, -32602, &why)),

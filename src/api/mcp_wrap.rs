@@ -75,7 +75,7 @@ async fn decide_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Verdict, ApiError> {
-    let origin = Call::new(Api::Mcp);
+    let origin = super::call_from(state, Api::Mcp, req.headers());
     let (principal, body) = read_body(state, conn, req).await?;
     body::only_known(&body, "", &["server", "message", "tools"])?;
     let server = server_name(state, &body)?;

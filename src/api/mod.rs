@@ -34,7 +34,8 @@ use crate::approval::{ApprovalRequest, Grant};
 use crate::clock::rfc3339;
 use crate::config::ServerConfig;
 use crate::identity::IdentityError;
-use crate::service::{ApprovalError, Service, SubjectError};
+use crate::metrics::Api;
+use crate::service::{ApprovalError, Call, Service, SubjectError};
 
 pub type Body = Full<Bytes>;
 
@@ -224,6 +225,18 @@ pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response<Body>
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// A check through `api` starting now, joining the trace in `headers` (W3C `traceparent`)
+/// when this server exports spans; reading the header costs nothing otherwise.
+pub(crate) fn call_from(state: &AppState, api: Api, headers: &hyper::HeaderMap) -> Call {
+    let call = Call::new(api);
+    if state.service.traces.is_none() {
+        return call;
+    }
+    call.with_parent(crate::service::trace::parent_from(
+        &opentelemetry_http::HeaderExtractor(headers),
+    ))
 }
 
 /// Route one request. `X-Request-ID` is echoed on every response (AuthZEN §transport).

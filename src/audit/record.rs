@@ -145,6 +145,9 @@ pub struct DecisionRecord<'a> {
     pub breakglass: bool,
     /// From the start of the request handler to the decision.
     pub latency_us: u64,
+    /// The trace of the check's span (W3C trace id), when it was exported or the caller sent
+    /// one; the key is absent otherwise.
+    pub trace_id: Option<opentelemetry::trace::TraceId>,
 }
 
 impl<'a> DecisionRecord<'a> {
@@ -177,6 +180,7 @@ impl<'a> DecisionRecord<'a> {
             approvers: &[],
             breakglass: false,
             latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            trace_id: None,
         }
     }
 }
@@ -356,6 +360,12 @@ impl Sealed<'_, '_> {
         out.extend_from_slice(&d.time.rfc3339());
         out.extend_from_slice(b"\",\"token_id\":");
         optional(out, d.token_id)?;
+        if let Some(id) = d.trace_id {
+            // 32 lowercase hex digits, as in `traceparent`.
+            out.extend_from_slice(b",\"trace_id\":\"");
+            out.extend_from_slice(id.to_string().as_bytes());
+            out.push(b'"');
+        }
         out.push(b'}');
         Ok(())
     }

@@ -9,6 +9,9 @@ use super::caller::Caller;
 use crate::approval::{ApprovalRequest, ApprovalStore, Grant, NewRequest, StoreError};
 use crate::audit::{Approver, DecisionRecord};
 use crate::decision::CacheKey;
+use opentelemetry::trace::{SpanContext, TraceId};
+
+use super::trace::Stages;
 use crate::metrics::{Api, CacheName};
 use crate::vocabulary::{CheckRequest, Decision, Outcome, Reason};
 
@@ -19,22 +22,34 @@ pub const ESCALATION_RATE_LIMITED: &str = "escalation_rate_limited";
 /// Reason code of a deny caused by an audit log that cannot be written.
 pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 
-/// Which adapter a check came through, and when it began handling the request: the audit
-/// record's latency and the decision duration metric run from `started`.
-#[derive(Debug, Clone, Copy)]
+/// Which adapter a check came through, when it began handling the request (the audit
+/// record's latency, the decision duration metric and the check's span run from `started`),
+/// and the caller's trace, if it sent one.
+#[derive(Debug, Clone)]
 pub struct Call {
     pub api: Api,
     pub started: Instant,
+    /// The caller's span (W3C `traceparent`): the check's span is its child.
+    pub parent: Option<SpanContext>,
+    /// When the policy was evaluated (kept only while tracing, for its child span).
+    evaluated: Option<(Instant, Instant)>,
 }
 
 impl Call {
     /// A call through `api` that starts now.
     pub fn new(api: Api) -> Self {
-        Self::at(api, Instant::now())
+        Self {
+            api,
+            started: Instant::now(),
+            parent: None,
+            evaluated: None,
+        }
     }
 
-    pub fn at(api: Api, started: Instant) -> Self {
-        Self { api, started }
+    /// This call, joining the caller's trace `parent`.
+    pub fn with_parent(mut self, parent: Option<SpanContext>) -> Self {
+        self.parent = parent;
+        self
     }
 }
 
@@ -65,8 +80,20 @@ impl Settled {
 impl Service {
     /// Decide `req`, settle an escalation against the approval store, and record the decision
     /// in the audit log before anyone sees it.
-    pub async fn check(&self, req: &CheckRequest, call: Call) -> Settled {
-        self.settle(req, self.engine.decide(req), call).await
+    pub async fn check(&self, req: &CheckRequest, mut call: Call) -> Settled {
+        let decision = self.evaluate(&mut call, || self.engine.decide(req));
+        self.settle(req, decision, call).await
+    }
+
+    /// Run the policy, timed for the check's span when tracing.
+    fn evaluate(&self, call: &mut Call, decide: impl FnOnce() -> Decision) -> Decision {
+        if self.traces.is_none() {
+            return decide();
+        }
+        let from = Instant::now();
+        let decision = decide();
+        call.evaluated = Some((from, Instant::now()));
+        decision
     }
 
     /// A check whose whole input is `caller` and the request bytes `body`: a repeat of the
@@ -81,7 +108,7 @@ impl Service {
         bearer: &[u8],
         body: &[u8],
         parse: impl FnOnce(&[u8]) -> Result<CheckRequest, E>,
-        call: Call,
+        mut call: Call,
     ) -> Result<Settled, E> {
         // The credential fixes the principal and every attribute it carries; tagged by kind,
         // so no credential of one kind can stand for one of another.
@@ -105,7 +132,7 @@ impl Service {
         }
         self.metrics.cache_lookup(CacheName::Decision, false);
         let request = parse(body)?;
-        let verdict = self.engine.decide_at(&request, now);
+        let verdict = self.evaluate(&mut call, || self.engine.decide_at(&request, now));
         let settled = self.settle(&request, verdict.clone(), call).await;
         // Cache the policy's verdict, not an outage: a deny caused by the audit log or the
         // store must not outlive the outage.
@@ -132,9 +159,24 @@ impl Service {
 
     /// Settle (if an escalation) and record `decision` about `req`; the answer to give.
     pub async fn settle(&self, req: &CheckRequest, decision: Decision, call: Call) -> Settled {
+        let span = self.traces.as_ref().map(|t| t.start(&call));
+        let trace_id = span.as_ref().and_then(|s| s.trace_id());
+        let mut stages = Stages {
+            evaluated: call.evaluated,
+            ..Stages::default()
+        };
+        let escalated = decision.outcome == Outcome::Escalate;
+        let from = span.as_ref().map(|_| Instant::now());
         let mut settled = self.settle_escalation(req, decision).await;
-        if let Some(deny) = self.record(req, &settled, call.started) {
+        let recording = span.as_ref().map(|_| Instant::now());
+        if let (Some(from), Some(to), true) = (from, recording, escalated) {
+            stages.store = Some((from, to));
+        }
+        if let Some(deny) = self.record(req, &settled, call.started, trace_id) {
             settled.decision = deny;
+        }
+        if let Some(from) = recording {
+            stages.audit = Some((from, Instant::now()));
         }
         if settled.decision.outcome != Outcome::Escalate {
             settled.approval = None;
@@ -148,6 +190,9 @@ impl Service {
         let reason = d.reasons.first().map_or("none", |r| r.code);
         self.metrics
             .decided(call.api, d.outcome, reason, call.started.elapsed());
+        if let Some(span) = span {
+            span.finish(&call, req, d, stages);
+        }
         settled
     }
 
@@ -243,7 +288,13 @@ impl Service {
 
     /// Record the decision of `settled` about `req` in the audit log. `Some(deny)` when it
     /// could not be recorded: that deny is the answer instead.
-    fn record(&self, req: &CheckRequest, settled: &Settled, started: Instant) -> Option<Decision> {
+    fn record(
+        &self,
+        req: &CheckRequest,
+        settled: &Settled,
+        started: Instant,
+        trace_id: Option<TraceId>,
+    ) -> Option<Decision> {
         let decision = &settled.decision;
         let approval_id = settled
             .approval
@@ -256,6 +307,7 @@ impl Service {
         record.approval_id = approval_id.as_deref();
         record.grant_id = grant_id.as_deref();
         record.approvers = &settled.approvers;
+        record.trace_id = trace_id;
         match self.audit.append(&record.into()) {
             Ok(_) => None,
             // Fail closed (SECURITY §0 item 2, P-04): no decision is answered without its

@@ -10,6 +10,7 @@
 //!   policy, audit before and after), cancel, revoke, and the read queries.
 //! - [`sweep`]: fallback and expiry of pending approval requests.
 //! - [`stats`]: what was done, counted for the periodic summary line.
+//! - [`trace`]: a span per check, joining the caller's trace.
 //!
 //! Every fail-closed choice of a workflow is made here, with a comment at the spot; errors
 //! are typed ([`caller::SubjectError`], [`ApprovalError`]) so each adapter maps them to its
@@ -21,6 +22,7 @@ pub mod check;
 mod error;
 pub mod stats;
 pub mod sweep;
+pub mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +80,8 @@ pub struct Service {
     pub metrics: Metrics,
     /// Pending requests by group and active grants, as of the last sweep (gauges).
     pub gauges: std::sync::Mutex<StoreCounts>,
+    /// A span per check, when telemetry exports traces.
+    pub traces: Option<trace::Traces>,
 }
 
 impl Service {

@@ -3,30 +3,37 @@
 //! configured, pushed over OTLP every `telemetry.otlp_interval`. Values the service already
 //! keeps (the active bundle, audit records written, JWKS fetches, free disk, pending
 //! approvals) are observed here at collection time, so the hot path pays nothing for them.
+//! With an OTLP endpoint, a tracer provider exports the check spans (`service::trace`).
 
 use std::sync::{Arc, Weak};
 
 use anyhow::Context as _;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader;
 use opentelemetry_sdk::runtime;
+use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use prometheus::{Encoder as _, TextEncoder};
 
 use crate::config::{OtlpProtocol, TelemetryConfig};
 use crate::metrics::Metrics;
 use crate::service::Service;
+use crate::service::trace::Traces;
 
 /// How long one OTLP export may take before it is abandoned (the next one carries the
 /// cumulative values anyway).
 const OTLP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The meter provider of one running server, its instruments and its Prometheus registry.
+/// The meter provider of one running server, its instruments and its Prometheus registry;
+/// and its tracer provider when spans are exported.
 pub struct Telemetry {
     provider: SdkMeterProvider,
+    tracing: Option<(SdkTracerProvider, Traces)>,
     meter: Meter,
     metrics: Metrics,
     /// `None` when `telemetry.metrics` is off (`/metrics` is then a 404).
@@ -51,7 +58,7 @@ impl Telemetry {
             .with_service_name(cfg.service_name.clone())
             .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
-        let mut builder = SdkMeterProvider::builder().with_resource(resource);
+        let mut builder = SdkMeterProvider::builder().with_resource(resource.clone());
         let registry = if cfg.metrics {
             let registry = prometheus::Registry::new();
             let exporter = opentelemetry_prometheus::exporter()
@@ -86,13 +93,23 @@ impl Telemetry {
         }
         let provider = builder.build();
         let meter = provider.meter("mandate");
+        let tracing = match &cfg.otlp_endpoint {
+            Some(endpoint) if cfg.traces => Some(tracer(cfg, endpoint, resource.clone())?),
+            _ => None,
+        };
         Ok(Self {
             metrics: Metrics::new(&meter),
             meter,
             provider,
+            tracing,
             registry,
             otlp: cfg.otlp_endpoint.clone(),
         })
+    }
+
+    /// The tracer of the check spans, when spans are exported.
+    pub fn traces(&self) -> Option<Traces> {
+        self.tracing.as_ref().map(|(_, t)| t.clone())
     }
 
     /// The instruments the service records into.
@@ -216,7 +233,46 @@ impl Telemetry {
         {
             tracing::warn!(error = %e, "telemetry: the last metrics export failed");
         }
+        if let Some((provider, _)) = &self.tracing {
+            let provider = provider.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || provider.shutdown()).await {
+                tracing::warn!(error = %e, "telemetry: the last span export failed");
+            }
+        }
     }
+}
+
+/// The tracer provider exporting check spans to `endpoint`: batched, sampled by the caller's
+/// decision when it sent a trace, else at `trace_sample_ratio`.
+fn tracer(
+    cfg: &TelemetryConfig,
+    endpoint: &str,
+    resource: Resource,
+) -> anyhow::Result<(SdkTracerProvider, Traces)> {
+    let exporter = match cfg.otlp_protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.to_owned())
+            .with_timeout(OTLP_TIMEOUT)
+            .build(),
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(signal_url(endpoint, "traces"))
+            .with_timeout(OTLP_TIMEOUT)
+            .build(),
+    }
+    .with_context(|| format!("telemetry.otlp_endpoint `{endpoint}` (traces)"))?;
+    let processor = BatchSpanProcessor::builder(exporter, runtime::Tokio).build();
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            cfg.trace_sample_ratio,
+        ))))
+        .with_span_processor(processor)
+        .build();
+    let traces = Traces::new(provider.tracer("mandate"), cfg.trace_details);
+    Ok((provider, traces))
 }
 
 /// `{endpoint}/v1/{signal}`: the OTLP/HTTP path of one signal under a collector's base URL.

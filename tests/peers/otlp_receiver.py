@@ -3,8 +3,11 @@ it listens on 127.0.0.1 (port 0), prints `listening PORT` on stdout, then append
 export carries to the file named by argv[1], one JSON line per data point:
 
   {"signal": "metrics", "resource": {...}, "name", "unit", "kind", "attributes", "value"}
+  {"signal": "traces", "resource": {...}, "name", "kind", "trace_id", "span_id",
+   "parent_span_id", "start_ns", "end_ns", "attributes"}
 
-where value is a sum's or gauge's value, or a histogram's {"count", "sum", "bounds", "counts"}.
+where value is a sum's or gauge's value, or a histogram's {"count", "sum", "bounds", "counts"};
+ids are lowercase hex.
 It runs until it is killed."""
 import json
 import sys
@@ -15,6 +18,10 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
+)
+from opentelemetry.proto.collector.trace.v1 import (
+    trace_service_pb2,
+    trace_service_pb2_grpc,
 )
 
 LOCK = threading.Lock()
@@ -71,6 +78,33 @@ class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
+class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, path):
+        self.path = path
+
+    def Export(self, request, context):
+        lines = []
+        for rs in request.resource_spans:
+            resource = attrs(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                for sp in ss.spans:
+                    lines.append({
+                        "signal": "traces",
+                        "resource": resource,
+                        "scope": ss.scope.name,
+                        "name": sp.name,
+                        "kind": sp.kind,
+                        "trace_id": sp.trace_id.hex(),
+                        "span_id": sp.span_id.hex(),
+                        "parent_span_id": sp.parent_span_id.hex(),
+                        "start_ns": sp.start_time_unix_nano,
+                        "end_ns": sp.end_time_unix_nano,
+                        "attributes": attrs(sp.attributes),
+                    })
+        write(self.path, lines)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
 def any_value_number(p):
     return p.as_int if p.WhichOneof("value") == "as_int" else p.as_double
 
@@ -79,6 +113,7 @@ def main():
     path = sys.argv[1]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(path), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(path), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"listening {port}", flush=True)

@@ -1,0 +1,147 @@
+//! One span per check, joining the caller's trace (W3C `traceparent`), exported over OTLP by
+//! `telemetry`. A check's span is made only when a tracer is configured; its attributes and
+//! child spans (policy evaluation, the approval store, the audit record) only when it is
+//! sampled. The span's trace id goes into the decision's audit record when the span is
+//! sampled or the caller sent a trace, so a decision and a trace find each other.
+
+use std::time::{Instant, SystemTime};
+
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, TraceContextExt as _, TraceId, Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{SdkTracer, Span};
+
+use super::check::Call;
+use crate::vocabulary::{CheckRequest, Decision};
+
+/// The tracer of a server whose telemetry exports traces.
+#[derive(Debug, Clone)]
+pub struct Traces {
+    tracer: SdkTracer,
+    /// Put the principal and the request context on sampled spans
+    /// (`telemetry.trace_details`); off by default: they may be personal data.
+    details: bool,
+}
+
+impl Traces {
+    pub fn new(tracer: SdkTracer, details: bool) -> Self {
+        Self { tracer, details }
+    }
+
+    /// The span of the check `call` began, started then, a child of the caller's trace.
+    pub(super) fn start(&self, call: &Call) -> CheckSpan<'_> {
+        let anchor = (SystemTime::now(), Instant::now());
+        let parent = match &call.parent {
+            Some(sc) => Context::new().with_remote_span_context(sc.clone()),
+            None => Context::new(),
+        };
+        let span = self
+            .tracer
+            .span_builder("mandate.check")
+            .with_kind(SpanKind::Server)
+            .with_start_time(at(anchor, call.started))
+            .start_with_context(&self.tracer, &parent);
+        CheckSpan {
+            traces: self,
+            span,
+            anchor,
+            joined: call.parent.is_some(),
+        }
+    }
+}
+
+/// A check's span while the check runs.
+pub(super) struct CheckSpan<'a> {
+    traces: &'a Traces,
+    span: Span,
+    /// A wall-clock time and the monotonic instant it was read at: what converts the stages'
+    /// instants into span times.
+    anchor: (SystemTime, Instant),
+    /// The caller sent a trace.
+    joined: bool,
+}
+
+/// The stages of a check, as instants (for the child spans).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Stages {
+    pub evaluated: Option<(Instant, Instant)>,
+    /// Settling an escalation against grants and the store (escalations only).
+    pub store: Option<(Instant, Instant)>,
+    pub audit: Option<(Instant, Instant)>,
+}
+
+impl CheckSpan<'_> {
+    /// The trace id for the audit record: when this span is exported, or the caller's trace
+    /// is known anyway.
+    pub(super) fn trace_id(&self) -> Option<TraceId> {
+        let sc = self.span.span_context();
+        (sc.is_sampled() || self.joined).then(|| sc.trace_id())
+    }
+
+    /// End the span with what was decided, and its stages as child spans (when sampled).
+    pub(super) fn finish(mut self, call: &Call, req: &CheckRequest, d: &Decision, stages: Stages) {
+        if !self.span.is_recording() {
+            return;
+        }
+        let mut attributes = vec![
+            KeyValue::new("mandate.api", call.api.as_str()),
+            KeyValue::new("mandate.outcome", d.outcome.as_str()),
+            KeyValue::new(
+                "mandate.reason",
+                d.reasons.first().map_or("none", |r| r.code),
+            ),
+            KeyValue::new("mandate.action", req.action.clone()),
+            KeyValue::new("mandate.resource.type", req.resource.kind.clone()),
+            KeyValue::new("mandate.policy.version", d.policy_version.to_string()),
+            KeyValue::new("mandate.decision.id", d.id.to_string()),
+        ];
+        if self.traces.details {
+            let p = &req.principal;
+            attributes.push(KeyValue::new(
+                "mandate.principal",
+                format!("{}::\"{}\"", p.kind, p.id),
+            ));
+            attributes.push(KeyValue::new(
+                "mandate.context",
+                serde_json::Value::Object(req.context.clone()).to_string(),
+            ));
+        }
+        self.span.set_attributes(attributes);
+        let parent = Context::new().with_remote_span_context(self.span.span_context().clone());
+        for (name, stage) in [
+            ("mandate.evaluate", stages.evaluated),
+            ("mandate.store", stages.store),
+            ("mandate.audit", stages.audit),
+        ] {
+            if let Some((from, to)) = stage {
+                let tracer = &self.traces.tracer;
+                let mut child = tracer
+                    .span_builder(name)
+                    .with_kind(SpanKind::Internal)
+                    .with_start_time(at(self.anchor, from))
+                    .start_with_context(tracer, &parent);
+                child.end_with_timestamp(at(self.anchor, to));
+            }
+        }
+        self.span
+            .end_with_timestamp(at(self.anchor, Instant::now()));
+    }
+}
+
+/// The wall-clock time of `instant`, from `anchor`.
+fn at((wall, mono): (SystemTime, Instant), instant: Instant) -> SystemTime {
+    match mono.checked_duration_since(instant) {
+        Some(before) => wall - before,
+        None => wall + instant.duration_since(mono),
+    }
+}
+
+/// The remote span context of a W3C `traceparent` in `headers`, if valid.
+pub fn parent_from(extractor: &dyn opentelemetry::propagation::Extractor) -> Option<SpanContext> {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    extractor.get("traceparent")?;
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(extractor);
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
