@@ -100,7 +100,7 @@ impl Metrics {
     /// The instruments of `meter` (one per name: building them twice from one meter would
     /// give the same streams).
     pub fn new(meter: &Meter) -> Self {
-        Self {
+        let m = Self {
             decisions: meter
                 .u64_counter(names::DECISIONS)
                 .with_unit("{decision}")
@@ -153,7 +153,14 @@ impl Metrics {
                 .with_description("Time to sync the audit log to disk")
                 .with_boundaries(SYNC_BUCKETS.to_vec())
                 .build(),
+        };
+        // Counters of rare events start at 0, so a dashboard or an alert on them has a series
+        // before the first one happens.
+        m.rate_limited.add(0, &[]);
+        for result in ["ok", "refused"] {
+            m.reloads.add(0, &[KeyValue::new("result", result)]);
         }
+        m
     }
 
     /// Instruments that record nothing: for a component nobody wired to telemetry (tests).

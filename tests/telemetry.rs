@@ -578,3 +578,81 @@ async fn a_checks_span_joins_the_callers_trace_and_its_audit_record_names_the_tr
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 15 item 5: every metric the Grafana dashboard (deploy/grafana/mandate.json) queries
+/// is in a scrape of a server that has done what the dashboard shows.
+#[tokio::test]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/mandate.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    for v in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["query"]["query"].as_str() {
+            exprs.push(q.to_owned());
+        }
+    }
+    let mut queried: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("mandate_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    queried.sort();
+    queried.dedup();
+    assert!(queried.len() >= 15, "{queried:?}");
+
+    // A URL issuer nobody answers for (JWKS fetches), and a limit of one pending request
+    // (an escalation refused).
+    let remote = r#"
+[[issuers]]
+name = "remote"
+issuer = "https://idp.remote.test"
+audiences = ["mandate"]
+algorithms = ["ES256"]
+jwks_url = "http://127.0.0.1:9/jwks"
+"#;
+    let s = TestServer::start(&common::example_config_plus(
+        remote,
+        &[("MANDATE_STORE__MAX_PENDING_PER_PRINCIPAL", "1")],
+    ))
+    .await;
+    let t = payments_agent_token("agent-4");
+    for (amount, want) in [
+        (50, "allow"),
+        (10_001, "deny"),
+        (250, "escalate"),
+        (260, "deny"),
+    ] {
+        let (_, v) = s.post("/v1/check", Some(&t), &transfer(amount)).await;
+        assert_eq!(v["decision"], want, "{amount}: {v}");
+    }
+    s.post("/v1/check", Some("a.b"), &transfer(50)).await;
+    let samples = scrape_until(&s, |m| {
+        total(m, "mandate_approval_pending", &[]) == 1.0
+            && m.iter()
+                .any(|x| x.name == "mandate_audit_sync_duration_seconds_count")
+    })
+    .await;
+    let exported: std::collections::HashSet<&str> =
+        samples.iter().map(|x| x.name.as_str()).collect();
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|q| !exported.contains(q.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not exported: {missing:?}\n{exported:?}"
+    );
+    s.shutdown().await;
+}
