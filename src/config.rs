@@ -373,6 +373,10 @@ pub struct TelemetryConfig {
     pub trace_sample_ratio: f64,
     /// Put the principal and the request context on exported spans.
     pub trace_details: bool,
+    /// Export every audit record as an OTLP log record.
+    pub decision_logs: bool,
+    /// Records waiting for export at most; beyond, a record's export is lost (counted).
+    pub decision_log_queue: usize,
 }
 
 /// How OTLP reaches the collector.
@@ -1097,6 +1101,8 @@ impl Reader {
                 "traces",
                 "trace_sample_ratio",
                 "trace_details",
+                "decision_logs",
+                "decision_log_queue",
             ],
         );
         let otlp_endpoint = self.string(t, P, "otlp_endpoint").filter(|e| !e.is_empty());
@@ -1151,7 +1157,17 @@ impl Reader {
                 0.01
             }
         };
+        let decision_logs = self.boolean(t, P, "decision_logs", false);
+        if decision_logs && otlp_endpoint.is_none() {
+            self.bad(
+                "telemetry.decision_logs",
+                "needs `telemetry.otlp_endpoint`: the records are exported as OTLP logs",
+            );
+        }
         TelemetryConfig {
+            decision_logs,
+            decision_log_queue: self.integer(t, P, "decision_log_queue", 10_000, (1, 1_000_000))
+                as usize,
             traces: self.boolean(t, P, "traces", true),
             trace_sample_ratio,
             trace_details: self.boolean(t, P, "trace_details", false),

@@ -42,6 +42,8 @@ pub mod names {
     pub const ESCALATIONS_RATE_LIMITED: &str = "mandate.escalations.rate_limited";
     pub const POLICY_RELOADS: &str = "mandate.policy.reloads";
     pub const AUDIT_SYNC_DURATION: &str = "mandate.audit.sync.duration";
+    pub const DECISION_LOGS_EXPORTED: &str = "mandate.decision_logs.exported";
+    pub const DECISION_LOGS_DROPPED: &str = "mandate.decision_logs.dropped";
 }
 
 /// Which adapter a check came through (the `api` attribute).
@@ -91,6 +93,8 @@ pub struct Metrics {
     rate_limited: Counter<u64>,
     reloads: Counter<u64>,
     audit_sync: Histogram<f64>,
+    logs_exported: Counter<u64>,
+    logs_dropped: Counter<u64>,
 }
 
 static OFF: LazyLock<Metrics> =
@@ -152,6 +156,18 @@ impl Metrics {
                 .with_unit("s")
                 .with_description("Time to sync the audit log to disk")
                 .with_boundaries(SYNC_BUCKETS.to_vec())
+                .build(),
+            logs_exported: meter
+                .u64_counter(names::DECISION_LOGS_EXPORTED)
+                .with_unit("{record}")
+                .with_description("Audit records exported as OTLP logs")
+                .build(),
+            logs_dropped: meter
+                .u64_counter(names::DECISION_LOGS_DROPPED)
+                .with_unit("{record}")
+                .with_description(
+                    "Audit records the OTLP log export lost (`queue_full` or `export_failed`); the audit file still holds them",
+                )
                 .build(),
         };
         // Counters of rare events start at 0, so a dashboard or an alert on them has a series
@@ -225,6 +241,14 @@ impl Metrics {
             1,
             &[KeyValue::new("result", if ok { "ok" } else { "refused" })],
         );
+    }
+
+    pub fn decision_logs_exported(&self, n: u64) {
+        self.logs_exported.add(n, &[]);
+    }
+
+    pub fn decision_logs_dropped(&self, reason: &'static str, n: u64) {
+        self.logs_dropped.add(n, &[KeyValue::new("reason", reason)]);
     }
 
     pub fn audit_synced(&self, took: Duration) {

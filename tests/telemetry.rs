@@ -656,3 +656,117 @@ jwks_url = "http://127.0.0.1:9/jwks"
     );
     s.shutdown().await;
 }
+
+/// Issue 15 item 4: every audit record, as written, reaches the collector as an OTLP log
+/// record; what the export loses is counted, never silent.
+#[tokio::test]
+async fn audit_records_are_exported_as_otlp_logs() {
+    let receiver = tokio::task::spawn_blocking(Receiver::start).await.unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let config = example_config(&[
+        ("MANDATE_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+        ("MANDATE_TELEMETRY__DECISION_LOGS", "true"),
+        ("MANDATE_TELEMETRY__TRACES", "false"),
+    ]);
+    let audit = config.audit.path.clone();
+    let s = TestServer::start(&config).await;
+    let t = payments_agent_token("agent-5");
+    let mut ids = Vec::new();
+    for amount in [50, 10_001, 250] {
+        let (_, v) = s.post("/v1/check", Some(&t), &transfer(amount)).await;
+        ids.push(v["decision_id"].as_str().unwrap().to_owned());
+    }
+    let logs = receiver
+        .wait_for(Duration::from_secs(20), |p| {
+            ids.iter().all(|id| {
+                p.iter()
+                    .any(|x| x["attributes"]["mandate.decision.id"] == id.as_str())
+            })
+        })
+        .await;
+    let lines: Vec<String> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    for (id, outcome) in ids.iter().zip(["allow", "deny", "escalate"]) {
+        let log = logs
+            .iter()
+            .find(|x| {
+                x["signal"] == "logs" && x["attributes"]["mandate.decision.id"] == id.as_str()
+            })
+            .unwrap_or_else(|| panic!("decision {id} not exported: {logs:?}"));
+        assert_eq!(log["event_name"], "mandate.decision");
+        assert_eq!(log["attributes"]["mandate.outcome"], outcome);
+        assert_eq!(log["attributes"]["mandate.audit.kind"], "decision");
+        assert_eq!(log["resource"]["service.name"], "mandate");
+        // The body is the audit line itself, hash included: it verifies like the file.
+        let body = log["body"].as_str().unwrap();
+        assert!(lines.iter().any(|l| l == body), "{body}");
+        let record: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(log["attributes"]["mandate.audit.seq"], record["seq"]);
+        assert_eq!(log["trace_id"], "", "no trace: {record}");
+    }
+    let scraped = scrape(&s).await;
+    assert!(total(&scraped, "mandate_decision_logs_exported_total", &[]) >= 3.0);
+    assert_eq!(
+        total(&scraped, "mandate_decision_logs_dropped_total", &[]),
+        0.0
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_decision_log_export_that_cannot_keep_up_counts_what_it_loses() {
+    // A collector that takes the connection and never answers (the export waits out its
+    // timeout), and a queue of one record.
+    let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", tarpit.local_addr().unwrap());
+    let s = TestServer::start(&example_config(&[
+        ("MANDATE_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+        ("MANDATE_TELEMETRY__DECISION_LOGS", "true"),
+        ("MANDATE_TELEMETRY__DECISION_LOG_QUEUE", "1"),
+        ("MANDATE_TELEMETRY__TRACES", "false"),
+    ]))
+    .await;
+    let t = payments_agent_token("agent-6");
+    let checks = |from: i64| {
+        let (s, t) = (&s, &t);
+        async move {
+            for amount in from..from + 40 {
+                let (_, v) = s.post("/v1/check", Some(t), &transfer(amount)).await;
+                // The export's trouble is never the check's.
+                assert_eq!(v["decision"], "allow");
+            }
+        }
+    };
+    // The first records make a batch (within a second), whose export then hangs...
+    checks(1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // ...so of the next 40, the queue takes one.
+    checks(41).await;
+    let full = [("reason", "queue_full")];
+    let m = scrape(&s).await;
+    assert_eq!(
+        total(&m, "mandate_decision_logs_dropped_total", &full),
+        39.0,
+        "40 records into a queue of one, while the first batch waits"
+    );
+    // The batch in flight is lost too, once its export times out (10 s): counted.
+    let failed = [("reason", "export_failed")];
+    let until = Instant::now() + Duration::from_secs(40);
+    loop {
+        let m = scrape(&s).await;
+        if total(&m, "mandate_decision_logs_dropped_total", &failed) >= 1.0 {
+            assert_eq!(total(&m, "mandate_decision_logs_exported_total", &[]), 0.0);
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the failed export was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(tarpit);
+    s.shutdown().await;
+}

@@ -115,6 +115,14 @@ struct Inner {
     /// Where each sync's duration is recorded, once telemetry is wired
     /// ([`AuditLog::record_syncs`]).
     sync_metrics: std::sync::OnceLock<crate::metrics::Metrics>,
+    /// Given a copy of every line written ([`AuditLog::tap_records`]).
+    tap: std::sync::OnceLock<Arc<dyn RecordTap>>,
+}
+
+/// Takes a copy of every record line as it is written, hash included (the decision-log
+/// export). Called under the log's lock, on the check path: it must not block or fail.
+pub trait RecordTap: Send + Sync {
+    fn offer(&self, line: &[u8]);
 }
 
 /// The hash-chained audit log. Cheap to clone; every clone appends to the same chain.
@@ -202,6 +210,7 @@ impl AuditLog {
             write_failures: AtomicU64::new(0),
             written: AtomicU64::new(0),
             sync_metrics: std::sync::OnceLock::new(),
+            tap: std::sync::OnceLock::new(),
         });
         spawn_group_commit(
             Arc::downgrade(&inner),
@@ -227,6 +236,11 @@ impl AuditLog {
     /// Records this process appended (decisions and events).
     pub fn records_written(&self) -> u64 {
         self.0.written.load(Ordering::Relaxed)
+    }
+
+    /// Hand a copy of every line written from now on to `tap` (the first call wins).
+    pub fn tap_records(&self, tap: Arc<dyn RecordTap>) {
+        let _ = self.0.tap.set(tap);
     }
 
     /// Record the duration of every sync from now on in `metrics` (the first call wins).
@@ -527,6 +541,11 @@ impl Inner {
         head.buf.extend_from_slice(b"\"}\n");
 
         let written = write_line(&head.file, &head.buf);
+        if written.is_ok()
+            && let Some(tap) = self.tap.get()
+        {
+            tap.offer(&head.buf);
+        }
         let line_len = head.buf.len() as u64;
         if head.buf.capacity() > MAX_KEPT_BUFFER {
             head.buf = Vec::with_capacity(1024);

@@ -42,7 +42,7 @@ pub use canonical::{
 };
 pub use checkpoint::{Checkpoint, CheckpointKey, Checkpointer};
 pub use disk::{DiskSpace, DiskWatch, MinFree};
-pub use log::{AuditError, AuditLog, AuditSettings};
+pub use log::{AuditError, AuditLog, AuditSettings, RecordTap};
 pub use record::{Approver, DecisionRecord, EntityName, EventRecord, Record, Timestamp};
 pub use segments::{Retention, SegmentSettings};
 pub use verify::{Broken, VerifyError, VerifyReport, verify, verify_visiting};

@@ -34,6 +34,8 @@ const OTLP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct Telemetry {
     provider: SdkMeterProvider,
     tracing: Option<(SdkTracerProvider, Traces)>,
+    /// The audit log's tap of the decision-log export, when configured.
+    decision_logs: Option<Arc<super::decision_logs::Tap>>,
     meter: Meter,
     metrics: Metrics,
     /// `None` when `telemetry.metrics` is off (`/metrics` is then a 404).
@@ -97,8 +99,19 @@ impl Telemetry {
             Some(endpoint) if cfg.traces => Some(tracer(cfg, endpoint, resource.clone())?),
             _ => None,
         };
+        let metrics = Metrics::new(&meter);
+        let decision_logs = match &cfg.otlp_endpoint {
+            Some(endpoint) if cfg.decision_logs => Some(super::decision_logs::start(
+                log_exporter(cfg, endpoint)?,
+                &resource,
+                cfg.decision_log_queue,
+                metrics.clone(),
+            )),
+            _ => None,
+        };
         Ok(Self {
-            metrics: Metrics::new(&meter),
+            decision_logs,
+            metrics,
             meter,
             provider,
             tracing,
@@ -120,6 +133,9 @@ impl Telemetry {
     /// Observe `service`'s own state at every collection. The callbacks hold it weakly: a
     /// collection after the service is gone observes nothing.
     pub fn observe(&self, service: &Arc<Service>) {
+        if let Some(tap) = &self.decision_logs {
+            service.audit.tap_records(tap.clone());
+        }
         let m = &self.meter;
         let s = Arc::downgrade(service);
         m.u64_observable_gauge("mandate.policy.info")
@@ -273,6 +289,27 @@ fn tracer(
         .build();
     let traces = Traces::new(provider.tracer("mandate"), cfg.trace_details);
     Ok((provider, traces))
+}
+
+/// The OTLP exporter of the decision logs.
+fn log_exporter(
+    cfg: &TelemetryConfig,
+    endpoint: &str,
+) -> anyhow::Result<opentelemetry_otlp::LogExporter> {
+    match cfg.otlp_protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::LogExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.to_owned())
+            .with_timeout(OTLP_TIMEOUT)
+            .build(),
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(signal_url(endpoint, "logs"))
+            .with_timeout(OTLP_TIMEOUT)
+            .build(),
+    }
+    .with_context(|| format!("telemetry.otlp_endpoint `{endpoint}` (decision logs)"))
 }
 
 /// `{endpoint}/v1/{signal}`: the OTLP/HTTP path of one signal under a collector's base URL.

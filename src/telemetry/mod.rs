@@ -1,6 +1,7 @@
 //! Logging: `tracing` to stderr, as text or JSON lines; and the OpenTelemetry SDK behind
 //! [`crate::metrics`] ([`Telemetry`]).
 
+mod decision_logs;
 mod meters;
 
 use tracing_subscriber::EnvFilter;

@@ -5,6 +5,8 @@ export carries to the file named by argv[1], one JSON line per data point:
   {"signal": "metrics", "resource": {...}, "name", "unit", "kind", "attributes", "value"}
   {"signal": "traces", "resource": {...}, "name", "kind", "trace_id", "span_id",
    "parent_span_id", "start_ns", "end_ns", "attributes"}
+  {"signal": "logs", "resource": {...}, "event_name", "severity", "body", "trace_id",
+   "attributes"}
 
 where value is a sum's or gauge's value, or a histogram's {"count", "sum", "bounds", "counts"};
 ids are lowercase hex.
@@ -18,6 +20,10 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
+)
+from opentelemetry.proto.collector.logs.v1 import (
+    logs_service_pb2,
+    logs_service_pb2_grpc,
 )
 from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
@@ -105,6 +111,30 @@ class Traces(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+class Logs(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, path):
+        self.path = path
+
+    def Export(self, request, context):
+        lines = []
+        for rl in request.resource_logs:
+            resource = attrs(rl.resource.attributes)
+            for sl in rl.scope_logs:
+                for r in sl.log_records:
+                    lines.append({
+                        "signal": "logs",
+                        "resource": resource,
+                        "scope": sl.scope.name,
+                        "event_name": r.event_name,
+                        "severity": r.severity_number,
+                        "body": any_value(r.body),
+                        "trace_id": r.trace_id.hex(),
+                        "attributes": attrs(r.attributes),
+                    })
+        write(self.path, lines)
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
 def any_value_number(p):
     return p.as_int if p.WhichOneof("value") == "as_int" else p.as_double
 
@@ -114,6 +144,7 @@ def main():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(path), server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(path), server)
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(path), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"listening {port}", flush=True)
