@@ -114,6 +114,7 @@ pub async fn build_service(
         metrics,
         gauges: Default::default(),
         traces: telemetry.traces(),
+        decision_lookups: Default::default(),
     })
 }
 

@@ -13,6 +13,7 @@
 //! policy, reason codes from the code.
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -73,13 +74,27 @@ impl Api {
     }
 }
 
-/// A cache whose hits and misses are counted (the `cache` attribute).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheName {
-    /// Verified tokens, by the token's SHA-256.
-    Token,
-    /// A repeat of the exact same check within the same second.
-    Decision,
+/// Hits and misses of a cache on the check path: two relaxed atomic counters (no attribute
+/// lookup on the hot path), observed by `telemetry` as `mandate.cache.lookups`.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Lookups {
+    pub fn record(&self, hit: bool) {
+        let counter = if hit { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (hits, misses) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// The synchronous instruments. Cheap to clone (each instrument is a shared handle).
@@ -88,7 +103,6 @@ pub struct Metrics {
     decisions: Counter<u64>,
     decision_duration: Histogram<f64>,
     tokens: Counter<u64>,
-    cache: Counter<u64>,
     approvals: Counter<u64>,
     rate_limited: Counter<u64>,
     reloads: Counter<u64>,
@@ -126,11 +140,6 @@ impl Metrics {
                 .with_description(
                     "Credentials verified in full (not from the cache), by configured issuer and result (`ok` or the refusal code)",
                 )
-                .build(),
-            cache: meter
-                .u64_counter(names::CACHE_LOOKUPS)
-                .with_unit("{lookup}")
-                .with_description("Token and decision cache lookups, by cache and hit or miss")
                 .build(),
             approvals: meter
                 .u64_counter(names::APPROVAL_EVENTS)
@@ -202,20 +211,6 @@ impl Metrics {
             &[
                 KeyValue::new("issuer", issuer.to_owned()),
                 KeyValue::new("result", result),
-            ],
-        );
-    }
-
-    pub fn cache_lookup(&self, cache: CacheName, hit: bool) {
-        let cache = match cache {
-            CacheName::Token => "token",
-            CacheName::Decision => "decision",
-        };
-        self.cache.add(
-            1,
-            &[
-                KeyValue::new("cache", cache),
-                KeyValue::new("result", if hit { "hit" } else { "miss" }),
             ],
         );
     }

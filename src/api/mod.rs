@@ -231,12 +231,11 @@ pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response<Body>
 /// when this server exports spans; reading the header costs nothing otherwise.
 pub(crate) fn call_from(state: &AppState, api: Api, headers: &hyper::HeaderMap) -> Call {
     let call = Call::new(api);
-    if state.service.traces.is_none() {
+    let Some(traces) = &state.service.traces else {
         return call;
-    }
-    call.with_parent(crate::service::trace::parent_from(
-        &opentelemetry_http::HeaderExtractor(headers),
-    ))
+    };
+    let parent = crate::service::trace::parent_from(&opentelemetry_http::HeaderExtractor(headers));
+    call.traced(traces, parent)
 }
 
 /// Route one request. `X-Request-ID` is echoed on every response (AuthZEN §transport).

@@ -18,7 +18,7 @@ use super::keys::KeySource;
 use super::keys::{IssuerKeys, OnKeysRemoved};
 use super::{IssuerSettings, Profile};
 use crate::clock::Clock;
-use crate::metrics::{CacheName, Metrics};
+use crate::metrics::{Lookups, Metrics};
 use crate::vocabulary::Principal;
 
 /// Longest `sub` accepted, in bytes (SPIFFE IDs are capped at 2048 as well).
@@ -67,6 +67,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// Where verifications and cache lookups are counted, once telemetry is wired.
     metrics: std::sync::OnceLock<Metrics>,
+    /// Token cache hits and misses.
+    lookups: Lookups,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -211,6 +213,7 @@ impl Verifier {
                 cache: token_cache,
                 clock,
                 metrics: std::sync::OnceLock::new(),
+                lookups: Lookups::default(),
             }),
         })
     }
@@ -258,6 +261,11 @@ impl Verifier {
         self.inner.metrics.get().unwrap_or(Metrics::off())
     }
 
+    /// Token cache (hits, misses) so far.
+    pub fn cache_counts(&self) -> (u64, u64) {
+        self.inner.lookups.counts()
+    }
+
     /// JWKS fetches attempted and failed, by issuer name, for the issuers that fetch.
     pub fn fetch_counts(&self) -> Vec<(String, u64, u64)> {
         self.inner
@@ -285,12 +293,12 @@ impl Verifier {
             if let Some(p) = self.inner.cache.get(&key) {
                 // The cache's own expiry runs on its timer; this check makes `exp` exact.
                 if p.expires_at > self.inner.clock.now_unix() {
-                    self.metrics().cache_lookup(CacheName::Token, true);
+                    self.inner.lookups.record(true);
                     return Ok(p);
                 }
                 self.inner.cache.invalidate(&key);
             }
-            self.metrics().cache_lookup(CacheName::Token, false);
+            self.inner.lookups.record(false);
             let mut p = self.verify_uncached(token).await?;
             p.credential_digest = Some(key);
             let p = Arc::new(p);

@@ -12,7 +12,7 @@ use crate::decision::CacheKey;
 use opentelemetry::trace::{SpanContext, TraceId};
 
 use super::trace::Stages;
-use crate::metrics::{Api, CacheName};
+use crate::metrics::Api;
 use crate::vocabulary::{CheckRequest, Decision, Outcome, Reason};
 
 /// Reason code of a deny caused by an approval store that cannot take the request.
@@ -31,6 +31,8 @@ pub struct Call {
     pub started: Instant,
     /// The caller's span (W3C `traceparent`): the check's span is its child.
     pub parent: Option<SpanContext>,
+    /// This check's span is exported ([`Call::traced`]).
+    sampled: bool,
     /// When the policy was evaluated (kept only while tracing, for its child span).
     evaluated: Option<(Instant, Instant)>,
 }
@@ -42,12 +44,14 @@ impl Call {
             api,
             started: Instant::now(),
             parent: None,
+            sampled: false,
             evaluated: None,
         }
     }
 
-    /// This call, joining the caller's trace `parent`.
-    pub fn with_parent(mut self, parent: Option<SpanContext>) -> Self {
+    /// This call, joining the caller's trace `parent`, sampled as `traces` decides.
+    pub fn traced(mut self, traces: &super::trace::Traces, parent: Option<SpanContext>) -> Self {
+        self.sampled = traces.sampled(parent.as_ref());
         self.parent = parent;
         self
     }
@@ -85,9 +89,9 @@ impl Service {
         self.settle(req, decision, call).await
     }
 
-    /// Run the policy, timed for the check's span when tracing.
+    /// Run the policy, timed for the check's span when it is sampled.
     fn evaluate(&self, call: &mut Call, decide: impl FnOnce() -> Decision) -> Decision {
-        if self.traces.is_none() {
+        if !call.sampled {
             return decide();
         }
         let from = Instant::now();
@@ -127,10 +131,10 @@ impl Service {
             .part(&now.to_le_bytes())
             .finish();
         if let Some(hit) = self.decisions.get(&key, now) {
-            self.metrics.cache_lookup(CacheName::Decision, true);
+            self.decision_lookups.record(true);
             return Ok(self.settle(&hit.request, hit.fresh(), call).await);
         }
-        self.metrics.cache_lookup(CacheName::Decision, false);
+        self.decision_lookups.record(false);
         let request = parse(body)?;
         let verdict = self.evaluate(&mut call, || self.engine.decide_at(&request, now));
         let settled = self.settle(&request, verdict.clone(), call).await;
@@ -159,8 +163,15 @@ impl Service {
 
     /// Settle (if an escalation) and record `decision` about `req`; the answer to give.
     pub async fn settle(&self, req: &CheckRequest, decision: Decision, call: Call) -> Settled {
-        let span = self.traces.as_ref().map(|t| t.start(&call));
-        let trace_id = span.as_ref().and_then(|s| s.trace_id());
+        let span = match &self.traces {
+            Some(t) if call.sampled => Some(t.start(&call)),
+            _ => None,
+        };
+        // The exported span's trace, else the caller's (joined, not exported).
+        let trace_id = match &span {
+            Some(s) => Some(s.trace_id()),
+            None => call.parent.as_ref().map(SpanContext::trace_id),
+        };
         let mut stages = Stages {
             evaluated: call.evaluated,
             ..Stages::default()

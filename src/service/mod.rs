@@ -82,6 +82,8 @@ pub struct Service {
     pub gauges: std::sync::Mutex<StoreCounts>,
     /// A span per check, when telemetry exports traces.
     pub traces: Option<trace::Traces>,
+    /// Decision cache hits and misses.
+    pub decision_lookups: crate::metrics::Lookups,
 }
 
 impl Service {

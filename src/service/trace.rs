@@ -1,8 +1,9 @@
-//! One span per check, joining the caller's trace (W3C `traceparent`), exported over OTLP by
-//! `telemetry`. A check's span is made only when a tracer is configured; its attributes and
-//! child spans (policy evaluation, the approval store, the audit record) only when it is
-//! sampled. The span's trace id goes into the decision's audit record when the span is
-//! sampled or the caller sent a trace, so a decision and a trace find each other.
+//! One span per sampled check, joining the caller's trace (W3C `traceparent`), exported over
+//! OTLP by `telemetry`, with child spans for policy evaluation, the approval store and the
+//! audit record. Sampling is decided when the request arrives (the caller's decision when it
+//! sent a trace, else `trace_sample_ratio`), so an unsampled check makes no span at all and
+//! pays one random number. The trace id goes into the decision's audit record when the span
+//! is exported or the caller sent a trace, so a decision and a trace find each other.
 
 use std::time::{Instant, SystemTime};
 
@@ -19,14 +20,34 @@ use crate::vocabulary::{CheckRequest, Decision};
 #[derive(Debug, Clone)]
 pub struct Traces {
     tracer: SdkTracer,
+    /// Share of checks without a caller trace that are sampled.
+    ratio: f64,
     /// Put the principal and the request context on sampled spans
     /// (`telemetry.trace_details`); off by default: they may be personal data.
     details: bool,
 }
 
 impl Traces {
-    pub fn new(tracer: SdkTracer, details: bool) -> Self {
-        Self { tracer, details }
+    pub fn new(tracer: SdkTracer, ratio: f64, details: bool) -> Self {
+        Self {
+            tracer,
+            ratio,
+            details,
+        }
+    }
+
+    /// Whether a check whose caller's trace is `parent` is sampled: the caller's decision,
+    /// else a draw at `ratio`.
+    pub fn sampled(&self, parent: Option<&SpanContext>) -> bool {
+        match parent {
+            Some(p) => p.is_sampled(),
+            None if self.ratio >= 1.0 => true,
+            None if self.ratio <= 0.0 => false,
+            None => {
+                let draw = uuid::Uuid::new_v4().as_u64_pair().1 >> 11;
+                (draw as f64) < self.ratio * (1u64 << 53) as f64
+            }
+        }
     }
 
     /// The span of the check `call` began, started then, a child of the caller's trace.
@@ -46,7 +67,6 @@ impl Traces {
             traces: self,
             span,
             anchor,
-            joined: call.parent.is_some(),
         }
     }
 }
@@ -58,8 +78,6 @@ pub(super) struct CheckSpan<'a> {
     /// A wall-clock time and the monotonic instant it was read at: what converts the stages'
     /// instants into span times.
     anchor: (SystemTime, Instant),
-    /// The caller sent a trace.
-    joined: bool,
 }
 
 /// The stages of a check, as instants (for the child spans).
@@ -72,11 +90,9 @@ pub(super) struct Stages {
 }
 
 impl CheckSpan<'_> {
-    /// The trace id for the audit record: when this span is exported, or the caller's trace
-    /// is known anyway.
-    pub(super) fn trace_id(&self) -> Option<TraceId> {
-        let sc = self.span.span_context();
-        (sc.is_sampled() || self.joined).then(|| sc.trace_id())
+    /// The trace id for the audit record.
+    pub(super) fn trace_id(&self) -> TraceId {
+        self.span.span_context().trace_id()
     }
 
     /// End the span with what was decided, and its stages as child spans (when sampled).

@@ -206,6 +206,26 @@ impl Telemetry {
                 }
             }))
             .build();
+        m.u64_observable_counter(crate::metrics::names::CACHE_LOOKUPS)
+            .with_unit("{lookup}")
+            .with_description("Token and decision cache lookups, by cache and hit or miss")
+            .with_callback(observed(&s, |s, o| {
+                for (cache, (hits, misses)) in [
+                    ("token", s.verifier.cache_counts()),
+                    ("decision", s.decision_lookups.counts()),
+                ] {
+                    for (result, n) in [("hit", hits), ("miss", misses)] {
+                        o.observe(
+                            n,
+                            &[
+                                KeyValue::new("cache", cache),
+                                KeyValue::new("result", result),
+                            ],
+                        );
+                    }
+                }
+            }))
+            .build();
         m.u64_observable_gauge("mandate.approval.pending")
             .with_unit("{request}")
             .with_description(
@@ -258,8 +278,7 @@ impl Telemetry {
     }
 }
 
-/// The tracer provider exporting check spans to `endpoint`: batched, sampled by the caller's
-/// decision when it sent a trace, else at `trace_sample_ratio`.
+/// The tracer provider exporting check spans to `endpoint`, batched.
 fn tracer(
     cfg: &TelemetryConfig,
     endpoint: &str,
@@ -282,12 +301,16 @@ fn tracer(
     let processor = BatchSpanProcessor::builder(exporter, runtime::Tokio).build();
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            cfg.trace_sample_ratio,
-        ))))
+        // Sampling is decided before a span is made (`Traces::sampled`): every span made
+        // is exported.
+        .with_sampler(Sampler::AlwaysOn)
         .with_span_processor(processor)
         .build();
-    let traces = Traces::new(provider.tracer("mandate"), cfg.trace_details);
+    let traces = Traces::new(
+        provider.tracer("mandate"),
+        cfg.trace_sample_ratio,
+        cfg.trace_details,
+    );
     Ok((provider, traces))
 }
 
