@@ -44,8 +44,11 @@ impl Traces {
             None if self.ratio >= 1.0 => true,
             None if self.ratio <= 0.0 => false,
             None => {
-                let draw = uuid::Uuid::new_v4().as_u64_pair().1 >> 11;
-                (draw as f64) < self.ratio * (1u64 << 53) as f64
+                // 53 of the 62 random bits of a v4 UUID's second half (its top two bits are
+                // the fixed variant), as a share of 2^53.
+                const BITS: u64 = (1 << 53) - 1;
+                let draw = uuid::Uuid::new_v4().as_u64_pair().1 & BITS;
+                (draw as f64) < self.ratio * (BITS + 1) as f64
             }
         }
     }
@@ -160,4 +163,70 @@ pub fn parent_from(extractor: &dyn opentelemetry::propagation::Extractor) -> Opt
     let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(extractor);
     let sc = cx.span().span_context().clone();
     sc.is_valid().then_some(sc)
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceState, TracerProvider as _};
+
+    use super::*;
+
+    fn traces(ratio: f64) -> Traces {
+        let tracer = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .build()
+            .tracer("test");
+        Traces::new(tracer, ratio, false)
+    }
+
+    fn parent(sampled: bool) -> SpanContext {
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap_or(TraceId::INVALID),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap_or(SpanId::INVALID),
+            flags,
+            true,
+            TraceState::default(),
+        )
+    }
+
+    #[test]
+    fn a_callers_decision_wins_and_roots_are_drawn_at_the_ratio() {
+        let t = traces(0.25);
+        assert!(t.sampled(Some(&parent(true))));
+        assert!(!t.sampled(Some(&parent(false))));
+        assert!(!traces(0.0).sampled(None));
+        assert!(traces(1.0).sampled(None));
+        let n = 20_000;
+        let hits = (0..n).filter(|_| t.sampled(None)).count();
+        // 5,000 expected; the standard deviation is about 61.
+        assert!((4_600..=5_400).contains(&hits), "{hits} of {n}");
+    }
+
+    #[test]
+    fn a_traceparent_is_read_only_when_valid() {
+        let headers =
+            |v: &str| std::collections::HashMap::from([("traceparent".to_owned(), v.to_owned())]);
+        let ok = parent_from(&headers(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ))
+        .map(|sc| (sc.trace_id().to_string(), sc.is_sampled(), sc.is_remote()));
+        assert_eq!(
+            ok,
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736".to_owned(), true, true))
+        );
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            assert!(parent_from(&headers(bad)).is_none(), "{bad:?}");
+        }
+        assert!(parent_from(&std::collections::HashMap::<String, String>::new()).is_none());
+    }
 }
