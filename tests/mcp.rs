@@ -940,3 +940,51 @@ async fn resources_and_prompts_are_listed_and_read_by_policy() {
     assert_eq!(reads, json!({"docs://handbook": 1, "secrets://payroll": 0}));
     s.shutdown().await;
 }
+
+/// Issue 15 item 2: a tool call's decision joins the agent's trace (its `traceparent` on the
+/// MCP request), and the audit record names that trace.
+#[tokio::test]
+async fn a_tool_calls_decision_joins_the_agents_trace() {
+    // Spans go nowhere (nothing listens on port 9): joining a trace needs no collector.
+    let (_up, s) = gateway_with(&[
+        ("MANDATE_TELEMETRY__OTLP_ENDPOINT", "http://127.0.0.1:9"),
+        ("MANDATE_TELEMETRY__TRACE_SAMPLE_RATIO", "0.0"),
+    ])
+    .await;
+    let audit = s.running.as_ref().unwrap().service.audit.path().to_owned();
+    let (st, headers, body) = post_raw(&s, Some(&agent()), None, initialize_request()).await;
+    assert_eq!(st, 200, "{body}");
+    let session = headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
+    let (st, _, body) = post_raw(&s, Some(&agent()), Some(&session), initialized).await;
+    assert!((200..300).contains(&st), "{st} {body}");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = s
+        .client
+        .post(mcp_url(&s))
+        .bearer_auth(agent())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", session.as_str())
+        .header("mcp-protocol-version", PROTOCOL_VERSION)
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-00"))
+        .body(tools_call_request(2, "read_record", json!({"id": "r-1"})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.text().await.unwrap().contains("record r-1"));
+    let decisions: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == "decision")
+        .collect();
+    let call = decisions
+        .iter()
+        .rev()
+        .find(|r| r["action"] == "mcp:call" && r["resource"]["id"] == "tools/read_record")
+        .unwrap_or_else(|| panic!("no decision of the call: {decisions:?}"));
+    assert_eq!(call["trace_id"], trace, "{call}");
+    s.shutdown().await;
+}
