@@ -526,7 +526,7 @@ async fn a_checks_span_joins_the_callers_trace_and_its_audit_record_names_the_tr
         "details are off by default"
     );
     assert!(check["end_ns"].as_u64() >= check["start_ns"].as_u64());
-    for stage in ["mandate.evaluate", "mandate.audit"] {
+    for stage in ["mandate.identity", "mandate.evaluate", "mandate.audit"] {
         assert_eq!(
             span(sampled, stage)["parent_span_id"],
             check["span_id"],
@@ -534,6 +534,10 @@ async fn a_checks_span_joins_the_callers_trace_and_its_audit_record_names_the_tr
         );
     }
     let other = span(authzen, "mandate.check");
+    assert_eq!(
+        span(authzen, "mandate.identity")["parent_span_id"],
+        other["span_id"]
+    );
     assert_eq!(other["attributes"]["mandate.api"], "authzen");
     assert_eq!(other["attributes"]["mandate.outcome"], "deny");
     assert!(
@@ -768,5 +772,38 @@ async fn a_decision_log_export_that_cannot_keep_up_counts_what_it_loses() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     drop(tarpit);
+    s.shutdown().await;
+}
+
+/// The principal and the request context go on a span only with `telemetry.trace_details`.
+#[tokio::test]
+async fn trace_details_put_the_principal_and_context_on_spans_when_configured() {
+    let receiver = tokio::task::spawn_blocking(Receiver::start).await.unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let s = TestServer::start(&example_config(&[
+        ("MANDATE_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+        ("MANDATE_TELEMETRY__TRACE_SAMPLE_RATIO", "1.0"),
+        ("MANDATE_TELEMETRY__TRACE_DETAILS", "true"),
+    ]))
+    .await;
+    let t = payments_agent_token("agent-7");
+    let (_, v) = s.post("/v1/check", Some(&t), &transfer(42)).await;
+    let id = v["decision_id"].as_str().unwrap().to_owned();
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |p| {
+            p.iter()
+                .any(|x| x["attributes"]["mandate.decision.id"] == id.as_str())
+        })
+        .await;
+    let check = spans
+        .iter()
+        .find(|x| x["attributes"]["mandate.decision.id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no span of {id}: {spans:?}"));
+    // Sampled without a caller trace: a root span of its own.
+    assert_eq!(check["parent_span_id"], "");
+    let a = &check["attributes"];
+    assert_eq!(a["mandate.principal"], "Agent::\"agent-7\"");
+    let context: Value = serde_json::from_str(a["mandate.context"].as_str().unwrap()).unwrap();
+    assert_eq!(context["amount"], 42);
     s.shutdown().await;
 }

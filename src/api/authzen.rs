@@ -33,8 +33,8 @@ pub async fn evaluation(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let call = super::call_from(state, Api::Authzen, req.headers());
-    let (caller, map) = match authenticate_and_read(state, conn, req).await {
+    let mut call = super::call_from(state, Api::Authzen, req.headers());
+    let (caller, map) = match authenticate_and_read(state, conn, req, &mut call).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
@@ -49,8 +49,8 @@ pub async fn evaluations(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let call = super::call_from(state, Api::Authzen, req.headers());
-    let (caller, map) = match authenticate_and_read(state, conn, req).await {
+    let mut call = super::call_from(state, Api::Authzen, req.headers());
+    let (caller, map) = match authenticate_and_read(state, conn, req, &mut call).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
@@ -64,8 +64,11 @@ async fn authenticate_and_read(
     state: &AppState,
     conn: &ConnInfo,
     req: Request<Incoming>,
+    call: &mut Call,
 ) -> Result<(Caller, Map<String, Value>), ApiError> {
-    let caller = authenticate(state, conn, req.headers()).await?;
+    let caller = call
+        .identify(authenticate(state, conn, req.headers()))
+        .await?;
     let map = body::read_json_object(req, &state.server, WrongTypeStatus::BadRequest).await?;
     Ok((caller, map))
 }

@@ -243,12 +243,14 @@ async fn decide(
         })?;
     let headers = header_map(&http)?;
     // The agent's trace, from the original request (else from Envoy's own call).
-    let origin = match super::call_from(state, Api::ExtAuthzGrpc, &headers) {
+    let mut origin = match super::call_from(state, Api::ExtAuthzGrpc, &headers) {
         c if c.parent.is_some() => c,
         _ => super::call_from(state, Api::ExtAuthzGrpc, call),
     };
     // The identity first, as over HTTP: a request from nobody is a 401 whatever it is.
-    let principal = identify(state, call, &attributes, &headers).await?;
+    let principal = origin
+        .identify(identify(state, call, &attributes, &headers))
+        .await?;
     let original = original(&http)?;
     let found = state
         .routes

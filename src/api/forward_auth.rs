@@ -125,8 +125,11 @@ async fn decide(
     req: Request<Incoming>,
     proxy: Proxy,
 ) -> Result<(Settled, Arc<Principal>), ApiError> {
-    let call = super::call_from(state, Api::ExtAuthzHttp, req.headers());
-    let principal = agent(authenticate(state, conn, req.headers()).await?)?;
+    let mut call = super::call_from(state, Api::ExtAuthzHttp, req.headers());
+    let principal = agent(
+        call.identify(authenticate(state, conn, req.headers()))
+            .await?,
+    )?;
     let original = original(proxy, &req)?;
     let found = state
         .routes

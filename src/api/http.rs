@@ -51,9 +51,11 @@ async fn check_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Settled, ApiError> {
-    let call = super::call_from(state, Api::Native, req.headers());
+    let mut call = super::call_from(state, Api::Native, req.headers());
     // Authenticate before reading the body: an unauthenticated caller costs no body parsing.
-    let caller = authenticate(state, conn, req.headers()).await?;
+    let caller = call
+        .identify(authenticate(state, conn, req.headers()))
+        .await?;
     // The credential as sent (a cheap reference-counted copy), for a caller whose
     // verification left no digest of it to key repeats on.
     let bearer = req.headers().get(hyper::header::AUTHORIZATION).cloned();

@@ -33,7 +33,9 @@ pub struct Call {
     pub parent: Option<SpanContext>,
     /// This check's span is exported ([`Call::traced`]).
     sampled: bool,
-    /// When the policy was evaluated (kept only while tracing, for its child span).
+    /// When the caller's credential was verified and the policy evaluated (kept only for a
+    /// sampled check, for their child spans).
+    identified: Option<(Instant, Instant)>,
     evaluated: Option<(Instant, Instant)>,
 }
 
@@ -45,8 +47,21 @@ impl Call {
             started: Instant::now(),
             parent: None,
             sampled: false,
+            identified: None,
             evaluated: None,
         }
+    }
+
+    /// Await `verify` (the caller's credential being verified), timed for the check's span
+    /// when it is sampled.
+    pub async fn identify<T>(&mut self, verify: impl std::future::Future<Output = T>) -> T {
+        if !self.sampled {
+            return verify.await;
+        }
+        let from = Instant::now();
+        let out = verify.await;
+        self.identified = Some((from, Instant::now()));
+        out
     }
 
     /// This call, joining the caller's trace `parent`, sampled as `traces` decides.
@@ -173,6 +188,7 @@ impl Service {
             None => call.parent.as_ref().map(SpanContext::trace_id),
         };
         let mut stages = Stages {
+            identified: call.identified,
             evaluated: call.evaluated,
             ..Stages::default()
         };

@@ -1,6 +1,6 @@
 //! One span per sampled check, joining the caller's trace (W3C `traceparent`), exported over
-//! OTLP by `telemetry`, with child spans for policy evaluation, the approval store and the
-//! audit record. Sampling is decided when the request arrives (the caller's decision when it
+//! OTLP by `telemetry`, with child spans for the caller's credential, policy evaluation, the
+//! approval store and the audit record. Sampling is decided when the request arrives (the caller's decision when it
 //! sent a trace, else `trace_sample_ratio`), so an unsampled check makes no span at all and
 //! pays one random number. The trace id goes into the decision's audit record when the span
 //! is exported or the caller sent a trace, so a decision and a trace find each other.
@@ -86,6 +86,8 @@ pub(super) struct CheckSpan<'a> {
 /// The stages of a check, as instants (for the child spans).
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Stages {
+    /// The caller's credential verified (where the adapter timed it).
+    pub identified: Option<(Instant, Instant)>,
     pub evaluated: Option<(Instant, Instant)>,
     /// Settling an escalation against grants and the store (escalations only).
     pub store: Option<(Instant, Instant)>,
@@ -129,6 +131,7 @@ impl CheckSpan<'_> {
         self.span.set_attributes(attributes);
         let parent = Context::new().with_remote_span_context(self.span.span_context().clone());
         for (name, stage) in [
+            ("mandate.identity", stages.identified),
             ("mandate.evaluate", stages.evaluated),
             ("mandate.store", stages.store),
             ("mandate.audit", stages.audit),
