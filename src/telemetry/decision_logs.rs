@@ -71,14 +71,33 @@ impl Loss {
     }
 }
 
-/// Start exporting to `exporter` what the returned tap is given. The task ends when the tap
-/// (every clone of the audit log holding it) is gone, after a last export.
+/// The export task, for a shutdown that lets it finish.
+#[derive(Debug)]
+pub struct Shipper {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Shipper {
+    /// Take no more records, export those queued, and wait for that (at most `limit`).
+    pub async fn finish(&self, limit: Duration) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task
+            && tokio::time::timeout(limit, task).await.is_err()
+        {
+            tracing::warn!("decision-log export still running at shutdown; abandoned");
+        }
+    }
+}
+
+/// Start exporting to `exporter` what the returned tap is given, until [`Shipper::finish`].
 pub fn start(
     exporter: OtlpLogExporter,
     resource: &Resource,
     queue: usize,
     metrics: Metrics,
-) -> Arc<Tap> {
+) -> (Arc<Tap>, Shipper) {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let loss = Arc::new(Loss {
         metrics,
@@ -90,18 +109,37 @@ pub fn start(
     for reason in ["queue_full", "export_failed"] {
         loss.metrics.decision_logs_dropped(reason, 0);
     }
-    tokio::spawn(ship(exporter, rx, Arc::clone(&loss)));
-    Arc::new(Tap { tx, loss })
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(ship(exporter, rx, Arc::clone(&loss), stopped));
+    let shipper = Shipper {
+        stop,
+        task: std::sync::Mutex::new(Some(task)),
+    };
+    (Arc::new(Tap { tx, loss }), shipper)
 }
 
-async fn ship(exporter: OtlpLogExporter, mut rx: mpsc::Receiver<Vec<u8>>, loss: Arc<Loss>) {
+async fn ship(
+    exporter: OtlpLogExporter,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    loss: Arc<Loss>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     // Records are made by the SDK's logger (there is no other way to make one); nothing is
     // emitted through it: batches go straight to the exporter.
     let maker = SdkLoggerProvider::builder().build().logger("mandate");
     let scope = InstrumentationScope::builder("mandate").build();
     let mut lines = Vec::with_capacity(BATCH);
     loop {
-        let Some(first) = rx.recv().await else {
+        let first = tokio::select! {
+            line = rx.recv() => line,
+            // At shutdown: no more records are taken (an offer then counts as lost); those
+            // queued are exported, then `recv` ends the loop.
+            _ = stop.changed() => {
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else {
             break;
         };
         lines.push(first);

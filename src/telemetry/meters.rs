@@ -35,7 +35,10 @@ pub struct Telemetry {
     provider: SdkMeterProvider,
     tracing: Option<(SdkTracerProvider, Traces)>,
     /// The audit log's tap of the decision-log export, when configured.
-    decision_logs: Option<Arc<super::decision_logs::Tap>>,
+    decision_logs: Option<(
+        Arc<super::decision_logs::Tap>,
+        super::decision_logs::Shipper,
+    )>,
     meter: Meter,
     metrics: Metrics,
     /// `None` when `telemetry.metrics` is off (`/metrics` is then a 404).
@@ -133,7 +136,7 @@ impl Telemetry {
     /// Observe `service`'s own state at every collection. The callbacks hold it weakly: a
     /// collection after the service is gone observes nothing.
     pub fn observe(&self, service: &Arc<Service>) {
-        if let Some(tap) = &self.decision_logs {
+        if let Some((tap, _)) = &self.decision_logs {
             service.audit.tap_records(tap.clone());
         }
         let m = &self.meter;
@@ -262,6 +265,9 @@ impl Telemetry {
     /// Push what is left to the collector and stop the readers. The SDK blocks until its
     /// reader's task (on this runtime) is done, so it waits on a blocking thread.
     pub async fn shutdown(&self) {
+        if let Some((_, shipper)) = &self.decision_logs {
+            shipper.finish(OTLP_TIMEOUT).await;
+        }
         let provider = self.provider.clone();
         let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
         if let Ok(Err(e)) = done
