@@ -1129,6 +1129,19 @@ impl Reader {
                 OtlpProtocol::Grpc
             }
         };
+        // The gRPC exporter is built without TLS (one TLS stack in the tree, DESIGN §8): an
+        // https collector is reached over HTTP, whose client has rustls.
+        if otlp_protocol == OtlpProtocol::Grpc
+            && otlp_endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("https://"))
+        {
+            self.bad(
+                "telemetry.otlp_endpoint",
+                "an `https://` collector needs `otlp_protocol = \"http/protobuf\"` (the gRPC \
+                 exporter speaks plain HTTP/2 only, for a collector on loopback or a sidecar)",
+            );
+        }
         let otlp_interval = self.duration(
             t,
             P,

@@ -407,6 +407,11 @@ async fn a_bad_telemetry_section_is_refused_naming_the_key() {
             "telemetry.otlp_interval",
         ),
         ("MANDATE_TELEMETRY__COLOUR", "blue", "telemetry.colour"),
+        (
+            "MANDATE_TELEMETRY__OTLP_ENDPOINT",
+            "https://collector.example:4317",
+            "otlp_protocol = \"http/protobuf\"",
+        ),
     ];
     for (var, value, key) in bad {
         let path = repo().join("config/mandate.toml");
