@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::metrics::Api;
+use crate::service::Call;
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -230,6 +231,7 @@ async fn decide(
     call: &HeaderMap,
     req: EnvoyCheck,
 ) -> Result<Response<Body>, ApiError> {
+    let origin = Call::new(Api::ExtAuthzGrpc);
     let attributes = req.attributes.unwrap_or_default();
     let http = attributes
         .request
@@ -243,10 +245,7 @@ async fn decide(
         })?;
     let headers = header_map(&http)?;
     // The agent's trace, from the original request (else from Envoy's own call).
-    let mut origin = match super::call_from(state, Api::ExtAuthzGrpc, &headers) {
-        c if c.parent.is_some() => c,
-        _ => super::call_from(state, Api::ExtAuthzGrpc, call),
-    };
+    let mut origin = super::join_trace(state, origin, &[&headers, call]);
     // The identity first, as over HTTP: a request from nobody is a 401 whatever it is.
     let principal = origin
         .identify(identify(state, call, &attributes, &headers))

@@ -227,14 +227,20 @@ pub fn json_bytes_response(status: StatusCode, bytes: Vec<u8>) -> Response<Body>
     resp
 }
 
-/// A check through `api` starting now, joining the trace in `headers` (W3C `traceparent`)
-/// when this server exports spans; reading the header costs nothing otherwise.
+/// A check through `api` starting now, joining the trace in `headers` (W3C `traceparent`).
 pub(crate) fn call_from(state: &AppState, api: Api, headers: &hyper::HeaderMap) -> Call {
-    let call = Call::new(api);
+    join_trace(state, Call::new(api), &[headers])
+}
+
+/// `call`, joining the first trace (W3C `traceparent`) found in `sources`, in order, when
+/// this server exports spans; nothing is read otherwise.
+pub(crate) fn join_trace(state: &AppState, call: Call, sources: &[&hyper::HeaderMap]) -> Call {
     let Some(traces) = &state.service.traces else {
         return call;
     };
-    let parent = crate::service::trace::parent_from(&opentelemetry_http::HeaderExtractor(headers));
+    let parent = sources
+        .iter()
+        .find_map(|h| crate::service::trace::parent_from(&opentelemetry_http::HeaderExtractor(h)));
     call.traced(traces, parent)
 }
 
