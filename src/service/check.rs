@@ -4,14 +4,14 @@
 
 use std::time::Instant;
 
+use opentelemetry::trace::{SpanContext, TraceId};
+
 use super::Service;
 use super::caller::Caller;
+use super::trace::{Stages, Stopwatch};
 use crate::approval::{ApprovalRequest, ApprovalStore, Grant, NewRequest, StoreError};
 use crate::audit::{Approver, DecisionRecord};
 use crate::decision::CacheKey;
-use opentelemetry::trace::{SpanContext, TraceId};
-
-use super::trace::Stages;
 use crate::metrics::Api;
 use crate::vocabulary::{CheckRequest, Decision, Outcome, Reason};
 
@@ -55,12 +55,9 @@ impl Call {
     /// Await `verify` (the caller's credential being verified), timed for the check's span
     /// when it is sampled.
     pub async fn identify<T>(&mut self, verify: impl std::future::Future<Output = T>) -> T {
-        if !self.sampled {
-            return verify.await;
-        }
-        let from = Instant::now();
+        let watch = Stopwatch::start(self.sampled);
         let out = verify.await;
-        self.identified = Some((from, Instant::now()));
+        self.identified = watch.stop();
         out
     }
 
@@ -106,12 +103,9 @@ impl Service {
 
     /// Run the policy, timed for the check's span when it is sampled.
     fn evaluate(&self, call: &mut Call, decide: impl FnOnce() -> Decision) -> Decision {
-        if !call.sampled {
-            return decide();
-        }
-        let from = Instant::now();
+        let watch = Stopwatch::start(call.sampled);
         let decision = decide();
-        call.evaluated = Some((from, Instant::now()));
+        call.evaluated = watch.stop();
         decision
     }
 
@@ -192,18 +186,15 @@ impl Service {
             evaluated: call.evaluated,
             ..Stages::default()
         };
-        let escalated = decision.outcome == Outcome::Escalate;
-        let from = span.as_ref().map(|_| Instant::now());
+        let sampled = span.is_some();
+        let store = Stopwatch::start(sampled && decision.outcome == Outcome::Escalate);
         let mut settled = self.settle_escalation(req, decision).await;
-        let recording = span.as_ref().map(|_| Instant::now());
-        if let (Some(from), Some(to), true) = (from, recording, escalated) {
-            stages.store = Some((from, to));
-        }
-        if let Some(deny) = self.record(req, &settled, call.started, trace_id) {
+        stages.store = store.stop();
+        let audit = Stopwatch::start(sampled);
+        let deny = self.record(req, &settled, call.started, trace_id);
+        stages.audit = audit.stop();
+        if let Some(deny) = deny {
             settled.decision = deny;
-        }
-        if let Some(from) = recording {
-            stages.audit = Some((from, Instant::now()));
         }
         if settled.decision.outcome != Outcome::Escalate {
             settled.approval = None;

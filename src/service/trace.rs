@@ -83,6 +83,22 @@ pub(super) struct CheckSpan<'a> {
     anchor: (SystemTime, Instant),
 }
 
+/// Times one stage of a check for its child span, only when the check is sampled: an
+/// unsampled check reads no clock.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Stopwatch(Option<Instant>);
+
+impl Stopwatch {
+    pub(super) fn start(on: bool) -> Self {
+        Self(on.then(Instant::now))
+    }
+
+    /// When the stage began and ended (`None` when not timed).
+    pub(super) fn stop(self) -> Option<(Instant, Instant)> {
+        self.0.map(|from| (from, Instant::now()))
+    }
+}
+
 /// The stages of a check, as instants (for the child spans).
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Stages {
