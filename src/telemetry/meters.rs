@@ -29,6 +29,27 @@ use crate::service::trace::Traces;
 /// cumulative values anyway).
 const OTLP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The OTLP exporter `$kind` (`MetricExporter`, `SpanExporter`, `LogExporter`: three builder
+/// types with the same methods) for `$signal`, over the configured protocol.
+macro_rules! otlp_exporter {
+    ($kind:ident, $cfg:expr, $endpoint:expr, $signal:literal) => {
+        match $cfg.otlp_protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::$kind::builder()
+                .with_tonic()
+                .with_endpoint($endpoint.to_owned())
+                .with_timeout(OTLP_TIMEOUT)
+                .build(),
+            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::$kind::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(signal_url($endpoint, $signal))
+                .with_timeout(OTLP_TIMEOUT)
+                .build(),
+        }
+        .with_context(|| format!("telemetry.otlp_endpoint `{}` ({})", $endpoint, $signal))
+    };
+}
+
 /// The meter provider of one running server, its instruments and its Prometheus registry;
 /// and its tracer provider when spans are exported.
 pub struct Telemetry {
@@ -77,20 +98,7 @@ impl Telemetry {
             None
         };
         if let Some(endpoint) = &cfg.otlp_endpoint {
-            let exporter = match cfg.otlp_protocol {
-                OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint.clone())
-                    .with_timeout(OTLP_TIMEOUT)
-                    .build(),
-                OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
-                    .with_http()
-                    .with_protocol(Protocol::HttpBinary)
-                    .with_endpoint(signal_url(endpoint, "metrics"))
-                    .with_timeout(OTLP_TIMEOUT)
-                    .build(),
-            }
-            .with_context(|| format!("telemetry.otlp_endpoint `{endpoint}`"))?;
+            let exporter = otlp_exporter!(MetricExporter, cfg, endpoint, "metrics")?;
             let reader = PeriodicReader::builder(exporter, runtime::Tokio)
                 .with_interval(cfg.otlp_interval)
                 .build();
@@ -105,7 +113,7 @@ impl Telemetry {
         let metrics = Metrics::new(&meter);
         let decision_logs = match &cfg.otlp_endpoint {
             Some(endpoint) if cfg.decision_logs => Some(super::decision_logs::start(
-                log_exporter(cfg, endpoint)?,
+                otlp_exporter!(LogExporter, cfg, endpoint, "logs")?,
                 &resource,
                 cfg.decision_log_queue,
                 metrics.clone(),
@@ -290,20 +298,7 @@ fn tracer(
     endpoint: &str,
     resource: Resource,
 ) -> anyhow::Result<(SdkTracerProvider, Traces)> {
-    let exporter = match cfg.otlp_protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.to_owned())
-            .with_timeout(OTLP_TIMEOUT)
-            .build(),
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(signal_url(endpoint, "traces"))
-            .with_timeout(OTLP_TIMEOUT)
-            .build(),
-    }
-    .with_context(|| format!("telemetry.otlp_endpoint `{endpoint}` (traces)"))?;
+    let exporter = otlp_exporter!(SpanExporter, cfg, endpoint, "traces")?;
     let processor = BatchSpanProcessor::builder(exporter, runtime::Tokio).build();
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
@@ -318,27 +313,6 @@ fn tracer(
         cfg.trace_details,
     );
     Ok((provider, traces))
-}
-
-/// The OTLP exporter of the decision logs.
-fn log_exporter(
-    cfg: &TelemetryConfig,
-    endpoint: &str,
-) -> anyhow::Result<opentelemetry_otlp::LogExporter> {
-    match cfg.otlp_protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::LogExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.to_owned())
-            .with_timeout(OTLP_TIMEOUT)
-            .build(),
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(signal_url(endpoint, "logs"))
-            .with_timeout(OTLP_TIMEOUT)
-            .build(),
-    }
-    .with_context(|| format!("telemetry.otlp_endpoint `{endpoint}` (decision logs)"))
 }
 
 /// `{endpoint}/v1/{signal}`: the OTLP/HTTP path of one signal under a collector's base URL.
