@@ -215,9 +215,10 @@ impl Metrics {
         );
     }
 
-    /// An approval request event (`created`, `approved`, `denied`, `fallback`, `expired`);
-    /// `group` is the request's first approver group.
-    pub fn approval_event(&self, event: &'static str, group: &str) {
+    /// An approval request event (`created`, `approved`, `denied`, `fallback`, `expired`,
+    /// `cancelled`), counted by the request's first approver group of `groups`.
+    pub fn approval_event(&self, event: &'static str, groups: &[String]) {
+        let group = groups.first().map_or("", String::as_str);
         self.approvals.add(
             1,
             &[

@@ -373,8 +373,7 @@ impl Service {
                 what: "the cancellation was stored but could not be audited".into(),
                 error,
             })?;
-        let group = cancelled.groups.first().map_or("", String::as_str);
-        self.metrics.approval_event("cancelled", group);
+        self.metrics.approval_event("cancelled", &cancelled.groups);
         Ok(cancelled)
     }
 

@@ -101,8 +101,7 @@ impl Service {
     /// first approver group.
     fn approval_event(&self, event: &'static str, request: &crate::approval::ApprovalRequest) {
         self.notifier.send(event, request);
-        let group = request.groups.first().map_or("", String::as_str);
-        self.metrics.approval_event(event, group);
+        self.metrics.approval_event(event, &request.groups);
     }
 
     /// Write an approval event and sync it to disk: the change it records is not
