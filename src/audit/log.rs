@@ -110,8 +110,9 @@ struct Inner {
     /// The last append failed (and none has succeeded since): readiness says so.
     last_failed: AtomicBool,
     write_failures: AtomicU64,
-    /// Records appended by this process (for `/metrics`).
-    written: AtomicU64,
+    /// `seq` of the last record when this process opened the log: records written since are
+    /// the chain's growth (for `/metrics`).
+    opened_at: u64,
     /// Where each sync's duration is recorded, once telemetry is wired
     /// ([`AuditLog::record_syncs`]).
     sync_metrics: std::sync::OnceLock<crate::metrics::Metrics>,
@@ -196,6 +197,7 @@ impl AuditLog {
             }
         }
         let (wake, woken) = mpsc::channel();
+        let opened_at = head.seq;
         let inner = Arc::new(Inner {
             path: path.to_path_buf(),
             family,
@@ -208,7 +210,7 @@ impl AuditLog {
             sync_failed: AtomicBool::new(false),
             last_failed: AtomicBool::new(false),
             write_failures: AtomicU64::new(0),
-            written: AtomicU64::new(0),
+            opened_at,
             sync_metrics: std::sync::OnceLock::new(),
             tap: std::sync::OnceLock::new(),
         });
@@ -233,9 +235,9 @@ impl AuditLog {
         self.0.write_failures.load(Ordering::Relaxed)
     }
 
-    /// Records this process appended (decisions and events).
+    /// Records this process wrote (decisions and events, segment headers included).
     pub fn records_written(&self) -> u64 {
-        self.0.written.load(Ordering::Relaxed)
+        self.last_seq().saturating_sub(self.0.opened_at)
     }
 
     /// Hand a copy of every line written from now on to `tap` (the first call wins).
@@ -411,8 +413,6 @@ impl Inner {
         let result = self.append_locked(&mut head, record);
         if result.is_err() {
             self.write_failures.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.written.fetch_add(1, Ordering::Relaxed);
         }
         self.last_failed.store(result.is_err(), Ordering::Release);
         result
