@@ -318,12 +318,11 @@ pub fn spawn_serve(audit: &Path) -> (std::process::Child, String) {
     spawn_serve_env(audit, &[])
 }
 
-/// [`spawn_serve`] with more `MANDATE_…` overrides in its environment.
-pub fn spawn_serve_env(audit: &Path, env: &[(&str, &str)]) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    let started = std::time::Instant::now();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
-        .current_dir(repo())
+/// `mandate serve` from the repository on free ports, with the audit log at `audit` and the
+/// store beside it, text logs at `info`, then the `env` overrides.
+fn serve_command(audit: &Path, env: &[(&str, &str)]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"));
+    cmd.current_dir(repo())
         .arg("serve")
         .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
         .env("MANDATE_EXT_AUTHZ__GRPC_LISTEN", "127.0.0.1:0")
@@ -332,7 +331,15 @@ pub fn spawn_serve_env(audit: &Path, env: &[(&str, &str)]) -> (std::process::Chi
         .env("MANDATE_LOG__FORMAT", "text")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .envs(env.iter().copied())
+        .envs(env.iter().copied());
+    cmd
+}
+
+/// [`spawn_serve`] with more `MANDATE_…` overrides in its environment.
+pub fn spawn_serve_env(audit: &Path, env: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let started = std::time::Instant::now();
+    let mut child = serve_command(audit, env)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -366,16 +373,7 @@ pub fn spawn_serve_logged(
     log: &Path,
 ) -> (std::process::Child, String) {
     let file = std::fs::File::create(log).expect("log file");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"))
-        .current_dir(repo())
-        .arg("serve")
-        .env("MANDATE_SERVER__LISTEN", "127.0.0.1:0")
-        .env("MANDATE_EXT_AUTHZ__GRPC_LISTEN", "127.0.0.1:0")
-        .env("MANDATE_AUDIT__PATH", audit)
-        .env("MANDATE_STORE__URL", audit.with_file_name("mandate.db"))
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .envs(env.iter().copied())
+    let mut child = serve_command(audit, env)
         .stderr(file)
         .stdout(std::process::Stdio::null())
         .spawn()
